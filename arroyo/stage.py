@@ -1,0 +1,161 @@
+"""The three stage roles, as in the original class diagram.
+
+A ``Listener`` holds an ``Operator``; an ``Operator`` holds ``Publisher``\\ s. Inside every
+stage process the runtime wires exactly this chain (see DESIGN §3): a user writes one
+class for one role, and the ZMQ link ends are themselves a Listener and a Publisher.
+
+Subclasses need not call ``super().__init__()``: the few attributes the base classes
+keep are created on first use, so a stage's ``__init__`` can be nothing but its
+options (which the topology converts from the INI by their annotations).
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import TypeAlias
+
+from arroyo.message import Message
+
+Result: TypeAlias = Message | Iterable[Message] | None
+
+
+class Publisher(ABC):
+    """Gives messages to the outside world (a viewer, Redis, a file) or to the next stage."""
+
+    def setup(self) -> None:  # noqa: B027  (optional hook)
+        """Acquire resources (open files, connect). Called once, before the first publish."""
+
+    @abstractmethod
+    def publish(self, message: Message) -> None:
+        """Deliver one message.
+
+        Called from the stage's main thread, one message at a time, in stream order.
+        May block: a publisher that cannot keep up slows its stage down (backpressure)
+        rather than losing messages. An exception is logged and counted by the runtime
+        with the message's run and sequence number; the stage goes on.
+        """
+
+    def close(self) -> None:  # noqa: B027  (optional hook)
+        """Flush and release resources. Called once, after the last publish."""
+
+
+class Operator(ABC):
+    """Processes messages and hands the results to its publishers."""
+
+    @property
+    def publishers(self) -> list[Publisher]:
+        try:
+            return self.__dict__["_publishers"]  # type: ignore[no-any-return]
+        except KeyError:
+            return self.__dict__.setdefault("_publishers", [])  # type: ignore[no-any-return]
+
+    def add_publisher(self, publisher: Publisher) -> None:
+        self.publishers.append(publisher)
+
+    def remove_publisher(self, publisher: Publisher) -> None:
+        self.publishers.remove(publisher)
+
+    def setup(self) -> None:  # noqa: B027  (optional hook)
+        """Acquire resources. Called once, before the first message."""
+
+    @abstractmethod
+    def process(self, message: Message) -> Result:
+        """Turn one message into zero, one or several messages.
+
+        Return a Message, an iterable of Messages, or None to drop it. Called from the
+        stage's main thread, one message at a time, in the order received; may take as
+        long as it needs (the input link holds further messages meanwhile). Returned
+        messages without a run id inherit the input's run and sequence number.
+        ``Start`` and ``Stop`` pass through here too: return them (the default for
+        a subclass that only cares about events is to return them unchanged).
+        """
+
+    def close(self) -> None:  # noqa: B027  (optional hook)
+        """Release resources. Called once, after the last message."""
+
+    def handle(self, message: Message) -> list[Message]:
+        """Process ``message`` and publish every result; returns the results."""
+        outputs = outputs_of(self.process(message), message)
+        for out in outputs:
+            for publisher in self.publishers:
+                publisher.publish(out)
+        return outputs
+
+
+class Listener(ABC):
+    """Takes messages from the outside world (or a previous stage) and hands them on."""
+
+    @property
+    def operator(self) -> Operator:
+        op = self.__dict__.get("_operator")
+        if op is None:
+            msg = f"{type(self).__name__} has no operator; call set_operator() first"
+            raise RuntimeError(msg)
+        return op  # type: ignore[no-any-return]
+
+    def set_operator(self, operator: Operator) -> None:
+        self.__dict__["_operator"] = operator
+
+    @property
+    def stop_requested(self) -> threading.Event:
+        """Set by ``stop()``; ``start()`` loops should check it between messages."""
+        return self.__dict__.setdefault("_stop_requested", threading.Event())  # type: ignore[no-any-return]
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_requested.is_set()
+
+    def setup(self) -> None:  # noqa: B027  (optional hook)
+        """Acquire resources (connect to the source). Called once, before ``start``."""
+
+    @abstractmethod
+    def start(self) -> None:
+        """Produce messages and hand each to ``self.deliver(message)``.
+
+        Blocks in the stage's main thread until the source is exhausted or ``stop()``
+        is called, then returns. ``deliver`` may block while the next stage is full
+        (backpressure). A run that is open when ``start`` returns is closed by the
+        runtime with a ``Stop`` marked ``interrupted``.
+        """
+
+    def stop(self) -> None:
+        """Ask ``start()`` to return soon. Non-blocking; may be called from a signal
+        handler or another thread. Override to also wake a blocking read, and call
+        ``super().stop()``."""
+        self.stop_requested.set()
+
+    def deliver(self, message: Message) -> None:
+        """Hand one message to the operator (and through it to the publishers)."""
+        self.operator.handle(message)
+
+    def close(self) -> None:  # noqa: B027  (optional hook)
+        """Release resources. Called once, after ``start`` returned."""
+
+
+class PassThrough(Operator):
+    """The operator of listener and publisher stages: forwards every message as is."""
+
+    def process(self, message: Message) -> Result:
+        return message
+
+
+def outputs_of(result: Result, source: Message) -> list[Message]:
+    """Normalise what ``process`` returned to a list, stamping run/seq where unset."""
+    if result is None:
+        return []
+    outputs = [result] if isinstance(result, Message) else list(result)
+    for out in outputs:
+        if not isinstance(out, Message):
+            msg = f"process() returned {type(out).__name__}, expected a Message"
+            raise TypeError(msg)
+        if out is source:
+            continue
+        if out.run == 0:
+            out.run = source.run
+            out.seq = source.seq
+        if not out.routing and type(out) is type(source):
+            # A rebuilt Start/Stop keeps the run's bookkeeping (origin, worker set).
+            out.routing = source.routing
+    return outputs

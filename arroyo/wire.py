@@ -1,0 +1,291 @@
+"""The wire format between Arroyo stages (see docs/wire-format.md).
+
+One Arroyo message is one ZMQ multipart message: a msgpack header frame followed by
+one raw frame per payload buffer. ``encode`` returns frames ready for
+``socket.send_multipart(frames, copy=False)``; ``decode`` takes what
+``recv_multipart(copy=False)`` returns (or bytes / memoryviews) and gives numpy arrays
+that are views over the received frames, without copying.
+
+Decoding treats its input as untrusted: every limit is checked before anything is
+built, and any failure raises ``WireError`` (never pickle, never an allocation larger
+than the frames already received).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from arroyo.errors import WireError
+from arroyo.message import Event, Message, Payload, Start, Stop
+
+VERSION = 1
+MAX_HEADER_BYTES = 1 << 20
+MAX_BUFFERS = 256
+MAX_NDIM = 32
+# Fixed-size, pointer-free dtypes only: never object arrays, never structured records.
+ALLOWED_KINDS = frozenset("biufcmMSU")
+
+_KIND_TO_TAG = {Start: "S", Event: "E", Stop: "T"}
+_TAG_TO_KIND: dict[str, type[Message]] = {v: k for k, v in _KIND_TO_TAG.items()}
+
+PAYLOAD_NONE, PAYLOAD_BYTES, PAYLOAD_ARRAY, PAYLOAD_DICT = 0, 1, 2, 3
+
+Frame = Any  # zmq.Frame, bytes, bytearray or memoryview
+
+
+def _to_msgpack(obj: Any) -> Any:
+    """msgpack ``default`` hook: numpy scalars and small arrays in metadata become plain."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, set | frozenset):
+        return sorted(obj)
+    msg = f"cannot encode {type(obj).__name__} in message metadata (msgpack types only)"
+    raise WireError(msg, reason="encode")
+
+
+_packer_opts: dict[str, Any] = {"default": _to_msgpack, "use_bin_type": True}
+
+
+def _array_buffer(array: np.ndarray) -> tuple[list[Any], np.ndarray]:
+    dtype = array.dtype
+    if dtype.kind not in ALLOWED_KINDS or dtype.shape != () or dtype.names is not None:
+        msg = f"cannot send arrays of dtype {dtype!s}; use a numeric, bool or fixed string dtype"
+        raise WireError(msg, reason="encode")
+    contiguous = np.ascontiguousarray(array)
+    # A flat uint8 view exports the buffer protocol for every allowed dtype (datetime64
+    # does not on its own), and costs no copy for contiguous input.
+    return [dtype.str, list(contiguous.shape)], contiguous.reshape(-1).view(np.uint8)
+
+
+def _encode_payload(payload: Payload) -> tuple[int, list[list[Any]], list[Any]]:
+    if payload is None:
+        return PAYLOAD_NONE, [], []
+    if isinstance(payload, np.ndarray):
+        desc, buf = _array_buffer(payload)
+        return PAYLOAD_ARRAY, [[None, *desc]], [buf]
+    if isinstance(payload, dict):
+        descs, bufs = [], []
+        for name, array in payload.items():
+            if not isinstance(name, str) or not isinstance(array, np.ndarray):
+                msg = "a dict payload maps str names to numpy arrays"
+                raise WireError(msg, reason="encode")
+            desc, buf = _array_buffer(array)
+            descs.append([name, *desc])
+            bufs.append(buf)
+        return PAYLOAD_DICT, descs, bufs
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return PAYLOAD_BYTES, [[None, None, None]], [payload]
+    msg = f"payload must be bytes, a numpy array or a dict of arrays, not {type(payload).__name__}"
+    raise WireError(msg, reason="encode")
+
+
+def encode(message: Message) -> list[Any]:
+    """Frames for one message: ``[header, *buffers]``; buffers are not copied."""
+    tag = _KIND_TO_TAG.get(type(message))
+    if tag is None:
+        for cls, t in _KIND_TO_TAG.items():
+            if isinstance(message, cls):
+                tag = t
+                break
+        else:
+            msg = f"not an Arroyo message: {type(message).__name__}"
+            raise WireError(msg, reason="encode")
+    header: dict[str, Any] = {
+        "v": VERSION,
+        "k": tag,
+        "r": message.run,
+        "q": message.seq,
+        "t": message.timestamp_ns,
+    }
+    buffers: list[Any] = []
+    if isinstance(message, Event):
+        header["m"] = message.metadata
+        kind, descs, buffers = _encode_payload(message.payload)
+        header["p"] = kind
+        if descs:
+            header["b"] = descs
+    else:
+        header["m"] = message.data  # type: ignore[attr-defined]
+    if message.routing:
+        header["x"] = message.routing
+    try:
+        head = msgpack.packb(header, **_packer_opts)
+    except WireError:
+        raise
+    except (TypeError, ValueError, OverflowError) as e:
+        msg = f"cannot encode message header: {e}"
+        raise WireError(msg, reason="encode") from e
+    return [head, *buffers]
+
+
+def _buffer(frame: Frame) -> memoryview:
+    buf = getattr(frame, "buffer", None)  # zmq.Frame
+    if buf is None:
+        try:
+            buf = memoryview(frame)
+        except TypeError as e:
+            msg = f"frame of type {type(frame).__name__} is not a buffer"
+            raise WireError(msg) from e
+    if buf.ndim != 1 or buf.itemsize != 1:
+        buf = buf.cast("B")
+    return buf
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    msg = f"msgpack extension type {code} is not allowed in a header"
+    raise WireError(msg)
+
+
+def _unpack_header(frame: Frame) -> dict[str, Any]:
+    buf = _buffer(frame)
+    if len(buf) > MAX_HEADER_BYTES:
+        msg = f"header of {len(buf)} bytes exceeds the {MAX_HEADER_BYTES}-byte limit"
+        raise WireError(msg, reason="oversized")
+    try:
+        header = msgpack.unpackb(
+            buf,
+            raw=False,
+            strict_map_key=False,
+            ext_hook=_reject_ext,
+        )
+    except WireError:
+        raise
+    except Exception as e:  # msgpack raises many types on garbage; all mean "malformed"
+        msg = f"header is not valid msgpack: {type(e).__name__}: {e}"
+        raise WireError(msg) from e
+    if not isinstance(header, dict):
+        msg = "header is not a msgpack map"
+        raise WireError(msg)
+    version = header.get("v")
+    if version != VERSION:
+        msg = f"unknown wire format version {version!r} (this Arroyo reads {VERSION})"
+        raise WireError(msg, reason="version")
+    return header
+
+
+def _int_field(header: dict[str, Any], key: str, default: int = 0) -> int:
+    value = header.get(key, default)
+    if type(value) is not int:
+        msg = f"header field {key!r} must be an integer, got {type(value).__name__}"
+        raise WireError(msg)
+    return value
+
+
+def _dict_field(header: dict[str, Any], key: str) -> dict[str, Any]:
+    value = header.get(key, {})
+    if not isinstance(value, dict):
+        msg = f"header field {key!r} must be a map, got {type(value).__name__}"
+        raise WireError(msg)
+    return value
+
+
+def _parse_dtype(text: Any) -> np.dtype[Any]:
+    if not isinstance(text, str) or len(text) > 32:
+        msg = f"array dtype must be a short string, got {text!r:.40}"
+        raise WireError(msg)
+    try:
+        dtype = np.dtype(text)
+    except Exception as e:
+        msg = f"unknown dtype {text!r}"
+        raise WireError(msg) from e
+    if dtype.kind not in ALLOWED_KINDS or dtype.shape != () or dtype.names is not None:
+        msg = f"dtype {text!r} is not allowed on the wire"
+        raise WireError(msg)
+    return dtype
+
+
+def _parse_shape(shape: Any) -> tuple[int, ...]:
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+        msg = f"array shape must be a list of at most {MAX_NDIM} integers"
+        raise WireError(msg)
+    if not all(type(n) is int and n >= 0 for n in shape):
+        msg = f"array shape {shape!r:.60} has a negative or non-integer dimension"
+        raise WireError(msg)
+    return tuple(shape)
+
+
+def _decode_array(desc: list[Any], frame: Frame) -> np.ndarray:
+    dtype = _parse_dtype(desc[1])
+    shape = _parse_shape(desc[2])
+    buf = _buffer(frame)
+    declared = math.prod(shape) * dtype.itemsize
+    if declared != len(buf):
+        msg = f"array {dtype.str}{list(shape)} declares {declared} bytes but its frame has {len(buf)}"
+        raise WireError(msg, reason="size")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def _decode_payload(header: dict[str, Any], frames: Sequence[Frame]) -> Payload:
+    kind = _int_field(header, "p", PAYLOAD_NONE)
+    descs = header.get("b", [])
+    if not isinstance(descs, list) or len(descs) > MAX_BUFFERS:
+        msg = f"buffer list must be a list of at most {MAX_BUFFERS} descriptors"
+        raise WireError(msg)
+    if len(frames) != 1 + len(descs):
+        msg = f"header describes {len(descs)} buffers but {len(frames) - 1} frames follow it"
+        raise WireError(msg, reason="frames")
+    for desc in descs:
+        if not isinstance(desc, list) or len(desc) != 3:
+            msg = "a buffer descriptor is a list [name, dtype, shape]"
+            raise WireError(msg)
+    if kind == PAYLOAD_NONE and not descs:
+        return None
+    if kind == PAYLOAD_BYTES and len(descs) == 1 and descs[0][1] is None:
+        return bytes(_buffer(frames[1]))
+    if kind == PAYLOAD_ARRAY and len(descs) == 1:
+        return _decode_array(descs[0], frames[1])
+    if kind == PAYLOAD_DICT:
+        arrays: dict[str, np.ndarray] = {}
+        for desc, frame in zip(descs, frames[1:], strict=True):
+            name = desc[0]
+            if not isinstance(name, str) or name in arrays:
+                msg = f"array name {name!r:.40} is missing or repeated"
+                raise WireError(msg)
+            arrays[name] = _decode_array(desc, frame)
+        return arrays
+    msg = f"payload kind {kind} does not match its {len(descs)} buffer descriptor(s)"
+    raise WireError(msg)
+
+
+def decode(frames: Sequence[Frame]) -> Message:
+    """The message in ``frames``; raises ``WireError`` (only) on anything invalid."""
+    if not isinstance(frames, Sequence) or len(frames) == 0:
+        msg = "a message needs at least a header frame"
+        raise WireError(msg, reason="frames")
+    if len(frames) > MAX_BUFFERS + 1:
+        msg = f"{len(frames)} frames exceed the limit of {MAX_BUFFERS + 1}"
+        raise WireError(msg, reason="frames")
+    header = _unpack_header(frames[0])
+    cls = _TAG_TO_KIND.get(header.get("k"))  # type: ignore[arg-type]
+    if cls is None:
+        msg = f"unknown message kind {header.get('k')!r:.20}"
+        raise WireError(msg)
+    common: dict[str, Any] = {
+        "run": _int_field(header, "r"),
+        "seq": _int_field(header, "q"),
+        "timestamp_ns": _int_field(header, "t"),
+        "routing": _dict_field(header, "x"),
+    }
+    if cls is Event:
+        return Event(
+            metadata=_dict_field(header, "m"), payload=_decode_payload(header, frames), **common
+        )
+    if len(frames) != 1 or "b" in header:
+        msg = "Start and Stop messages carry no buffers"
+        raise WireError(msg, reason="frames")
+    return cls(data=_dict_field(header, "m"), **common)  # type: ignore[call-arg]
+
+
+def frames_nbytes(frames: Sequence[Frame]) -> int:
+    """Total size of a frame list, for byte counters."""
+    total = 0
+    for f in frames:
+        total += len(f.buffer) if hasattr(f, "buffer") else len(f)
+    return total
