@@ -58,7 +58,8 @@ def _array_buffer(array: np.ndarray) -> tuple[list[Any], np.ndarray]:
     if dtype.kind not in ALLOWED_KINDS or dtype.shape != () or dtype.names is not None:
         msg = f"cannot send arrays of dtype {dtype!s}; use a numeric, bool or fixed string dtype"
         raise WireError(msg, reason="encode")
-    contiguous = np.ascontiguousarray(array)
+    # (not np.ascontiguousarray: it turns 0-d arrays into 1-d ones)
+    contiguous = array if array.flags.c_contiguous else array.copy(order="C")
     # A flat uint8 view exports the buffer protocol for every allowed dtype (datetime64
     # does not on its own), and costs no copy for contiguous input.
     return [dtype.str, list(contiguous.shape)], contiguous.reshape(-1).view(np.uint8)
