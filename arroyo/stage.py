@@ -47,9 +47,9 @@ class Operator(ABC):
     @property
     def publishers(self) -> list[Publisher]:
         try:
-            return self.__dict__["_publishers"]  # type: ignore[no-any-return]
+            return self.__dict__["_publishers"]
         except KeyError:
-            return self.__dict__.setdefault("_publishers", [])  # type: ignore[no-any-return]
+            return self.__dict__.setdefault("_publishers", [])
 
     def add_publisher(self, publisher: Publisher) -> None:
         self.publishers.append(publisher)
@@ -93,7 +93,7 @@ class Listener(ABC):
         if op is None:
             msg = f"{type(self).__name__} has no operator; call set_operator() first"
             raise RuntimeError(msg)
-        return op  # type: ignore[no-any-return]
+        return op
 
     def set_operator(self, operator: Operator) -> None:
         self.__dict__["_operator"] = operator
@@ -101,7 +101,7 @@ class Listener(ABC):
     @property
     def stop_requested(self) -> threading.Event:
         """Set by ``stop()``; ``start()`` loops should check it between messages."""
-        return self.__dict__.setdefault("_stop_requested", threading.Event())  # type: ignore[no-any-return]
+        return self.__dict__.setdefault("_stop_requested", threading.Event())
 
     @property
     def stopping(self) -> bool:

@@ -135,7 +135,11 @@ def _buffer(frame: Frame) -> memoryview:
             msg = f"frame of type {type(frame).__name__} is not a buffer"
             raise WireError(msg) from e
     if buf.ndim != 1 or buf.itemsize != 1:
-        buf = buf.cast("B")
+        try:
+            buf = buf.cast("B")
+        except TypeError as e:  # a strided (non-contiguous) buffer
+            msg = f"frame of type {type(frame).__name__} is not a contiguous buffer"
+            raise WireError(msg) from e
     return buf
 
 
@@ -155,6 +159,9 @@ def _unpack_header(frame: Frame) -> dict[str, Any]:
             raw=False,
             strict_map_key=False,
             ext_hook=_reject_ext,
+            # msgpack decodes ext type -1 itself, never calling ext_hook; as an int of
+            # nanoseconds it stays a plain value instead of a msgpack.Timestamp object.
+            timestamp=2,
         )
     except WireError:
         raise
@@ -165,7 +172,7 @@ def _unpack_header(frame: Frame) -> dict[str, Any]:
         msg = "header is not a msgpack map"
         raise WireError(msg)
     version = header.get("v")
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:  # not 1.0, not True
         msg = f"unknown wire format version {version!r} (this Arroyo reads {VERSION})"
         raise WireError(msg, reason="version")
     return header
@@ -199,6 +206,9 @@ def _parse_dtype(text: Any) -> np.dtype[Any]:
     if dtype.kind not in ALLOWED_KINDS or dtype.shape != () or dtype.names is not None:
         msg = f"dtype {text!r} is not allowed on the wire"
         raise WireError(msg)
+    if dtype.itemsize == 0:  # 'S0', 'U0': numpy cannot view a buffer as these
+        msg = f"dtype {text!r} has no size"
+        raise WireError(msg)
     return dtype
 
 
@@ -218,9 +228,14 @@ def _decode_array(desc: list[Any], frame: Frame) -> np.ndarray:
     buf = _buffer(frame)
     declared = math.prod(shape) * dtype.itemsize
     if declared != len(buf):
-        msg = f"array {dtype.str}{list(shape)} declares {declared} bytes but its frame has {len(buf)}"
+        msg = f"array {dtype.str}{list(shape)} declares {declared} bytes; its frame has {len(buf)}"
         raise WireError(msg, reason="size")
-    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(buf, dtype=dtype).reshape(shape)
+    except (ValueError, TypeError, OverflowError) as e:
+        # An empty array can still declare dims numpy cannot hold: [0, 2**63].
+        msg = f"array shape {list(shape)!r:.60} cannot be built: {e}"
+        raise WireError(msg) from e
 
 
 def _decode_payload(header: dict[str, Any], frames: Sequence[Frame]) -> Payload:
@@ -264,7 +279,8 @@ def decode(frames: Sequence[Frame]) -> Message:
         msg = f"{len(frames)} frames exceed the limit of {MAX_BUFFERS + 1}"
         raise WireError(msg, reason="frames")
     header = _unpack_header(frames[0])
-    cls = _TAG_TO_KIND.get(header.get("k"))  # type: ignore[arg-type]
+    tag = header.get("k")
+    cls = _TAG_TO_KIND.get(tag) if isinstance(tag, str) else None  # a list is unhashable
     if cls is None:
         msg = f"unknown message kind {header.get('k')!r:.20}"
         raise WireError(msg)

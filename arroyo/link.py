@@ -1,0 +1,545 @@
+"""The two ends of a link between stage processes (see docs/links.md).
+
+PUSH-pattern links use ROUTER/DEALER with receiver-granted credit:
+
+* the single-process side binds a ROUTER, the scalable side's workers connect DEALERs;
+* a connecting process says HELLO when its connection comes up, the binder answers
+  WELCOME; both carry the process identity ``stage/worker/pid@host``;
+* the receiver grants a window (messages and bytes); the sender only sends within it,
+  and the receiver returns CREDIT as it consumes. A full link therefore blocks the
+  sender (backpressure) and nothing queues without bound;
+* ``Start`` and ``Stop`` go to every receiver (so every worker sees each run's
+  boundaries), events to one receiver with credit (load balancing by readiness);
+* a sender that exits says EOS; a receiver that leaves says BYE and drains until the
+  sender's ACK (or EOS, when the sender is itself stopping).
+
+PUB-pattern links use XPUB/SUB: the publisher waits (bounded) for the declared
+subscriber before a run's Start and counts every message a full link drops.
+
+Control frames start with 0x00, which never begins a wire header (a msgpack map).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket as pysocket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import msgpack
+import psutil
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from arroyo import wire
+from arroyo.message import Event, Message, Start, Stop
+from arroyo.stats import LinkCounters
+from arroyo.topology import Link
+
+log = logging.getLogger("arroyo.link")
+
+HELLO, WELCOME, CREDIT, EOS, BYE, ACK = (b"\x00H", b"\x00W", b"\x00C", b"\x00E", b"\x00B", b"\x00A")
+SUB_PREFIX = b"\x00sub:"
+HOST = pysocket.gethostname()
+
+
+def identity(stage: str, worker: int) -> str:
+    return f"{stage}/{worker}/{os.getpid()}@{HOST}"
+
+
+def peer_alive(peer_id: str) -> bool:
+    """False only when ``peer_id`` names a process on this host that no longer exists."""
+    try:
+        rest, host = peer_id.rsplit("@", 1)
+        pid = int(rest.rsplit("/", 1)[1])
+    except (ValueError, IndexError):
+        return True
+    if host != HOST:
+        return True
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _is_control(frame: Any) -> bool:
+    data = frame.buffer if hasattr(frame, "buffer") else frame
+    return len(data) > 0 and data[0] == 0
+
+
+def _bytes(frame: Any) -> bytes:
+    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+
+
+def _socket_path(endpoint: str) -> None:
+    if endpoint.startswith("ipc://"):
+        os.makedirs(os.path.dirname(endpoint[len("ipc://") :]), exist_ok=True)
+
+
+def open_socket(
+    ctx: zmq.Context[Any], kind: int, endpoint: str, bind: bool, name: str, routing_id: str = ""
+) -> zmq.Socket[Any]:
+    sock = ctx.socket(kind)
+    sock.linger = 5000
+    if routing_id:
+        sock.setsockopt(zmq.ROUTING_ID, routing_id.encode())
+    try:
+        if bind:
+            _socket_path(endpoint)
+            sock.bind(endpoint)
+        else:
+            sock.connect(endpoint)
+    except zmq.ZMQError as e:
+        sock.close(0)
+        verb = "bind" if bind else "connect"
+        msg = f"link {name}: cannot {verb} {endpoint}: {e}"
+        raise OSError(msg) from e
+    return sock
+
+
+@dataclass
+class Peer:
+    """The far side of a link as one end sees it."""
+
+    id: str
+    window_msgs: int = 0
+    window_bytes: int = 0
+    inflight_msgs: int = 0
+    inflight_bytes: int = 0
+    away: bool = False  # it said BYE and we acknowledged: send it nothing more
+    eos: bool = False  # it said EOS (or ACK): it will send nothing more
+    pending_msgs: int = 0  # receiver side: consumed but not yet returned as CREDIT
+    pending_bytes: int = 0
+    runs: set[tuple[str, int]] = field(default_factory=set)
+
+    def has_credit(self, size: int) -> bool:
+        if self.away or self.inflight_msgs >= self.window_msgs:
+            return False
+        return self.inflight_bytes == 0 or self.inflight_bytes + size <= self.window_bytes
+
+
+class LinkEnd:
+    """What both ends share: the socket, the identity, the connection monitor."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        link: Link,
+        me: str,
+        bind: bool,
+        kind: int,
+        counters: LinkCounters,
+    ) -> None:
+        self.link = link
+        self.me = me
+        self.bind = bind
+        self.counters = counters
+        routing_id = me if kind == zmq.DEALER else ""
+        self.monitor: zmq.Socket[Any] | None = None
+        self.socket = open_socket(ctx, kind, link.endpoint, bind, link.name, routing_id)
+        if kind == zmq.ROUTER:
+            self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if not bind and kind == zmq.DEALER:
+            self.monitor = self.socket.get_monitor_socket(zmq.EVENT_CONNECTED)
+        self.peers: dict[str, Peer] = {}
+
+    def sockets(self) -> list[zmq.Socket[Any]]:
+        return [s for s in (self.socket, self.monitor) if s is not None]
+
+    def _hello_payload(self, **extra: Any) -> bytes:
+        return msgpack.packb({"id": self.me, **extra})
+
+    def _send_control(self, peer: str | None, verb: bytes, payload: bytes | None = None) -> None:
+        frames: list[bytes] = [verb] if payload is None else [verb, payload]
+        if self.bind and peer is not None:
+            frames.insert(0, peer.encode())
+        try:
+            self.socket.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or pipe full
+            log.debug("link %s: control %r to %s not sent: %s", self.link.name, verb, peer, e)
+
+    def _poll_monitor(self) -> bool:
+        """True when the connection (re)established since the last call."""
+        if self.monitor is None:
+            return False
+        connected = False
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return connected
+            connected = connected or event["event"] == zmq.EVENT_CONNECTED
+
+    def _recv(self) -> tuple[str, list[Any]] | None:
+        try:
+            frames = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
+        if self.bind and self.socket.type == zmq.ROUTER:
+            return frames[0].bytes.decode(errors="replace"), frames[1:]
+        return "", frames
+
+    def close(self, linger_ms: int = 5000) -> None:
+        if self.monitor is not None:
+            self.socket.disable_monitor()
+            self.monitor.close(0)
+        self.socket.close(linger_ms)
+
+
+class CreditSender(LinkEnd):
+    """Sending end of a PUSH-pattern link."""
+
+    def __init__(self, ctx: zmq.Context[Any], link: Link, me: str, counters: LinkCounters) -> None:
+        bind = link.binder == "source"
+        super().__init__(ctx, link, me, bind, zmq.ROUTER if bind else zmq.DEALER, counters)
+        self.stopping = False  # while stopping, a BYE is not acknowledged: our EOS follows
+        self.current_start: Message | None = None
+        self._rr = 0
+
+    # -- control ---------------------------------------------------------------------
+
+    def service(self) -> None:
+        """Handle every pending control message (HELLO, CREDIT, BYE) without blocking."""
+        if self._poll_monitor():
+            self._send_control(None, HELLO, self._hello_payload())
+        while (item := self._recv()) is not None:
+            peer_id, frames = item
+            verb = _bytes(frames[0])
+            payload = msgpack.unpackb(_bytes(frames[1])) if len(frames) > 1 else {}
+            self._control(peer_id, verb, payload)
+        if self.bind:
+            self._forget_dead()
+
+    def _control(self, peer_id: str, verb: bytes, payload: dict[str, Any]) -> None:
+        key = peer_id if self.bind else payload.get("id") or next(iter(self.peers), "")
+        if verb in (HELLO, WELCOME):
+            peer = Peer(key, payload.get("wm", 0), payload.get("wb", 0))
+            self.peers = {k: p for k, p in self.peers.items() if self.bind or k == key}
+            self.peers[key] = peer
+            if verb == HELLO:
+                self._send_control(peer_id, WELCOME, self._hello_payload())
+            if self.current_start is not None and self.bind:
+                # A worker that joins mid-run needs the run's Start before its events.
+                start = self.current_start
+                if self._send_to(key, start, wire.encode(start)):
+                    peer.runs.add((str(start.routing.get("o", "")), start.run))
+            log.info("link %s: receiver %s joined", self.link.name, key)
+        elif verb == CREDIT and key in self.peers:
+            peer = self.peers[key]
+            peer.inflight_msgs = max(0, peer.inflight_msgs - payload.get("m", 0))
+            peer.inflight_bytes = max(0, peer.inflight_bytes - payload.get("b", 0))
+        elif verb == BYE and key in self.peers:
+            if self.stopping:
+                return  # we are draining too: keep feeding it, our EOS will follow
+            self.peers[key].away = True
+            self._send_control(peer_id, ACK)
+            log.info("link %s: receiver %s left", self.link.name, key)
+
+    def _forget_dead(self) -> None:
+        for key in [k for k in self.peers if not peer_alive(k)]:
+            log.warning("link %s: receiver %s is gone", self.link.name, key)
+            del self.peers[key]
+
+    # -- data ------------------------------------------------------------------------
+
+    def _live(self) -> list[Peer]:
+        return [p for p in self.peers.values() if not p.away]
+
+    def _send_to(self, key: str, message: Message, frames: list[Any]) -> bool:
+        out = [key.encode(), *frames] if self.bind else frames
+        try:
+            self.socket.send_multipart(out, copy=False, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:
+                self.peers.pop(key, None)
+                return False
+            if e.errno == zmq.EAGAIN:
+                return False
+            raise
+        return True
+
+    def wait(self, timeout_ms: int, alive: Callable[[], bool]) -> None:
+        """Block until a control message arrives (or timeout), then service it."""
+        poller = zmq.Poller()
+        for s in self.sockets():
+            poller.register(s, zmq.POLLIN)
+        if alive():
+            poller.poll(timeout_ms)
+        self.service()
+
+    def send(self, message: Message, give_up: Callable[[], bool]) -> bool:
+        """Send one message; blocks while no receiver has credit. False if dropped
+        because ``give_up()`` said so while waiting."""
+        frames = wire.encode(message)
+        size = wire.frames_nbytes(frames)
+        self.service()
+        if isinstance(message, Event):
+            return self._send_event(message, frames, size, give_up)
+        return self._broadcast(message, frames, size, give_up)
+
+    def _send_event(
+        self, message: Event, frames: list[Any], size: int, give_up: Callable[[], bool]
+    ) -> bool:
+        while True:
+            live = self._live()
+            n = len(live)
+            for i in range(n):
+                peer = live[(self._rr + i) % n]
+                if peer.has_credit(size) and self._send_to(peer.id, message, frames):
+                    self._rr = (self._rr + i + 1) % max(n, 1)
+                    peer.inflight_msgs += 1
+                    peer.inflight_bytes += size
+                    self.counters.count(size)
+                    return True
+            if give_up():
+                return False
+            self.wait(100, lambda: True)
+
+    def _broadcast(
+        self, message: Message, frames: list[Any], size: int, give_up: Callable[[], bool]
+    ) -> bool:
+        while not self._live():
+            if give_up():
+                return False
+            self.wait(100, lambda: True)
+        run_key = (str(message.routing.get("o", "")), message.run)
+        if isinstance(message, Start):
+            self.current_start = message
+        if self.bind and isinstance(message, Stop):
+            # Every worker that saw this run's Start must send its Stop downstream.
+            got = sorted(p.id for p in self.peers.values() if run_key in p.runs)
+            routing = {**message.routing, "w": got or [p.id for p in self._live()]}
+            frames = wire.encode(replace(message, routing=routing))
+            self.current_start = None
+        for peer in self._live():
+            if self._send_to(peer.id, message, frames):
+                if isinstance(message, Start):
+                    peer.runs.add(run_key)
+                else:
+                    peer.runs.discard(run_key)
+        self.counters.count(size)
+        return True
+
+    def close(self, linger_ms: int = 5000) -> None:
+        for peer in list(self.peers.values()):
+            self._send_control(peer.id, EOS)
+        if not self.bind:
+            self._send_control(None, EOS)
+        super().close(linger_ms)
+
+
+class CreditReceiver(LinkEnd):
+    """Receiving end of a PUSH-pattern link."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        link: Link,
+        me: str,
+        counters: LinkCounters,
+        window_msgs: int,
+        window_bytes: int,
+        max_message_bytes: int = -1,
+    ) -> None:
+        bind = link.binder == "target"
+        super().__init__(ctx, link, me, bind, zmq.ROUTER if bind else zmq.DEALER, counters)
+        if max_message_bytes > 0:
+            self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self.window_msgs = window_msgs
+        self.window_bytes = window_bytes
+        self.leaving = False
+
+    def _window(self) -> bytes:
+        return self._hello_payload(wm=self.window_msgs, wb=self.window_bytes)
+
+    def receive(self) -> list[tuple[str, list[Any]]]:
+        """Every data message waiting now, as (sender id, frames); control is handled."""
+        if self._poll_monitor():
+            self._send_control(None, HELLO, self._window())
+            if self.leaving:
+                self._send_control(None, BYE)
+        out: list[tuple[str, list[Any]]] = []
+        while (item := self._recv()) is not None:
+            peer_id, frames = item
+            if frames and _is_control(frames[0]):
+                self._control(peer_id, _bytes(frames[0]), frames[1:])
+                continue
+            key = peer_id if self.bind else self._single_peer()
+            if key not in self.peers:
+                self.peers[key] = Peer(key)
+            out.append((key, frames))
+        return out
+
+    def _single_peer(self) -> str:
+        return next(iter(self.peers), "?")
+
+    def _control(self, peer_id: str, verb: bytes, rest: list[Any]) -> None:
+        payload = msgpack.unpackb(_bytes(rest[0])) if rest else {}
+        if verb in (HELLO, WELCOME):
+            key = payload.get("id", peer_id)
+            if not self.bind:
+                self.peers = {}
+            self.peers[key] = Peer(key)
+            if verb == HELLO:
+                self._send_control(peer_id, WELCOME, self._window())
+                if self.leaving:
+                    self._send_control(peer_id, BYE)
+            log.info("link %s: sender %s joined", self.link.name, key)
+            return
+        key = peer_id if self.bind else self._single_peer()
+        peer = self.peers.setdefault(key, Peer(key))
+        if verb in (EOS, ACK):
+            peer.eos = True
+            log.info(
+                "link %s: sender %s finished (%s)",
+                self.link.name,
+                key,
+                "EOS" if verb == EOS else "ACK",
+            )
+
+    def consumed(self, key: str, size: int) -> None:
+        """Return credit for one consumed message (batched)."""
+        peer = self.peers.get(key)
+        if peer is None:
+            return
+        peer.pending_msgs += 1
+        peer.pending_bytes += size
+        if peer.pending_msgs * 4 >= self.window_msgs or peer.pending_bytes * 4 >= self.window_bytes:
+            self._flush_peer(peer)
+
+    def _flush_peer(self, peer: Peer) -> None:
+        if peer.pending_msgs:
+            self._send_control(
+                peer.id if self.bind else None,
+                CREDIT,
+                msgpack.packb({"m": peer.pending_msgs, "b": peer.pending_bytes}),
+            )
+            peer.pending_msgs = peer.pending_bytes = 0
+
+    def flush_credit(self) -> None:
+        for peer in self.peers.values():
+            self._flush_peer(peer)
+
+    def leave(self) -> None:
+        """Ask every sender to stop sending to us; they answer ACK (or EOS later)."""
+        self.leaving = True
+        for peer in self.peers.values():
+            self._send_control(peer.id if self.bind else None, BYE)
+
+    def finished(self) -> bool:
+        """After ``leave``: every known sender has finished or is gone."""
+        return all(p.eos or not peer_alive(p.id) for p in self.peers.values())
+
+
+class PubSender(LinkEnd):
+    """Sending end of a PUB-pattern link: XPUB that waits for its subscriber."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        link: Link,
+        me: str,
+        counters: LinkCounters,
+        join_timeout: float,
+    ) -> None:
+        bind = link.binder == "source"
+        super().__init__(ctx, link, me, bind, zmq.XPUB, counters)
+        self.socket.setsockopt(zmq.XPUB_NODROP, 1)
+        self.socket.setsockopt(zmq.SNDHWM, 1000)
+        self.subscribed = False
+        self.join_timeout = join_timeout
+        self._waited = False
+        self.stopping = False
+
+    def service(self) -> None:
+        while True:
+            try:
+                frame = self.socket.recv(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if frame[1:].startswith(SUB_PREFIX):
+                self.subscribed = frame[0] == 1
+                if self.subscribed:
+                    self._waited = False
+
+    def send(self, message: Message, give_up: Callable[[], bool]) -> bool:
+        self.service()
+        if isinstance(message, Start) and not self.subscribed and not self._waited:
+            # Slow joiner: give the declared subscriber a chance to connect first.
+            deadline = time.monotonic() + self.join_timeout
+            while not self.subscribed and time.monotonic() < deadline and not give_up():
+                if self.socket.poll(50):
+                    self.service()
+            self._waited = not self.subscribed
+        if isinstance(message, Start | Stop):
+            message = replace(message, routing={**message.routing, "s": self.me})
+        frames = wire.encode(message)
+        size = wire.frames_nbytes(frames)
+        try:
+            self.socket.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.counters.drop("pub_full")
+            return False
+        self.counters.count(size)
+        return True
+
+    def close(self, linger_ms: int = 1000) -> None:
+        with contextlib.suppress(zmq.ZMQError):  # a full link: subscribers time out instead
+            self.socket.send_multipart([EOS, self.me.encode()], flags=zmq.NOBLOCK)
+        super().close(linger_ms)
+
+
+class SubReceiver(LinkEnd):
+    """Receiving end of a PUB-pattern link."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        link: Link,
+        me: str,
+        counters: LinkCounters,
+        max_message_bytes: int = -1,
+    ) -> None:
+        bind = link.binder == "target"
+        super().__init__(ctx, link, me, bind, zmq.SUB, counters)
+        if max_message_bytes > 0:
+            self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self.socket.setsockopt(zmq.RCVHWM, 1000)
+        self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        # A topic unique to this stage tells the publisher that we are here.
+        self.socket.setsockopt(zmq.SUBSCRIBE, SUB_PREFIX + link.target.encode())
+        self.last_data = time.monotonic()
+
+    def receive(self) -> list[tuple[str, list[Any]]]:
+        out = []
+        while (item := self._recv()) is not None:
+            _, frames = item
+            if frames and _is_control(frames[0]):
+                if _bytes(frames[0]) == EOS and len(frames) > 1:
+                    key = _bytes(frames[1]).decode(errors="replace")
+                    self.peers.setdefault(key, Peer(key)).eos = True
+                continue
+            self.last_data = time.monotonic()
+            out.append(("", frames))
+        return out
+
+    def consumed(self, key: str, size: int) -> None:
+        pass
+
+    def flush_credit(self) -> None:
+        pass
+
+    def leave(self) -> None:
+        pass
+
+    def finished(self) -> bool:
+        # Lossy by design: done when every publisher we heard from said EOS, or after
+        # a quiet second.
+        quiet = time.monotonic() - self.last_data > 1.0
+        return quiet or (
+            bool(self.peers) and all(p.eos or not peer_alive(p.id) for p in self.peers.values())
+        )

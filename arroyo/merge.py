@@ -1,0 +1,188 @@
+"""Run boundaries across scaled workers (see docs/links.md, "Runs across workers").
+
+The sender that fans a run out to N workers gives every worker the run's ``Start``
+and ``Stop``, and writes into the ``Stop`` the list ``w`` of the workers that saw the
+run. Each worker forwards its ``Start``, its share of the events, and its ``Stop``
+carrying ``n``, the number of events it forwarded. The stage where the workers fan
+back in (``RunMerger`` with ``fan_in=True``) therefore knows exactly which Stops to
+wait for: it emits one Start, every event, then one Stop once every worker in ``w``
+has sent its Stop (or is dead), and holds any later run's messages until then, so runs
+never interleave downstream. Held messages keep their credit, so holding is bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from arroyo.message import Event, Message, Start, Stop
+from arroyo.stats import RunReport
+
+log = logging.getLogger("arroyo.merge")
+
+# (sender, size, message or None): None means "consumed, nothing to dispatch".
+Item = tuple[str, int, Message | None]
+RunKey = tuple[str, int]
+
+
+@dataclass
+class _Run:
+    started: bool = False
+    stops: dict[str, Stop] = field(default_factory=dict)
+    expected: set[str] = field(default_factory=set)
+    dead: set[str] = field(default_factory=set)
+    events: int = 0
+    expected_events: int = 0
+    held: list[tuple[str, int, Message]] = field(default_factory=list)
+    origin_dead: bool = False
+
+
+class RunMerger:
+    """Orders one input link's messages into whole runs."""
+
+    def __init__(
+        self,
+        link_name: str,
+        fan_in: bool,
+        alive: Callable[[str], bool],
+        on_report: Callable[[RunReport], None],
+    ) -> None:
+        self.link_name = link_name
+        self.fan_in = fan_in
+        self.alive = alive
+        self.on_report = on_report
+        self.runs: dict[RunKey, _Run] = {}
+        self.current: RunKey | None = None
+        self.sender_origin: dict[str, str] = {}
+        self.open_runs: dict[RunKey, Start] = {}  # non-fan-in: runs begun, not ended
+        self._last_check = time.monotonic()
+
+    # -- entry point ---------------------------------------------------------------
+
+    def push(self, sender: str, message: Message, size: int) -> list[Item]:
+        if not self.fan_in:
+            return self._pass(sender, message, size)
+        who = message.routing.get("s") or sender
+        if isinstance(message, Start | Stop):
+            origin = str(message.routing.get("o", ""))
+            self.sender_origin[who] = origin
+        elif message.run == 0:
+            return [(sender, size, message)]  # events outside any run pass straight on
+        else:
+            origin = self.sender_origin.get(who, "")
+        key = (origin, message.run)
+        run = self.runs.setdefault(key, _Run())
+        if self.current is None:
+            self.current = key
+        if key != self.current:
+            run.held.append((who, size, message))
+            if isinstance(message, Stop):
+                self._note_stop(run, who, message)
+            return []
+        out = self._apply(key, run, who, size, message)
+        return out + self._advance()
+
+    def _pass(self, sender: str, message: Message, size: int) -> list[Item]:
+        key = (str(message.routing.get("o", "")), message.run)
+        if isinstance(message, Start):
+            self.open_runs[key] = message
+        elif isinstance(message, Stop):
+            self.open_runs.pop(key, None)
+        return [(sender, size, message)]
+
+    # -- fan-in --------------------------------------------------------------------
+
+    def _note_stop(self, run: _Run, who: str, stop: Stop) -> None:
+        if who in run.stops:
+            return
+        run.stops[who] = stop
+        run.expected |= set(stop.routing.get("w") or [who])
+        run.expected_events += int(stop.routing.get("n", 0))
+
+    def _apply(self, key: RunKey, run: _Run, who: str, size: int, message: Message) -> list[Item]:
+        if isinstance(message, Start):
+            if run.started:
+                return [(who, size, None)]
+            run.started = True
+            return [(who, size, message)]
+        if isinstance(message, Event):
+            run.events += 1
+            return [(who, size, message)]
+        assert isinstance(message, Stop)
+        self._note_stop(run, who, message)
+        return [(who, size, None)]
+
+    def _done(self, run: _Run) -> bool:
+        if run.origin_dead:
+            return True
+        if not run.expected:
+            return False
+        return run.expected <= set(run.stops) | run.dead
+
+    def _advance(self) -> list[Item]:
+        """Close the current run if it is complete, then replay the next one."""
+        out: list[Item] = []
+        while self.current is not None and self._done(self.runs[self.current]):
+            out.extend(self._close(self.current))
+            self.current = next(iter(self.runs), None)
+            if self.current is None:
+                break
+            run = self.runs[self.current]
+            held, run.held = run.held, []
+            stops, run.stops = run.stops, {}
+            run.expected, run.expected_events = set(), 0
+            for who, size, message in held:
+                out.extend(self._apply(self.current, run, who, size, message))
+            for who, stop in stops.items():
+                self._note_stop(run, who, stop)
+        return out
+
+    def _close(self, key: RunKey) -> list[Item]:
+        run = self.runs.pop(key)
+        stops = [s for s in run.stops.values() if not s.routing.get("partial")]
+        last = stops[-1] if stops else next(iter(run.stops.values()), None)
+        missing = sorted(run.expected - set(run.stops))
+        report = RunReport(
+            origin=key[0],
+            run=key[1],
+            emitted=last.seq if last else run.events,
+            received=run.events,
+            expected=run.expected_events,
+            missing_workers=missing,
+        )
+        if run.origin_dead and not run.stops:
+            report.missing_workers = ["source (died)"]
+        self.on_report(report)
+        data = dict(last.data) if last else {"interrupted": True}
+        if missing:
+            data["incomplete"] = True
+        routing: dict[str, Any] = {"o": key[0], "n": run.events}
+        stop = Stop(data=data, run=key[1], seq=report.emitted, routing=routing)
+        return [("", 0, stop)]
+
+    def check_dead(self) -> list[Item]:
+        """Give up on workers (and sources) that died holding the current run open."""
+        now = time.monotonic()
+        if now - self._last_check < 0.5 or self.current is None:
+            return []
+        self._last_check = now
+        key = self.current
+        run = self.runs[key]
+        run.dead |= {w for w in run.expected - set(run.stops) if not self.alive(w)}
+        if key[0] and not run.expected and not self.alive(key[0]):
+            run.origin_dead = True
+            log.warning(
+                "link %s: source %s of run %d died; closing the run", self.link_name, key[0], key[1]
+            )
+        return self._advance()
+
+    def flush(self) -> list[Item]:
+        """At shutdown: close every open run as it stands."""
+        out: list[Item] = []
+        while self.current is not None:
+            self.runs[self.current].origin_dead = True
+            out.extend(self._advance())
+        return out

@@ -1,0 +1,427 @@
+"""One stage process: links in -> operator -> links out (DESIGN §3, §7).
+
+``StageProcess(topology, stage, worker).run()`` builds the stage's Listener ->
+Operator -> Publisher(s) chain around the user's class, runs it in the main thread,
+and on SIGTERM/SIGINT stops taking input, finishes and forwards what is in flight,
+says EOS on its outputs, and returns 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from arroyo import wire
+from arroyo.errors import ConfigError, WireError
+from arroyo.link import CreditReceiver, CreditSender, PubSender, SubReceiver, identity, peer_alive
+from arroyo.merge import RunMerger
+from arroyo.message import Event, Message, Start, Stop
+from arroyo.stage import Listener, Operator, PassThrough, Publisher, outputs_of
+from arroyo.stats import RunReport, StageCounters
+from arroyo.topology import StageSpec, Topology
+
+log = logging.getLogger("arroyo.stage")
+
+PUB_JOIN_TIMEOUT = 5.0
+
+
+class StageFailed(Exception):
+    """``on_error = stop`` and an operator raised: the process exits non-zero."""
+
+
+def build_user_object(spec: StageSpec) -> Any:
+    """Instantiate the stage's class with its converted options (ConfigError on failure)."""
+    try:
+        cls = spec.load_class()
+        return cls(**spec.options)
+    except Exception as e:
+        msg = f"stage {spec.name}: cannot create {spec.class_path}: {type(e).__name__}: {e}"
+        raise ConfigError(msg) from e
+
+
+class LinkPublisher(Publisher):
+    """The Publisher that is the sending end of an internal link."""
+
+    def __init__(self, end: CreditSender | PubSender, give_up: Any) -> None:
+        self.end = end
+        self.give_up = give_up
+
+    def publish(self, message: Message) -> None:
+        if not self.end.send(message, self.give_up):
+            self.end.counters.drop("undeliverable")
+
+
+class StageOperator(Operator):
+    """Wraps the user's operator: stamps runs at sources, counts, isolates errors."""
+
+    def __init__(self, inner: Operator, runtime: StageProcess) -> None:
+        self.inner = inner
+        self.runtime = runtime
+        self.out_events: dict[int, int] = defaultdict(int)
+
+    def process(self, message: Message) -> Any:
+        return self.inner.process(message)
+
+    def handle(self, message: Message) -> list[Message]:
+        rt = self.runtime
+        if isinstance(message, Start):
+            rt.counters.current_run = message.run
+        t0 = time.perf_counter_ns()
+        try:
+            outputs = outputs_of(self.inner.process(message), message)
+        except Exception as e:
+            rt.counters.errors += 1
+            rt.counters.drops["operator_error"] += 1
+            log.exception(
+                "process() failed on %s run %d seq %d: %s",
+                type(message).__name__,
+                message.run,
+                message.seq,
+                e,
+            )
+            if rt.spec.on_error == "stop":
+                msg = f"on_error = stop: {type(e).__name__}: {e}"
+                raise StageFailed(msg) from e
+            return []
+        rt.counters.process_ns.append(time.perf_counter_ns() - t0)
+        for out in outputs:
+            self._account(out)
+            for publisher in self.publishers:
+                try:
+                    publisher.publish(out)
+                except Exception as e:
+                    rt.counters.errors += 1
+                    rt.counters.drops["publish_error"] += 1
+                    log.exception("publish() failed on run %d seq %d: %s", out.run, out.seq, e)
+                    if rt.spec.on_error == "stop":
+                        msg = f"on_error = stop: {type(e).__name__}: {e}"
+                        raise StageFailed(msg) from e
+        return outputs
+
+    def _account(self, out: Message) -> None:
+        # Events carry no origin, so count by run id; a stage sees one run at a time.
+        if isinstance(out, Event):
+            self.out_events[out.run] += 1
+        elif isinstance(out, Stop):
+            out.routing = {**out.routing, "n": self.out_events.pop(out.run, 0)}
+
+
+class SourceOperator(Operator):
+    """At a listener stage: stamps run ids, sequence numbers and the run's origin."""
+
+    def __init__(self, me: str) -> None:
+        self.me = me
+        self.next_run = 1
+        self.run: int = 0
+        self.events = 0
+        self.open: Start | None = None
+
+    def process(self, message: Message) -> Message | list[Message]:
+        if isinstance(message, Start) and self.open is not None:
+            # A source that starts a run before ending the last one: end it for it.
+            stop = self.close_open({"interrupted": True, "reason": "new Start before Stop"})
+            return [m for m in (stop, self.process(message)) if isinstance(m, Message)]
+        if isinstance(message, Start):
+            if message.run == 0:
+                message.run = self.next_run
+            self.next_run = message.run + 1
+            self.run, self.events = message.run, 0
+            message.seq = 0
+            message.routing = {"o": self.me}
+            self.open = message
+        elif isinstance(message, Event):
+            message.run = self.run if self.open is not None else 0
+            message.seq = self.events
+            self.events += 1
+        elif isinstance(message, Stop):
+            message.run, message.seq = self.run, self.events
+            message.routing = {"o": self.me}
+            self.open = None
+        return message
+
+    def close_open(self, data: dict[str, Any]) -> Stop | None:
+        if self.open is None:
+            return None
+        stop = Stop(data=data)
+        self.open = None
+        stop.run, stop.seq, stop.routing = self.run, self.events, {"o": self.me}
+        return stop
+
+
+class StageProcess:
+    """Runs one worker of one stage until stopped."""
+
+    def __init__(self, topology: Topology, stage: str, worker: int = 0) -> None:
+        self.topology = topology
+        self.spec = topology.stage(stage)
+        self.worker = worker
+        self.me = identity(stage, worker)
+        self.counters = StageCounters(stage, worker)
+        self.stop_requested = threading.Event()
+        self.stop_since = 0.0
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.inputs: list[tuple[CreditReceiver | SubReceiver, RunMerger]] = []
+        self.outputs: list[CreditSender | PubSender] = []
+        self.listener: Listener | None = None
+
+    # -- set-up --------------------------------------------------------------------
+
+    def _open_links(self) -> None:
+        spec = self.spec
+        for link in self.topology.outputs_of(spec.name):
+            counters = self.counters.link(link.name, "out")
+            if link.pattern == "pub":
+                self.outputs.append(PubSender(self.ctx, link, self.me, counters, PUB_JOIN_TIMEOUT))
+            else:
+                self.outputs.append(CreditSender(self.ctx, link, self.me, counters))
+        for link in self.topology.inputs_of(spec.name):
+            counters = self.counters.link(link.name, "in")
+            end: CreditReceiver | SubReceiver
+            if link.pattern == "pub":
+                end = SubReceiver(self.ctx, link, self.me, counters, spec.max_message_bytes)
+            else:
+                end = CreditReceiver(
+                    self.ctx,
+                    link,
+                    self.me,
+                    counters,
+                    spec.hwm,
+                    spec.hwm_bytes,
+                    spec.max_message_bytes,
+                )
+            fan_in = self.topology.stages[link.source].scalable
+            merger = RunMerger(link.name, fan_in, peer_alive, self._report)
+            self.inputs.append((end, merger))
+
+    def _report(self, report: RunReport) -> None:
+        self.counters.runs.append(report)
+        level = logging.INFO if report.complete else logging.WARNING
+        log.log(level, "%s", report.line())
+
+    def _give_up(self) -> bool:
+        """While stopping, a send that has waited past drain_timeout is abandoned."""
+        return (
+            self.stop_requested.is_set()
+            and time.monotonic() - self.stop_since > self.spec.drain_timeout
+        )
+
+    def _chain(self, user: Any) -> StageOperator:
+        publishers: list[Publisher] = [LinkPublisher(end, self._give_up) for end in self.outputs]
+        if self.spec.role == "operator":
+            inner: Operator = user
+        elif self.spec.role == "listener":
+            inner = SourceOperator(self.me)
+        else:
+            inner = PassThrough()
+            publishers = [user]
+        op = StageOperator(inner, self)
+        for p in publishers:
+            op.add_publisher(p)
+        return op
+
+    def request_stop(self, *_: Any) -> None:
+        if not self.stop_requested.is_set():
+            self.stop_since = time.monotonic()
+            self.stop_requested.set()
+            for end in self.outputs:
+                end.stopping = True
+            if self.listener is not None:
+                self.listener.stop()
+
+    # -- running -------------------------------------------------------------------
+
+    def run(self) -> int:
+        user = build_user_object(self.spec)
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        stats = StatsWriter(self)
+        stats.start()
+        try:
+            self._open_links()
+            op = self._chain(user)
+            for p in op.publishers:
+                p.setup()
+            if self.spec.role == "operator":
+                user.setup()
+            log.info("started as %s", self.me)
+            if self.spec.role == "listener":
+                self._run_source(user, op)
+            else:
+                self._run_loop(op)
+            if self.spec.role == "operator":
+                user.close()
+            for p in op.publishers:
+                p.close()
+        except StageFailed as e:
+            log.error("stopping: %s", e)
+            return 1
+        finally:
+            self._close_links()
+            stats.stop()
+        log.info("stopped cleanly")
+        return 0
+
+    def _run_source(self, listener: Listener, op: StageOperator) -> None:
+        self.listener = listener
+        listener.set_operator(op)
+        listener.setup()
+        try:
+            if not self.stop_requested.is_set():
+                listener.start()
+        finally:
+            listener.close()
+        src = op.inner
+        assert isinstance(src, SourceOperator)
+        stop = src.close_open({"interrupted": True})
+        if stop is not None:
+            op.handle(stop)
+        if not self.stop_requested.is_set():
+            log.info("source finished; idle until stopped")
+        while not self.stop_requested.is_set():
+            self._service_outputs(200)
+
+    def _service_outputs(self, timeout_ms: int) -> None:
+        poller = zmq.Poller()
+        for end in self.outputs:
+            for s in end.sockets():
+                poller.register(s, zmq.POLLIN)
+        if self.outputs:
+            poller.poll(timeout_ms)
+        else:
+            time.sleep(timeout_ms / 1000)
+        for end in self.outputs:
+            end.service()
+
+    def _run_loop(self, op: StageOperator) -> None:
+        poller = zmq.Poller()
+        for end, _ in self.inputs:
+            for s in end.sockets():
+                poller.register(s, zmq.POLLIN)
+        for out in self.outputs:
+            for s in out.sockets():
+                poller.register(s, zmq.POLLIN)
+        leaving = False
+        while True:
+            ready = dict(poller.poll(100))
+            busy = False
+            for end, merger in self.inputs:
+                if end.socket in ready or (end.monitor is not None and end.monitor in ready):
+                    busy |= self._drain_input(end, merger, op)
+                for sender, size, msg in merger.check_dead():
+                    self._dispatch(end, op, sender, size, msg)
+            for out in self.outputs:
+                out.service()
+            if not busy:
+                for end, _ in self.inputs:
+                    end.flush_credit()
+            if self.stop_requested.is_set():
+                if not leaving:
+                    leaving = True
+                    for end, _ in self.inputs:
+                        end.leave()
+                if all(end.finished() for end, _ in self.inputs) and not busy:
+                    break
+                if time.monotonic() - self.stop_since > self.spec.drain_timeout:
+                    log.warning(
+                        "drain timeout (%.0fs): leaving with input pending", self.spec.drain_timeout
+                    )
+                    break
+        for end, merger in self.inputs:
+            for sender, size, msg in merger.flush():
+                self._dispatch(end, op, sender, size, msg)
+            for key, start in list(merger.open_runs.items()):
+                # This worker leaves mid-run: its share of the run ends here.
+                stop = Stop(data={"interrupted": True}, run=start.run, seq=0)
+                stop.routing = {**start.routing, "partial": True}
+                merger.open_runs.pop(key)
+                op.handle(stop)
+
+    def _drain_input(
+        self, end: CreditReceiver | SubReceiver, merger: RunMerger, op: StageOperator
+    ) -> bool:
+        items = end.receive()
+        for sender, frames in items:
+            size = wire.frames_nbytes(frames)
+            try:
+                message = wire.decode(frames)
+            except WireError as e:
+                end.counters.drop(e.reason)
+                log.warning(
+                    "link %s: dropped a bad message from %s: %s", end.link.name, sender or "?", e
+                )
+                end.consumed(sender, size)
+                continue
+            end.counters.count(size)
+            for who, sz, msg in merger.push(sender, message, size):
+                self._dispatch(end, op, who, sz, msg)
+        return bool(items)
+
+    def _dispatch(
+        self,
+        end: CreditReceiver | SubReceiver,
+        op: StageOperator,
+        sender: str,
+        size: int,
+        msg: Message | None,
+    ) -> None:
+        if msg is not None:
+            op.handle(msg)
+        if sender:
+            end.consumed(sender, size)
+
+    def _close_links(self) -> None:
+        for out in self.outputs:
+            out.close()
+        for end, _ in self.inputs:
+            end.close(0)
+        self.ctx.term()
+
+
+class StatsWriter(threading.Thread):
+    """Writes the process's counters to RUN_DIR/stats/STAGE.WORKER.json once a second.
+
+    A file per process is the stats channel: atomic to replace, readable by any
+    reader at any time, and a restarted process simply overwrites its own.
+    """
+
+    def __init__(self, process: StageProcess, interval: float = 1.0) -> None:
+        super().__init__(daemon=True, name="arroyo-stats")
+        self.process = process
+        self.interval = interval
+        self.done = threading.Event()
+        self.path = (
+            process.topology.run_dir / "stats" / f"{process.spec.name}.{process.worker}.json"
+        )
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            self.write()
+
+    def write(self) -> None:
+        snap = self.process.counters.snapshot()
+        snap["pid"] = os.getpid()
+        snap["id"] = self.process.me
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(snap))
+            os.replace(tmp, self.path)
+        except OSError as e:
+            log.debug("stats not written: %s", e)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.write()
+
+
+def stats_path(topology: Topology, stage: str, worker: int) -> Path:
+    return topology.run_dir / "stats" / f"{stage}.{worker}.json"

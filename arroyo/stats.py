@@ -1,0 +1,120 @@
+"""Counters kept by every stage process.
+
+Counting is a few integer additions on the hot path; a reader thread snapshots them
+(see ``StageCounters.snapshot``), so the loop never waits for anyone to read them.
+
+    source process                         downstream process
+    LinkCounters(out) --frames--> link --> LinkCounters(in)
+         \\                                       /
+          +-- StageCounters.snapshot() -- stats channel -- arroyo status
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class LinkCounters:
+    """Messages and bytes through one link end, and drops by reason."""
+
+    name: str
+    direction: str  # "in" or "out"
+    messages: int = 0
+    bytes: int = 0
+    drops: Counter[str] = field(default_factory=Counter)
+
+    def count(self, size: int) -> None:
+        self.messages += 1
+        self.bytes += size
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.drops[reason] += n
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "link": self.name,
+            "direction": self.direction,
+            "messages": self.messages,
+            "bytes": self.bytes,
+            "dropped": dict(self.drops),
+        }
+
+
+@dataclass
+class RunReport:
+    """Completeness of one run as seen by a stage after merging its workers."""
+
+    origin: str
+    run: int
+    emitted: int  # events the source says it emitted (Stop.seq)
+    received: int  # events this stage received for the run
+    expected: int  # events the upstream workers say they forwarded
+    missing_workers: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing_workers and self.received == self.expected
+
+    def line(self) -> str:
+        state = "complete" if self.complete else "INCOMPLETE"
+        text = f"run {self.run}: {self.received}/{self.expected} events ({state}"
+        if self.emitted != self.expected:
+            text += f"; source emitted {self.emitted}"
+        if self.missing_workers:
+            text += f"; no Stop from {', '.join(self.missing_workers)}"
+        return text + ")"
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "origin": self.origin,
+            "received": self.received,
+            "expected": self.expected,
+            "emitted": self.emitted,
+            "complete": self.complete,
+            "missing": max(0, self.expected - self.received),
+            "missing_workers": self.missing_workers,
+        }
+
+
+@dataclass
+class StageCounters:
+    """Everything one stage process counts."""
+
+    stage: str
+    worker: int
+    links: list[LinkCounters] = field(default_factory=list)
+    errors: int = 0
+    drops: Counter[str] = field(default_factory=Counter)
+    current_run: int | None = None
+    runs: deque[RunReport] = field(default_factory=lambda: deque(maxlen=50))
+    process_ns: deque[int] = field(default_factory=lambda: deque(maxlen=1000))
+    started: float = field(default_factory=time.time)
+
+    def link(self, name: str, direction: str) -> LinkCounters:
+        counters = LinkCounters(name, direction)
+        self.links.append(counters)
+        return counters
+
+    def snapshot(self) -> dict[str, Any]:
+        times = sorted(self.process_ns)
+        return {
+            "stage": self.stage,
+            "worker": self.worker,
+            "time": time.time(),
+            "started": self.started,
+            "links": [c.snapshot() for c in self.links],
+            "received": sum(c.messages for c in self.links if c.direction == "in"),
+            "sent": sum(c.messages for c in self.links if c.direction == "out"),
+            "errors": self.errors,
+            "dropped": sum(self.drops.values()) + sum(sum(c.drops.values()) for c in self.links),
+            "drops": dict(self.drops),
+            "current_run": self.current_run,
+            "process_ms_mean": (sum(times) / len(times) / 1e6) if times else 0.0,
+            "process_ms_p99": (times[int(len(times) * 0.99)] / 1e6) if times else 0.0,
+            "runs": [r.snapshot() for r in self.runs],
+        }

@@ -1,0 +1,68 @@
+"""Small general-purpose operators."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+
+from arroyo.message import Event, Message
+from arroyo.stage import Operator, Result
+
+
+class Delay(Operator):
+    """Passes every message on after a random delay of ``min_ms``..``max_ms`` per event
+    (simulates uneven work per frame)."""
+
+    def __init__(self, min_ms: float = 0.0, max_ms: float = 1.0, seed: int | None = None) -> None:
+        self.min_ms = min_ms
+        self.max_ms = max_ms
+        self.rng = random.Random(seed)
+
+    def process(self, message: Message) -> Result:
+        if isinstance(message, Event):
+            time.sleep(self.rng.uniform(self.min_ms, self.max_ms) / 1000)
+        return message
+
+
+class Scale(Operator):
+    """Multiplies every array of an event's payload by ``factor`` (as float32)."""
+
+    def __init__(self, factor: float = 1.0) -> None:
+        self.factor = factor
+
+    def process(self, message: Message) -> Result:
+        if isinstance(message, Event) and isinstance(message.payload, np.ndarray):
+            payload = message.payload.astype(np.float32) * np.float32(self.factor)
+            return Event(metadata=message.metadata, payload=payload)
+        return message
+
+
+class FailOn(Operator):
+    """Raises on events whose ``metadata[key]`` is in ``values`` (fault injection)."""
+
+    def __init__(self, values: tuple[int, ...] = (), key: str = "frame") -> None:
+        self.values = set(values)
+        self.key = key
+
+    def process(self, message: Message) -> Result:
+        if isinstance(message, Event) and message.metadata.get(self.key) in self.values:
+            msg = f"injected failure on {self.key}={message.metadata[self.key]}"
+            raise RuntimeError(msg)
+        return message
+
+
+class Burn(Operator):
+    """A fixed amount of numpy work per event (for scaling benchmarks)."""
+
+    def __init__(self, rounds: int = 10) -> None:
+        self.rounds = rounds
+
+    def process(self, message: Message) -> Result:
+        if isinstance(message, Event) and isinstance(message.payload, np.ndarray):
+            a = message.payload.astype(np.float32)
+            for _ in range(self.rounds):
+                a = np.sqrt(a * a + 1.0)
+            return Event(metadata={**message.metadata, "sum": float(a.sum())}, payload=None)
+        return message
