@@ -1,0 +1,138 @@
+"""ZMQ ends for the outside world: a detector's own stream in, a viewer's socket out.
+
+    [stage:detector]
+    role = listener
+    class = arroyo.zmq:ZMQListener
+    endpoint = tcp://detector-host:9999
+    socket = pull
+    codec = raw
+
+Unlike the links between Arroyo stages, these speak whatever the foreign peer speaks
+(see ``arroyo.codec``). A message the codec cannot decode is counted and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import zmq as pyzmq
+
+from arroyo.codec import get_codec
+from arroyo.errors import WireError
+from arroyo.message import Message
+from arroyo.stage import Listener, Publisher
+
+log = logging.getLogger("arroyo.zmq")
+
+_LISTEN = {"pull": pyzmq.PULL, "sub": pyzmq.SUB}
+_PUBLISH = {"push": pyzmq.PUSH, "pub": pyzmq.PUB}
+
+
+def _open(kind: int, endpoint: str, bind: bool, hwm: int) -> pyzmq.Socket[Any]:
+    sock: pyzmq.Socket[Any] = pyzmq.Context.instance().socket(kind)
+    sock.set_hwm(hwm)
+    try:
+        sock.bind(endpoint) if bind else sock.connect(endpoint)
+    except pyzmq.ZMQError as e:
+        sock.close(0)
+        msg = f"cannot {'bind' if bind else 'connect'} {endpoint}: {e}"
+        raise OSError(msg) from e
+    return sock
+
+
+class ZMQListener(Listener):
+    """Receives a foreign ZMQ stream (PULL or SUB) and hands each message on."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        socket: Literal["pull", "sub"] = "pull",
+        bind: bool = False,
+        codec: str = "arroyo",
+        topic: str = "",
+        hwm: int = 1000,
+    ) -> None:
+        self.endpoint = endpoint
+        self.kind = _LISTEN[socket]
+        self.bind = bind
+        self.codec = get_codec(codec)
+        self.topic = topic
+        self.hwm = hwm
+        self.sock: pyzmq.Socket[Any] | None = None
+        self.dropped = 0
+
+    def setup(self) -> None:
+        self.sock = _open(self.kind, self.endpoint, self.bind, self.hwm)
+        if self.kind == pyzmq.SUB:
+            self.sock.setsockopt(pyzmq.SUBSCRIBE, self.topic.encode())
+
+    def start(self) -> None:
+        assert self.sock is not None, "setup() opens the socket"
+        while not self.stopping:
+            if not self.sock.poll(100):
+                continue
+            while not self.stopping:  # drain until EAGAIN, then poll again
+                try:
+                    frames = self.sock.recv_multipart(flags=pyzmq.NOBLOCK, copy=False)
+                except pyzmq.Again:
+                    break
+                if self.kind == pyzmq.SUB and self.topic and len(frames) > 1:
+                    frames = frames[1:]  # a topic frame precedes the payload
+                self._deliver_frames(frames)
+
+    def _deliver_frames(self, frames: list[Any]) -> None:
+        try:
+            result = self.codec.decode(frames)
+        except (WireError, ValueError, TypeError) as e:
+            self.dropped += 1
+            log.warning("dropped an undecodable message (%s codec): %s", self.codec.name, e)
+            return
+        for message in [result] if isinstance(result, Message) else list(result or []):
+            self.deliver(message)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
+
+
+class ZMQPublisher(Publisher):
+    """Sends every message to a foreign ZMQ peer (PUSH blocks when full, PUB drops)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        socket: Literal["push", "pub"] = "push",
+        bind: bool = True,
+        codec: str = "arroyo",
+        topic: str = "",
+        hwm: int = 1000,
+    ) -> None:
+        self.endpoint = endpoint
+        self.kind = _PUBLISH[socket]
+        self.bind = bind
+        self.codec = get_codec(codec)
+        self.topic = topic.encode()
+        self.hwm = hwm
+        self.sock: pyzmq.Socket[Any] | None = None
+
+    def setup(self) -> None:
+        self.sock = _open(self.kind, self.endpoint, self.bind, self.hwm)
+        self.sock.linger = 5000
+
+    def publish(self, message: Message) -> None:
+        if self.sock is None:
+            self.setup()
+        assert self.sock is not None
+        frames = self.codec.encode(message)
+        if frames is None:
+            return
+        if self.topic:
+            frames = [self.topic, *frames]
+        self.sock.send_multipart(frames, copy=False)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()  # linger flushes what is queued
+            self.sock = None
