@@ -145,7 +145,16 @@ def outputs_of(result: Result, source: Message) -> list[Message]:
     """Normalise what ``process`` returned to a list, stamping run/seq where unset."""
     if result is None:
         return []
-    outputs = [result] if isinstance(result, Message) else list(result)
+    if isinstance(result, Message):
+        outputs = [result]
+    elif isinstance(result, Iterable):
+        outputs = list(result)
+    else:  # list(5) would say "'int' object is not iterable", naming no culprit
+        msg = (
+            f"process() returned {type(result).__name__}, expected a Message, "
+            "an iterable of Messages or None"
+        )
+        raise TypeError(msg)
     for out in outputs:
         if not isinstance(out, Message):
             msg = f"process() returned {type(out).__name__}, expected a Message"

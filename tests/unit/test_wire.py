@@ -245,6 +245,7 @@ def test_non_contiguous_views_are_sent_in_logical_order(dtype: str, view: str) -
     assert bytes(memoryview(frames[1]).cast("B")) == np.ascontiguousarray(array).tobytes()
     decoded = wire.decode(as_bytes(frames))
     assert isinstance(decoded, Event)
+    assert isinstance(decoded.payload, np.ndarray)
     assert_array_identical(array, decoded.payload)
     assert np.array_equal(decoded.payload, array)
 
@@ -317,7 +318,8 @@ def test_numpy_scalars_in_metadata_become_plain_values() -> None:
 
 
 def test_bytes_and_none_payloads() -> None:
-    for payload, kind in [(b"", 1), (b"\x00abc", 1), (bytearray(b"xy"), 1), (None, 0)]:
+    cases: list[tuple[Any, int]] = [(b"", 1), (b"\x00a", 1), (bytearray(b"xy"), 1), (None, 0)]
+    for payload, kind in cases:
         message = Event(payload=payload, run=1, seq=2)
         frames = wire.encode(message)
         header = msgpack.unpackb(frames[0])
@@ -760,3 +762,50 @@ def test_non_buffer_frames(frames: Any) -> None:
 def test_strided_buffer_frame_is_rejected() -> None:
     strided = np.arange(16, dtype=np.uint8).reshape(4, 4)[:, ::2]
     raises_wire_error([pack(event_header()), strided])
+
+
+# ---------------------------------------------------------------- the documented example
+
+# The worked example of docs/wire-format.md, byte for byte: peers in other languages
+# test against these bytes, so the encoder must keep producing them.
+DOC_HEADER = bytes.fromhex(
+    "88 a1 76 01 a1 6b a1 45 a1 72 01 a1 71 07 a1 74"
+    "cf 17 97 9c fe 3d 85 cd 15 a1 6d 81 a5 66 72 61"
+    "6d 65 07 a1 70 02 a1 62 91 93 c0 a3 3c 75 32 92"
+    "02 02"
+)
+DOC_BUFFER = bytes.fromhex("01 00 02 00 03 00 04 00")
+DOC_STOP = bytes.fromhex(
+    "86 a1 76 01 a1 6b a1 54 a1 72 01 a1 71 08 a1 74 cf 17 97 9c fe 71 c4 ca 00 a1 6d 80"
+)
+
+
+def test_documented_example_bytes() -> None:
+    event = Event(
+        metadata={"frame": 7},
+        payload=np.array([[1, 2], [3, 4]], dtype="<u2"),
+        run=1,
+        seq=7,
+        timestamp_ns=1700000000123456789,
+    )
+    assert as_bytes(wire.encode(event)) == [DOC_HEADER, DOC_BUFFER]
+    assert wire.decode([DOC_HEADER, DOC_BUFFER]) == event
+    stop = Stop(run=1, seq=8, timestamp_ns=1700000001000000000)
+    assert as_bytes(wire.encode(stop)) == [DOC_STOP]
+    assert wire.decode([DOC_STOP]) == stop
+
+
+def test_control_frames_can_never_be_headers() -> None:
+    """docs/wire-format.md: a first byte 0x00 marks link control, never a header."""
+    raises_wire_error([b"\x00C", b"4"])
+    raises_wire_error([b"\x00sub:x"])
+    messages = [
+        Start(),
+        Stop(data={f"k{i}": i for i in range(20)}),
+        Event(metadata={"m": 1}, payload=np.zeros(3)),
+        Event(payload={"a": np.zeros(3)}),
+    ]
+    messages[-1].routing = {"origin": "x"}
+    for message in messages:
+        first = as_bytes(wire.encode(message))[0][0]
+        assert first in {*range(0x80, 0x90), 0xDE, 0xDF}
