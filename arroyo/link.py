@@ -81,12 +81,21 @@ def _socket_path(endpoint: str) -> None:
 
 
 def open_socket(
-    ctx: zmq.Context[Any], kind: int, endpoint: str, bind: bool, name: str, routing_id: str = ""
-) -> zmq.Socket[Any]:
+    ctx: zmq.Context[Any],
+    kind: int,
+    endpoint: str,
+    bind: bool,
+    name: str,
+    routing_id: str = "",
+    monitor: bool = False,
+) -> tuple[zmq.Socket[Any], zmq.Socket[Any] | None]:
+    """A bound or connected socket, and (if asked) a monitor attached *before* the
+    connect so that no CONNECTED event can be missed."""
     sock = ctx.socket(kind)
     sock.linger = 5000
     if routing_id:
         sock.setsockopt(zmq.ROUTING_ID, routing_id.encode())
+    mon = sock.get_monitor_socket(zmq.EVENT_CONNECTED) if monitor else None
     try:
         if bind:
             _socket_path(endpoint)
@@ -94,11 +103,13 @@ def open_socket(
         else:
             sock.connect(endpoint)
     except zmq.ZMQError as e:
+        if mon is not None:
+            mon.close(0)
         sock.close(0)
         verb = "bind" if bind else "connect"
         msg = f"link {name}: cannot {verb} {endpoint}: {e}"
         raise OSError(msg) from e
-    return sock
+    return sock, mon
 
 
 @dataclass
@@ -139,13 +150,15 @@ class LinkEnd:
         self.bind = bind
         self.counters = counters
         routing_id = me if kind == zmq.DEALER else ""
-        self.monitor: zmq.Socket[Any] | None = None
-        self.socket = open_socket(ctx, kind, link.endpoint, bind, link.name, routing_id)
+        self.monitor: zmq.Socket[Any] | None
+        self.socket, self.monitor = open_socket(
+            ctx, kind, link.endpoint, bind, link.name, routing_id, monitor=kind == zmq.DEALER
+        )
         if kind == zmq.ROUTER:
             self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        if not bind and kind == zmq.DEALER:
-            self.monitor = self.socket.get_monitor_socket(zmq.EVENT_CONNECTED)
         self.peers: dict[str, Peer] = {}
+        self.welcomed = bind  # a connector is welcomed once the binder answered its HELLO
+        self._hello_at = 0.0
 
     def sockets(self) -> list[zmq.Socket[Any]]:
         return [s for s in (self.socket, self.monitor) if s is not None]
@@ -163,16 +176,23 @@ class LinkEnd:
             log.debug("link %s: control %r to %s not sent: %s", self.link.name, verb, peer, e)
 
     def _poll_monitor(self) -> bool:
-        """True when the connection (re)established since the last call."""
+        """True when a HELLO is due: the connection (re)established since the last
+        call, or no WELCOME came back within a second of the last HELLO."""
         if self.monitor is None:
             return False
-        connected = False
+        now = time.monotonic()
+        connected = not self.welcomed and now - self._hello_at > 1.0
+        if connected:
+            self._hello_at = now
         while True:
             try:
                 event = recv_monitor_message(self.monitor, flags=zmq.NOBLOCK)
             except zmq.Again:
                 return connected
-            connected = connected or event["event"] == zmq.EVENT_CONNECTED
+            if event["event"] == zmq.EVENT_CONNECTED:
+                connected = True
+                self.welcomed = False
+                self._hello_at = time.monotonic()
 
     def _recv(self) -> tuple[str, list[Any]] | None:
         try:
@@ -217,6 +237,7 @@ class CreditSender(LinkEnd):
     def _control(self, peer_id: str, verb: bytes, payload: dict[str, Any]) -> None:
         key = peer_id if self.bind else payload.get("id") or next(iter(self.peers), "")
         if verb in (HELLO, WELCOME):
+            self.welcomed = True
             peer = Peer(key, payload.get("wm", 0), payload.get("wb", 0))
             self.peers = {k: p for k, p in self.peers.items() if self.bind or k == key}
             self.peers[key] = peer
@@ -325,9 +346,10 @@ class CreditSender(LinkEnd):
         return True
 
     def close(self, linger_ms: int = 5000) -> None:
-        for peer in list(self.peers.values()):
-            self._send_control(peer.id, EOS)
-        if not self.bind:
+        if self.bind:
+            for peer in list(self.peers.values()):
+                self._send_control(peer.id, EOS)
+        else:
             self._send_control(None, EOS)
         super().close(linger_ms)
 
@@ -380,6 +402,7 @@ class CreditReceiver(LinkEnd):
     def _control(self, peer_id: str, verb: bytes, rest: list[Any]) -> None:
         payload = msgpack.unpackb(_bytes(rest[0])) if rest else {}
         if verb in (HELLO, WELCOME):
+            self.welcomed = True
             key = payload.get("id", peer_id)
             if not self.bind:
                 self.peers = {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ log = logging.getLogger("arroyo.merge")
 # (sender, size, message or None): None means "consumed, nothing to dispatch".
 Item = tuple[str, int, Message | None]
 RunKey = tuple[str, int]
+_UNSET: Any = object()
 
 
 @dataclass
@@ -38,6 +40,7 @@ class _Run:
     expected_events: int = 0
     held: list[tuple[str, int, Message]] = field(default_factory=list)
     origin_dead: bool = False
+    prev: Any = _UNSET  # the run id its source emitted before it (None: the first)
 
 
 class RunMerger:
@@ -58,6 +61,7 @@ class RunMerger:
         self.current: RunKey | None = None
         self.sender_origin: dict[str, str] = {}
         self.open_runs: dict[RunKey, Start] = {}  # non-fan-in: runs begun, not ended
+        self.closed: deque[RunKey] = deque(maxlen=1000)
         self._last_check = time.monotonic()
 
     # -- entry point ---------------------------------------------------------------
@@ -75,15 +79,14 @@ class RunMerger:
             origin = self.sender_origin.get(who, "")
         key = (origin, message.run)
         run = self.runs.setdefault(key, _Run())
-        if self.current is None:
-            self.current = key
-        if key != self.current:
-            run.held.append((who, size, message))
-            if isinstance(message, Stop):
-                self._note_stop(run, who, message)
-            return []
-        out = self._apply(key, run, who, size, message)
-        return out + self._advance()
+        if isinstance(message, Start) and not run.started and run.prev is _UNSET:
+            run.prev = message.routing.get("p")
+        if key == self.current:
+            return self._apply(run, who, size, message) + self._advance()
+        run.held.append((who, size, message))
+        if isinstance(message, Stop):
+            self._note_stop(run, who, message)
+        return self._advance()
 
     def _pass(self, sender: str, message: Message, size: int) -> list[Item]:
         key = (str(message.routing.get("o", "")), message.run)
@@ -102,7 +105,7 @@ class RunMerger:
         run.expected |= set(stop.routing.get("w") or [who])
         run.expected_events += int(stop.routing.get("n", 0))
 
-    def _apply(self, key: RunKey, run: _Run, who: str, size: int, message: Message) -> list[Item]:
+    def _apply(self, run: _Run, who: str, size: int, message: Message) -> list[Item]:
         if isinstance(message, Start):
             if run.started:
                 return [(who, size, None)]
@@ -122,23 +125,46 @@ class RunMerger:
             return False
         return run.expected <= set(run.stops) | run.dead
 
-    def _advance(self) -> list[Item]:
-        """Close the current run if it is complete, then replay the next one."""
+    def _eligible(self, key: RunKey, run: _Run) -> bool:
+        """A run may be emitted once the run before it (same source) has been: workers
+        that joined late can deliver run k+1 before anyone delivers run k."""
+        prev = run.prev
+        if prev is _UNSET or prev is None or (key[0], prev) in self.closed:
+            return True
+        return (key[0], prev) not in self.runs and self._done(run)
+
+    def _pick(self) -> RunKey | None:
+        for key, run in self.runs.items():
+            if self._eligible(key, run):
+                return key
+        return None
+
+    def _replay(self, key: RunKey) -> list[Item]:
+        run = self.runs[key]
+        held, run.held = run.held, []
+        stops, run.stops = run.stops, {}
+        run.expected, run.expected_events = set(), 0
         out: list[Item] = []
-        while self.current is not None and self._done(self.runs[self.current]):
-            out.extend(self._close(self.current))
-            self.current = next(iter(self.runs), None)
-            if self.current is None:
-                break
-            run = self.runs[self.current]
-            held, run.held = run.held, []
-            stops, run.stops = run.stops, {}
-            run.expected, run.expected_events = set(), 0
-            for who, size, message in held:
-                out.extend(self._apply(self.current, run, who, size, message))
-            for who, stop in stops.items():
-                self._note_stop(run, who, stop)
+        for who, size, message in held:
+            out.extend(self._apply(run, who, size, message))
+        for who, stop in stops.items():
+            self._note_stop(run, who, stop)
         return out
+
+    def _advance(self) -> list[Item]:
+        """Pick the next run when none is current; close the current one when done."""
+        out: list[Item] = []
+        while True:
+            if self.current is None:
+                self.current = self._pick()
+                if self.current is None:
+                    return out
+                out.extend(self._replay(self.current))
+            if not self._done(self.runs[self.current]):
+                return out
+            out.extend(self._close(self.current))
+            self.closed.append(self.current)
+            self.current = None
 
     def _close(self, key: RunKey) -> list[Item]:
         run = self.runs.pop(key)
@@ -166,9 +192,15 @@ class RunMerger:
     def check_dead(self) -> list[Item]:
         """Give up on workers (and sources) that died holding the current run open."""
         now = time.monotonic()
-        if now - self._last_check < 0.5 or self.current is None:
+        if now - self._last_check < 0.5:
             return []
         self._last_check = now
+        if self.current is None:
+            self.current = self._pick() or next(iter(self.runs), None)
+            if self.current is None:
+                return []
+            out = self._replay(self.current)
+            return out + self._advance()
         key = self.current
         run = self.runs[key]
         run.dead |= {w for w in run.expected - set(run.stops) if not self.alive(w)}
@@ -182,7 +214,10 @@ class RunMerger:
     def flush(self) -> list[Item]:
         """At shutdown: close every open run as it stands."""
         out: list[Item] = []
-        while self.current is not None:
+        while self.runs:
+            if self.current is None:
+                self.current = next(iter(self.runs))
+                out.extend(self._replay(self.current))
             self.runs[self.current].origin_dead = True
             out.extend(self._advance())
         return out

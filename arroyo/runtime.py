@@ -134,9 +134,11 @@ class SourceOperator(Operator):
             if message.run == 0:
                 message.run = self.next_run
             self.next_run = message.run + 1
+            previous = self.run or None
             self.run, self.events = message.run, 0
             message.seq = 0
-            message.routing = {"o": self.me}
+            # "p" lets a merge downstream put runs back in order.
+            message.routing = {"o": self.me, "p": previous}
             self.open = message
         elif isinstance(message, Event):
             message.run = self.run if self.open is not None else 0
@@ -311,11 +313,10 @@ class StageProcess:
                 poller.register(s, zmq.POLLIN)
         leaving = False
         while True:
-            ready = dict(poller.poll(100))
+            poller.poll(100)
             busy = False
             for end, merger in self.inputs:
-                if end.socket in ready or (end.monitor is not None and end.monitor in ready):
-                    busy |= self._drain_input(end, merger, op)
+                busy |= self._drain_input(end, merger, op)
                 for sender, size, msg in merger.check_dead():
                     self._dispatch(end, op, sender, size, msg)
             for out in self.outputs:
