@@ -1,1 +1,193 @@
+"""The supervisor-facing commands of ``arroyo``: render, up, down, status, top, scale, logs."""
 
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from arroyo.cli import TOPOLOGY, main, user_errors
+from arroyo.topology import Topology, load
+
+
+def _load(path: str) -> Topology:
+    return load(path)
+
+
+@main.command()
+@TOPOLOGY
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead.")
+@user_errors
+def render(topology: str, output: str | None) -> None:
+    """Write the supervisord.conf for TOPOLOGY (default RUN_DIR/supervisord.conf)."""
+    from arroyo.supervise import write_config
+
+    path = write_config(_load(topology), Path(output) if output else None)
+    click.echo(str(path))
+
+
+@main.command()
+@TOPOLOGY
+@click.argument("chains", nargs=-1)
+@user_errors
+def up(topology: str, chains: tuple[str, ...]) -> None:
+    """Start supervisord if needed and the CHAINS (default all); wait until RUNNING."""
+    from arroyo.supervise import paths
+    from arroyo.supervise import up as do_up
+
+    topo = _load(topology)
+    problems = do_up(topo, chains)
+    if problems:
+        for p in problems:
+            click.echo(p, err=True)
+        sys.exit(1)
+    click.echo(f"{topo.name}: running (supervisorctl -c {paths(topo).conf} status)")
+
+
+@main.command()
+@TOPOLOGY
+@click.argument("chains", nargs=-1)
+@user_errors
+def down(topology: str, chains: tuple[str, ...]) -> None:
+    """Stop CHAINS (default all) sources first; supervisord exits when nothing runs."""
+    from arroyo.supervise import down as do_down
+
+    do_down(_load(topology), chains)
+    click.echo("stopped")
+
+
+def _fmt_bytes(n: Any) -> str:
+    if not n:
+        return "-"
+    return f"{n / 2**20:.0f}M"
+
+
+def _fmt_uptime(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s else "-"
+
+
+def status_table(
+    rows: list[dict[str, Any]], rates: dict[tuple[str, int], tuple[float, float]]
+) -> str:
+    head = (
+        f"{'CHAIN':<10} {'STAGE':<16} {'W':>2} {'STATE':<9} {'PID':>7} {'UPTIME':>8} "
+        f"{'CPU%':>5} {'RSS':>6} {'IN/s':>8} {'OUT/s':>8} {'IN':>9} {'OUT':>9} "
+        f"{'ERR':>5} {'DROP':>5} RUN"
+    )
+    lines = [head]
+    for r in rows:
+        rin, rout = rates.get((r["stage"], r["worker"]), (0.0, 0.0))
+        flag = " !" if (r["errors"] or r["dropped"]) else ""
+        cpu = f"{r['cpu_percent']:.0f}" if r["cpu_percent"] is not None else "-"
+        lines.append(
+            f"{r['chain']:<10} {r['stage']:<16} {r['worker']:>2} {r['state']:<9} "
+            f"{r['pid'] or '-':>7} {_fmt_uptime(r['uptime']):>8} {cpu:>5} "
+            f"{_fmt_bytes(r['rss_bytes']):>6} {rin:>8.0f} {rout:>8.0f} {r['received']:>9} "
+            f"{r['sent']:>9} {r['errors']:>5} {r['dropped']:>5} {r['current_run'] or '-'}{flag}"
+        )
+    return "\n".join(lines)
+
+
+@main.command()
+@TOPOLOGY
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of process objects.")
+@user_errors
+def status(topology: str, as_json: bool) -> None:
+    """One row per process: supervisor state, psutil figures and stage counters."""
+    from arroyo.supervise import status_rows
+
+    rows = status_rows(_load(topology))
+    if as_json:
+        click.echo(json.dumps(rows, indent=1, default=str))
+    elif not rows:
+        click.echo("not running")
+    else:
+        click.echo(status_table(rows, {}))
+
+
+@main.command()
+@TOPOLOGY
+@click.option(
+    "--interval", type=float, default=1.0, show_envvar=True, help="Seconds between refreshes."
+)
+@click.option("--count", type=int, default=0, show_envvar=True, help="Refreshes (0: until Ctrl-C).")
+@user_errors
+def top(topology: str, interval: float, count: int) -> None:
+    """The status table refreshed live until Ctrl-C, with rates."""
+    from arroyo.supervise import status_rows
+
+    topo = _load(topology)
+    last: dict[tuple[str, int], tuple[float, int, int]] = {}
+    n = 0
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            rows = status_rows(topo)
+            now = time.monotonic()
+            rates = {}
+            for r in rows:
+                key = (r["stage"], r["worker"])
+                if key in last:
+                    t0, i0, o0 = last[key]
+                    dt = max(now - t0, 1e-6)
+                    rates[key] = ((r["received"] - i0) / dt, (r["sent"] - o0) / dt)
+                last[key] = (now, r["received"], r["sent"])
+            table = status_table(rows, rates)
+            if tty:
+                click.clear()
+                table = "\n".join(
+                    click.style(line, fg="red") if line.endswith(" !") else line
+                    for line in table.splitlines()
+                )
+            click.echo(f"arroyo top {topo.name}  {time.strftime('%H:%M:%S')}\n{table}")
+            n += 1
+            if count and n >= count:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return
+
+
+@main.command()
+@TOPOLOGY
+@click.argument("stage")
+@click.argument("workers", type=int)
+@user_errors
+def scale(topology: str, stage: str, workers: int) -> None:
+    """Set STAGE's worker count while everything else keeps running."""
+    from arroyo.supervise import scale as do_scale
+
+    old, new = do_scale(_load(topology), stage, workers)
+    click.echo(f"{stage}: {old} -> {new} workers")
+
+
+@main.command()
+@TOPOLOGY
+@click.argument("stage")
+@click.option("--worker", type=int, default=0, show_envvar=True, help="Worker index.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+@user_errors
+def logs(topology: str, stage: str, worker: int, follow: bool) -> None:
+    """Print the log of one worker of STAGE."""
+    from arroyo.errors import ConfigError
+    from arroyo.supervise import paths, process_name
+
+    topo = _load(topology)
+    topo.stage(stage)
+    path = paths(topo).logs / f"{process_name(stage, worker)}.log"
+    if not path.exists():
+        msg = f"{path}: no log yet for {stage} worker {worker}"
+        raise ConfigError(msg)
+    with path.open(errors="replace") as f:
+        click.echo(f.read(), nl=False)
+        while follow:
+            line = f.readline()
+            if line:
+                click.echo(line, nl=False)
+            else:
+                time.sleep(0.2)

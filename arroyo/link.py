@@ -454,7 +454,7 @@ class CreditReceiver(LinkEnd):
             self._send_control(peer.id if self.bind else None, BYE)
 
     def finished(self) -> bool:
-        """After ``leave``: every known sender has finished or is gone."""
+        """Every known sender has finished (EOS, or ACK after our BYE) or is gone."""
         return all(p.eos or not peer_alive(p.id) for p in self.peers.values())
 
 

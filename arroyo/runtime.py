@@ -32,6 +32,12 @@ from arroyo.topology import StageSpec, Topology
 log = logging.getLogger("arroyo.stage")
 
 PUB_JOIN_TIMEOUT = 5.0
+# After SIGTERM a stage waits this long for its upstream to finish (EOS) before it asks
+# to leave (BYE). supervisord signals a whole group at once, in any order: the grace
+# lets every upstream see its own SIGTERM first, and a stopping upstream never
+# acknowledges a BYE, so a chain stop drains front to back; a stage stopped alone (or
+# scaled down) leaves after the grace, having lost nothing.
+LEAVE_GRACE = 1.0
 
 
 class StageFailed(Exception):
@@ -325,7 +331,8 @@ class StageProcess:
                 for end, _ in self.inputs:
                     end.flush_credit()
             if self.stop_requested.is_set():
-                if not leaving:
+                waited = time.monotonic() - self.stop_since
+                if not leaving and waited > LEAVE_GRACE:
                     leaving = True
                     for end, _ in self.inputs:
                         end.leave()

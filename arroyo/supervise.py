@@ -1,0 +1,421 @@
+"""supervisord for a topology: render its config, start it, drive it over XML-RPC.
+
+One supervisord per run_dir, listening only on a unix socket (mode 0700). Each chain
+is a supervisor group, each stage a program whose processes are its workers
+(``STAGE_NN`` runs ``arroyo-stage TOPOLOGY STAGE --worker NN``). Worker counts changed
+by ``arroyo scale`` are recorded in ``RUN_DIR/workers.json`` and rendered from there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import xmlrpc.client
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from supervisor.xmlrpc import SupervisorTransport
+
+from arroyo.errors import ConfigError
+from arroyo.topology import MAX_IPC_PATH, StageSpec, Topology
+
+RUNNING_STATES = {"RUNNING"}
+STOPPED_STATES = {"STOPPED", "EXITED", "FATAL", "UNKNOWN"}
+
+
+@dataclass(frozen=True)
+class Paths:
+    conf: Path
+    socket: Path
+    pidfile: Path
+    logs: Path
+    workers: Path
+
+
+def paths(topology: Topology) -> Paths:
+    run_dir = topology.run_dir
+    sock = topology.socket_dir / "supervisor.sock"
+    if len(str(sock)) > MAX_IPC_PATH:
+        msg = f"{topology.path}: [topology] run_dir: supervisor socket path too long: {sock}"
+        raise ConfigError(msg)
+    return Paths(
+        conf=run_dir / "supervisord.conf",
+        socket=sock,
+        pidfile=run_dir / "supervisord.pid",
+        logs=run_dir / "logs",
+        workers=run_dir / "workers.json",
+    )
+
+
+def process_name(stage: str, worker: int) -> str:
+    return f"{stage}_{worker:02d}"
+
+
+def split_process_name(name: str) -> tuple[str, int]:
+    stage, _, worker = name.rpartition("_")
+    return stage, int(worker)
+
+
+def recorded_workers(topology: Topology) -> dict[str, int]:
+    path = paths(topology).workers
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: int(v) for k, v in data.items() if k in topology.stages}
+
+
+def record_workers(topology: Topology, stage: str, count: int) -> None:
+    data = recorded_workers(topology)
+    data[stage] = count
+    path = paths(topology).workers
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def worker_count(topology: Topology, stage: str) -> int:
+    return recorded_workers(topology).get(stage, topology.stages[stage].workers)
+
+
+def _stage_command() -> str:
+    exe = Path(sys.executable).parent / "arroyo-stage"
+    return str(exe) if exe.exists() else shutil.which("arroyo-stage") or "arroyo-stage"
+
+
+def _program(topology: Topology, spec: StageSpec, logs: Path) -> str:
+    sup = spec.supervision
+    env = {"PYTHONUNBUFFERED": "1", **dict(sup.environment)}
+    env_text = ",".join(f'{k}="{v}"' for k, v in env.items())
+    command = f"{_stage_command()} {topology.path} {spec.name} --worker %(process_num)d"
+    return "\n".join(
+        [
+            f"[program:{spec.name}]",
+            f"command = {command}",
+            "process_name = %(program_name)s_%(process_num)02d",
+            f"numprocs = {worker_count(topology, spec.name)}",
+            "numprocs_start = 0",
+            f"directory = {topology.path.parent}",
+            f"priority = {sup.priority}",
+            "autostart = false",
+            f"autorestart = {sup.autorestart}",
+            "exitcodes = 0",
+            f"startsecs = {sup.startsecs}",
+            "startretries = 3",
+            "stopsignal = TERM",
+            f"stopwaitsecs = {sup.stopwaitsecs}",
+            "stopasgroup = true",
+            "killasgroup = true",
+            "redirect_stderr = true",
+            f"stdout_logfile = {logs}/%(program_name)s_%(process_num)02d.log",
+            "stdout_logfile_maxbytes = 20MB",
+            "stdout_logfile_backups = 3",
+            f"environment = {env_text}",
+            "",
+        ]
+    )
+
+
+def render(topology: Topology) -> str:
+    """The complete supervisord.conf for ``topology``."""
+    p = paths(topology)
+    parts = [
+        f"; rendered by arroyo from {topology.path}; edit the topology, not this file",
+        "[unix_http_server]",
+        f"file = {p.socket}",
+        "chmod = 0700",
+        "",
+        "[supervisord]",
+        f"logfile = {p.logs}/supervisord.log",
+        f"pidfile = {p.pidfile}",
+        f"childlogdir = {p.logs}",
+        f"identifier = arroyo-{topology.name}",
+        f"directory = {topology.path.parent}",
+        "nodaemon = false",
+        "silent = true",
+        "",
+        "[rpcinterface:supervisor]",
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+        "",
+        "[rpcinterface:arroyo]",
+        "supervisor.rpcinterface_factory = arroyo.supervisor_rpc:make_interface",
+        "",
+        "[supervisorctl]",
+        f"serverurl = unix://{p.socket}",
+        "",
+    ]
+    for chain, members in topology.chains.items():
+        parts.append(f"[group:{chain}]\nprograms = {','.join(members)}\n")
+    for spec in topology.stages.values():
+        parts.append(_program(topology, spec, p.logs))
+    return "\n".join(parts)
+
+
+def write_config(topology: Topology, out: Path | None = None) -> Path:
+    p = paths(topology)
+    target = out or p.conf
+    for d in (target.parent, p.logs, p.socket.parent, topology.socket_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    target.write_text(render(topology))
+    return target
+
+
+# -- control -----------------------------------------------------------------------
+
+
+def rpc(topology: Topology) -> Any:
+    sock = paths(topology).socket
+    transport = SupervisorTransport(None, None, f"unix://{sock}")
+    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+
+def is_running(topology: Topology) -> bool:
+    if not paths(topology).socket.exists():
+        return False
+    try:
+        return rpc(topology).supervisor.getState()["statename"] == "RUNNING"
+    except (OSError, xmlrpc.client.Error):
+        return False
+
+
+def start_supervisord(topology: Topology, timeout: float = 20.0) -> None:
+    """Render the config and start supervisord for this run_dir (if not running)."""
+    if is_running(topology):
+        return
+    conf = write_config(topology)
+    exe = Path(sys.executable).parent / "supervisord"
+    cmd = [str(exe) if exe.exists() else "supervisord", "-c", str(conf)]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        msg = f"supervisord did not start: {result.stderr.strip() or result.stdout.strip()}"
+        raise ConfigError(msg)
+    deadline = time.monotonic() + timeout
+    while not is_running(topology):
+        if time.monotonic() > deadline:
+            msg = f"supervisord did not answer on {paths(topology).socket} within {timeout}s"
+            raise ConfigError(msg)
+        time.sleep(0.1)
+
+
+def supervisord_pid(topology: Topology) -> int | None:
+    try:
+        return int(paths(topology).pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def chains_to_act_on(topology: Topology, chains: tuple[str, ...]) -> list[str]:
+    unknown = [c for c in chains if c not in topology.chains]
+    if unknown:
+        msg = (
+            f"{topology.path}: no chain {', '.join(unknown)} (chains: {', '.join(topology.chains)})"
+        )
+        raise ConfigError(msg)
+    return list(chains) or list(topology.chains)
+
+
+def log_tail(topology: Topology, name: str, lines: int = 15) -> str:
+    path = paths(topology).logs / f"{name}.log"
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def up(topology: Topology, chains: tuple[str, ...] = (), timeout: float = 60.0) -> list[str]:
+    """Start supervisord if needed and every process of ``chains`` (sinks first);
+    wait until all are RUNNING. Returns problem lines (empty when everything runs)."""
+    targets = chains_to_act_on(topology, chains)
+    start_supervisord(topology)
+    server = rpc(topology)
+    started: list[str] = []
+    for chain in targets:
+        for stage in _by_priority(topology, chain):
+            started += _start_stage(server, chain, stage)
+    return _wait_running(topology, server, started, timeout)
+
+
+def _by_priority(topology: Topology, chain: str, reverse: bool = False) -> list[str]:
+    members = topology.chains[chain]
+    return sorted(members, key=lambda s: topology.stages[s].supervision.priority, reverse=reverse)
+
+
+def _processes_of(server: Any, chain: str, stage: str) -> list[dict[str, Any]]:
+    return [
+        info
+        for info in server.supervisor.getAllProcessInfo()
+        if info["group"] == chain and split_process_name(info["name"])[0] == stage
+    ]
+
+
+def _start_stage(server: Any, chain: str, stage: str) -> list[str]:
+    names = []
+    for info in _processes_of(server, chain, stage):
+        name = f"{chain}:{info['name']}"
+        if info["statename"] in RUNNING_STATES | {"STARTING"}:
+            continue
+        with contextlib.suppress(xmlrpc.client.Fault):  # reported by _wait_running
+            server.supervisor.startProcess(name, False)
+        names.append(name)
+    return names
+
+
+def _wait_running(topology: Topology, server: Any, names: list[str], timeout: float) -> list[str]:
+    deadline = time.monotonic() + timeout
+    pending = list(names)
+    problems = []
+    while pending:
+        for name in list(pending):
+            info = server.supervisor.getProcessInfo(name)
+            state = info["statename"]
+            if state == "RUNNING" and time.time() - info["start"] >= 1.0:
+                pending.remove(name)
+            elif state in {"FATAL", "EXITED", "BACKOFF"}:
+                stage = split_process_name(info["name"])[0]
+                tail = log_tail(topology, info["name"])
+                problems.append(f"stage {stage} ({name}) failed to start ({state}):\n{tail}")
+                with contextlib.suppress(xmlrpc.client.Fault):
+                    server.supervisor.stopProcess(name, False)
+                pending.remove(name)
+        if time.monotonic() > deadline:
+            problems += [f"{n}: not RUNNING after {timeout:.0f}s" for n in pending]
+            break
+        time.sleep(0.1)
+    return problems
+
+
+def down(topology: Topology, chains: tuple[str, ...] = (), timeout: float = 120.0) -> None:
+    """Stop chains sources first, each program drained before the next; shut
+    supervisord down once nothing is running."""
+    if not is_running(topology):
+        return
+    targets = chains_to_act_on(topology, chains)
+    server = rpc(topology)
+    for chain in targets:
+        for stage in _by_priority(topology, chain, reverse=True):
+            _stop_stage(server, chain, stage, timeout)
+    if not any(i["statename"] not in STOPPED_STATES for i in server.supervisor.getAllProcessInfo()):
+        pid = supervisord_pid(topology)
+        with contextlib.suppress(OSError, xmlrpc.client.Error):
+            server.supervisor.shutdown()
+        _wait_gone(pid, timeout=30)
+
+
+def _stop_stage(server: Any, chain: str, stage: str, timeout: float) -> None:
+    names = [
+        f"{chain}:{i['name']}"
+        for i in _processes_of(server, chain, stage)
+        if i["statename"] not in STOPPED_STATES
+    ]
+    for name in names:
+        with contextlib.suppress(xmlrpc.client.Fault):
+            server.supervisor.stopProcess(name, False)
+    deadline = time.monotonic() + timeout
+    while names and time.monotonic() < deadline:
+        names = [
+            n
+            for n in names
+            if server.supervisor.getProcessInfo(n)["statename"] not in STOPPED_STATES
+        ]
+        time.sleep(0.1)
+
+
+def _wait_gone(pid: int | None, timeout: float) -> None:
+    if pid is None:
+        return
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(pid).wait(timeout)
+
+
+def status_rows(topology: Topology) -> list[dict[str, Any]]:
+    """One row per process known to supervisord (or per stage when it is not running)."""
+    import psutil
+
+    from arroyo.runtime import stats_path
+
+    rows: list[dict[str, Any]] = []
+    infos = rpc(topology).supervisor.getAllProcessInfo() if is_running(topology) else []
+    now = time.time()
+    for info in infos:
+        stage, worker = split_process_name(info["name"])
+        row: dict[str, Any] = {
+            "chain": info["group"],
+            "stage": stage,
+            "worker": worker,
+            "state": info["statename"],
+            "pid": info["pid"] or None,
+            "uptime": (now - info["start"]) if info["statename"] == "RUNNING" else 0.0,
+            "cpu_percent": None,
+            "rss_bytes": None,
+        }
+        if info["pid"]:
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(info["pid"])
+                row["cpu_percent"] = proc.cpu_percent(interval=0.05)
+                row["rss_bytes"] = proc.memory_info().rss
+        try:
+            stats = json.loads(stats_path(topology, stage, worker).read_text())
+        except (OSError, ValueError):
+            stats = {}
+        if stats.get("pid") not in (None, info["pid"]) and info["statename"] == "RUNNING":
+            stats = {**stats, "stale": True}
+        row.update(
+            {
+                "received": stats.get("received", 0),
+                "sent": stats.get("sent", 0),
+                "errors": stats.get("errors", 0),
+                "dropped": stats.get("dropped", 0),
+                "current_run": stats.get("current_run"),
+                "links": stats.get("links", []),
+                "runs": stats.get("runs", []),
+            }
+        )
+        rows.append(row)
+    return rows
+
+
+def scale(topology: Topology, stage: str, count: int, timeout: float = 120.0) -> tuple[int, int]:
+    """Set a running stage's worker count; every other process keeps running.
+
+    Removed workers (highest index first) drain before they exit. The count is
+    recorded in run_dir so the next ``up`` renders it. Returns (old, new)."""
+    spec = topology.stage(stage)
+    if count < 1:
+        msg = f"{topology.path}: [stage:{stage}] workers must be >= 1, not {count}"
+        raise ConfigError(msg)
+    if not spec.scalable:
+        msg = (
+            f"{topology.path}: [stage:{stage}] cannot be scaled: it is a single process that "
+            "binds its links (set scalable = true, or give it workers > 1, and re-run up)"
+        )
+        raise ConfigError(msg)
+    old = worker_count(topology, stage)
+    record_workers(topology, stage, count)
+    if not is_running(topology):
+        return old, count
+    server = rpc(topology)
+    chain = spec.chain
+    current = sorted(
+        split_process_name(i["name"])[1]
+        for i in server.supervisor.getAllProcessInfo()
+        if i["group"] == chain and split_process_name(i["name"])[0] == stage
+    )
+    for index in range(count):
+        if index not in current:
+            name = server.arroyo.addWorker(chain, stage, index)
+            server.supervisor.startProcess(f"{chain}:{name}", True)
+    for index in [i for i in current if i >= count]:
+        name = f"{chain}:{process_name(stage, index)}"
+        with contextlib.suppress(xmlrpc.client.Fault):  # already stopped
+            server.supervisor.stopProcess(name, True)
+        server.arroyo.removeWorker(chain, process_name(stage, index))
+    return old, count
