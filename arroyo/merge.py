@@ -102,8 +102,11 @@ class RunMerger:
         if who in run.stops:
             return
         run.stops[who] = stop
-        run.expected |= set(stop.routing.get("w") or [who])
         run.expected_events += int(stop.routing.get("n", 0))
+        if stop.routing.get("partial"):
+            # A worker that left mid-run: its share is done, but the run is not.
+            return
+        run.expected |= set(stop.routing.get("w") or [who])
 
     def _apply(self, run: _Run, who: str, size: int, message: Message) -> list[Item]:
         if isinstance(message, Start):
