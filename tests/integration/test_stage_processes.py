@@ -110,7 +110,7 @@ def test_sigterm_sources_first_loses_nothing(topo, stages, tmp_path):
     assert all(c == 0 for c in codes.values()), stages.dump()
     runs = runs_of(read_jsonl(out))
     assert len(runs) == 1
-    run, n, stop = runs[0]
+    _run, n, stop = runs[0]
     assert stop["data"].get("interrupted") is True
     assert n == stop["seq"] > 2000, f"sink got {n} events, source emitted {stop['seq']}"
 
