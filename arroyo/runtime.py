@@ -62,7 +62,9 @@ class LinkPublisher(Publisher):
         self.give_up = give_up
 
     def publish(self, message: Message) -> None:
-        if not self.end.send(message, self.give_up):
+        # A PUB end counts its own drops (pub_full); a credit end only fails to send
+        # when a stopping stage gives up waiting for a receiver.
+        if not self.end.send(message, self.give_up) and isinstance(self.end, CreditSender):
             self.end.counters.drop("undeliverable")
 
 
