@@ -59,8 +59,16 @@ def positive_int(text: str) -> int:
 
 def non_negative(text: str) -> float:
     value = number(text)
-    if value < 0:
+    if not value >= 0:  # also rejects nan
         msg = "expected a number >= 0"
+        raise ValueError(msg)
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = integer(text)
+    if value < 0:
+        msg = "expected an integer >= 0"
         raise ValueError(msg)
     return value
 

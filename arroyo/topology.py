@@ -161,18 +161,54 @@ def _read_ini(path: Path) -> configparser.ConfigParser:
         inline_comment_prefixes=(";", "#"),
         strict=True,
         empty_lines_in_values=False,
+        # No [DEFAULT] magic: its keys would leak into every section. "" can never be a
+        # section header, so a [DEFAULT] section is reported as an unknown section.
+        default_section="",
     )
     if not path.is_file():
         msg = f"{path}: no such topology file"
         raise TopologyError([msg])
     try:
-        with path.open(encoding="utf-8") as f:
-            parser.read_file(f)
-    except (configparser.Error, UnicodeDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        msg = f"{path}: [topology] not a valid INI file: not UTF-8 text (byte {e.start})"
+        raise TopologyError([msg]) from None
+    try:
+        parser.read_string(text, source=str(path))
+    except configparser.DuplicateSectionError as e:
+        msg = f"{path}: [{e.section}] duplicate section (line {e.lineno}): merge the two"
+        raise TopologyError([msg]) from None
+    except configparser.DuplicateOptionError as e:
+        msg = f"{path}: [{e.section}] {e.option}: duplicate key (line {e.lineno})"
+        raise TopologyError([msg]) from None
+    except configparser.MissingSectionHeaderError as e:
+        msg = (
+            f"{path}: [topology] not a valid INI file: line {e.lineno} comes before any "
+            f"[section] header: {e.line.strip()!r}"
+        )
+        raise TopologyError([msg]) from None
+    except configparser.ParsingError as e:
+        lines = text.splitlines()
+        msgs = [
+            f"{path}: [{_section_at(lines, lineno)}] not a valid INI line {lineno}: "
+            f"{lines[lineno - 1].strip()!r} (expected key = value)"
+            for lineno, _ in e.errors
+        ]
+        raise TopologyError(msgs) from None
+    except configparser.Error as e:
         first = str(e).splitlines()[0]
-        msg = f"{path}: not a valid INI file: {first}"
+        msg = f"{path}: [topology] not a valid INI file: {first}"
         raise TopologyError([msg]) from None
     return parser
+
+
+def _section_at(lines: list[str], lineno: int) -> str:
+    """The section header in force at 1-based ``lineno`` (``topology`` before any)."""
+    for line in reversed(lines[: lineno - 1]):
+        m = configparser.ConfigParser.SECTCRE.match(line.strip())
+        if m:
+            return m.group("header")
+    return "topology"
 
 
 def import_class(path: str) -> type:
@@ -318,7 +354,7 @@ _SETTING_CONVERTERS: dict[str, convert.Converter] = {
     "drain_timeout": convert.non_negative,
     "priority": convert.integer,
     "stopwaitsecs": convert.positive_int,
-    "startsecs": lambda t: int(convert.non_negative(t)),
+    "startsecs": convert.non_negative_int,
     "autorestart": lambda t: convert._literal(("true", "false", "unexpected"))(t.lower()),
     "environment": lambda t: _environment(t),
 }
@@ -360,7 +396,11 @@ def _read_stage(
         else:
             base = ROLE_BASES.get(role)
             if base is not None and not issubclass(cls, base):
-                bad("class", class_path, f"is not a {base.__name__} (required for role {role})")
+                bad(
+                    "class",
+                    class_path,
+                    f"is not a subclass of {base.__name__} (required for role {role})",
+                )
             options = convert_options(cls, raw_options, bad)
     try:
         workers = convert.positive_int(values.get("workers", "1"))
@@ -383,8 +423,8 @@ def _read_stage(
     inputs = _parse_inputs(section, values.get("input", ""), problems)
     if role == "listener" and inputs:
         bad("input", values["input"], "a listener takes no input from other stages")
-    if role in ("operator", "publisher") and not inputs and "input" not in values:
-        bad("input", None, f"missing: a {role} needs at least one input stage")
+    if role in ("operator", "publisher") and not values.get("input", "").strip():
+        bad("input", None, f"missing: every {role} needs at least one input stage")
     if not role or not class_path:
         return None
     return _Draft(name, section, role, class_path, options, inputs, workers, scalable, settings)  # type: ignore[arg-type]
@@ -398,7 +438,7 @@ def _find_cycle(drafts: dict[str, _Draft]) -> list[str] | None:
         state[name] = 1
         stack.append(name)
         for up, _, _ in drafts[name].inputs:
-            if up not in drafts:
+            if up not in drafts or up == name:  # a self-loop is reported on its own
                 continue
             if state.get(up) == 1:
                 return [*stack[stack.index(up) :], up]
@@ -461,6 +501,7 @@ def load(path: str | os.PathLike[str]) -> Topology:
     topo_values: dict[str, str] = {}
     chain_values: dict[str, tuple[str, dict[str, str]]] = {}
     drafts: dict[str, _Draft] = {}
+    declared: set[str] = set()  # every [stage:NAME], also those too broken to draft
     for section, kind, name in _sections(parser, problems):
         values = dict(parser.items(section))
         known = {"topology": TOPOLOGY_KEYS, "chain": CHAIN_KEYS}.get(kind)
@@ -473,6 +514,7 @@ def load(path: str | os.PathLike[str]) -> Topology:
         elif kind == "chain":
             chain_values[name] = (section, values)
         else:
+            declared.add(name)
             draft = _read_stage(section, name, values, problems)
             if draft is not None:
                 drafts[name] = draft
@@ -490,8 +532,8 @@ def load(path: str | os.PathLike[str]) -> Topology:
     if not parser.sections() or not [s for s in parser.sections() if s.startswith("stage:")]:
         problems.add("topology", "no [stage:NAME] sections: a topology needs at least one stage")
 
-    chains = _resolve_chains(name, chain_values, drafts, problems)
-    _check_inputs(drafts, problems)
+    chains = _resolve_chains(name, chain_values, drafts, declared, problems)
+    _check_inputs(drafts, declared, problems)
     cycle = _find_cycle(drafts)
     if cycle:
         problems.add(drafts[cycle[0]].section, "cycle: " + " -> ".join(reversed(cycle)), "input")
@@ -521,6 +563,7 @@ def _resolve_chains(
     topo_name: str,
     chain_values: dict[str, tuple[str, dict[str, str]]],
     drafts: dict[str, _Draft],
+    declared: set[str],
     problems: _Problems,
 ) -> dict[str, str]:
     """Map each stage to its chain; a topology without chains is one chain."""
@@ -537,7 +580,10 @@ def _resolve_chains(
                     section, f"stage {member!r} is already in chain {owner[member]!r}", "stages"
                 )
             elif member not in drafts:
-                problems.add(section, f"unknown stage {member!r}", "stages", values.get("stages"))
+                if member not in declared:  # a declared but broken stage is reported already
+                    problems.add(
+                        section, f"unknown stage {member!r}", "stages", values.get("stages")
+                    )
             else:
                 owner[member] = chain
     for name, draft in drafts.items():
@@ -548,12 +594,13 @@ def _resolve_chains(
     return owner
 
 
-def _check_inputs(drafts: dict[str, _Draft], problems: _Problems) -> None:
+def _check_inputs(drafts: dict[str, _Draft], declared: set[str], problems: _Problems) -> None:
     for draft in drafts.values():
         seen: set[str] = set()
         for up, pattern, _ in draft.inputs:
             if up not in drafts:
-                problems.add(draft.section, f"unknown stage {up!r}", "input")
+                if up not in declared:  # a declared but broken stage is reported already
+                    problems.add(draft.section, f"unknown stage {up!r}", "input")
             elif up == draft.name:
                 problems.add(draft.section, "a stage cannot take its own output", "input")
             elif drafts[up].role == "publisher":
@@ -588,6 +635,13 @@ def _resolve_links(
         for up, pattern, endpoint in draft.inputs:
             if drafts[up].scalable and draft.scalable:
                 device = f"{up}__{draft.name}"
+                if device in drafts:
+                    problems.add(
+                        draft.section,
+                        f"the forwarding device between {up} and {draft.name} needs the name "
+                        f"{device!r}, which a stage already has: rename that stage",
+                        "input",
+                    )
                 drafts[device] = _Draft(
                     device,
                     draft.section,
