@@ -27,6 +27,7 @@ from arroyo.merge import RunMerger
 from arroyo.message import Event, Message, Start, Stop
 from arroyo.stage import Listener, Operator, PassThrough, Publisher, outputs_of
 from arroyo.stats import RunReport, StageCounters
+from arroyo.stats import enabled as stats_enabled
 from arroyo.topology import StageSpec, Topology
 
 log = logging.getLogger("arroyo.stage")
@@ -75,6 +76,7 @@ class StageOperator(Operator):
         self.inner = inner
         self.runtime = runtime
         self.out_events: dict[int, int] = defaultdict(int)
+        self.timed = stats_enabled()
 
     def process(self, message: Message) -> Any:
         return self.inner.process(message)
@@ -83,7 +85,7 @@ class StageOperator(Operator):
         rt = self.runtime
         if isinstance(message, Start):
             rt.counters.current_run = message.run
-        t0 = time.perf_counter_ns()
+        t0 = time.perf_counter_ns() if self.timed else 0
         try:
             outputs = outputs_of(self.inner.process(message), message)
         except Exception as e:
@@ -100,7 +102,8 @@ class StageOperator(Operator):
                 msg = f"on_error = stop: {type(e).__name__}: {e}"
                 raise StageFailed(msg) from e
             return []
-        rt.counters.process_ns.append(time.perf_counter_ns() - t0)
+        if self.timed:
+            rt.counters.process_ns.append(time.perf_counter_ns() - t0)
         for out in outputs:
             self._account(out)
             for publisher in self.publishers:

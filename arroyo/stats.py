@@ -11,10 +11,16 @@ Counting is a few integer additions on the hot path; a reader thread snapshots t
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
+
+
+def enabled() -> bool:
+    """Counters can be switched off (``ARROYO_STATS=0``) to measure what they cost."""
+    return os.environ.get("ARROYO_STATS", "1") != "0"
 
 
 @dataclass
@@ -96,7 +102,7 @@ class StageCounters:
     started: float = field(default_factory=time.time)
 
     def link(self, name: str, direction: str) -> LinkCounters:
-        counters = LinkCounters(name, direction)
+        counters = LinkCounters(name, direction) if enabled() else NullLinkCounters(name, direction)
         self.links.append(counters)
         return counters
 
@@ -118,3 +124,10 @@ class StageCounters:
             "process_ms_p99": (times[int(len(times) * 0.99)] / 1e6) if times else 0.0,
             "runs": [r.snapshot() for r in self.runs],
         }
+
+
+class NullLinkCounters(LinkCounters):
+    """Counts nothing (``ARROYO_STATS=0``); drops are still counted."""
+
+    def count(self, size: int) -> None:
+        pass
