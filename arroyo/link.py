@@ -27,7 +27,7 @@ import os
 import socket as pysocket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgpack
@@ -95,6 +95,11 @@ def open_socket(
     sock.linger = 5000
     if routing_id:
         sock.setsockopt(zmq.ROUTING_ID, routing_id.encode())
+    if kind in (zmq.ROUTER, zmq.DEALER):
+        # Credit already bounds what is queued (set before bind/connect: pipes copy the
+        # HWM when they are made); a HWM here could only refuse a Start or Stop.
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
     mon = sock.get_monitor_socket(zmq.EVENT_CONNECTED) if monitor else None
     try:
         if bind:
@@ -125,7 +130,6 @@ class Peer:
     eos: bool = False  # it said EOS (or ACK): it will send nothing more
     pending_msgs: int = 0  # receiver side: consumed but not yet returned as CREDIT
     pending_bytes: int = 0
-    runs: set[tuple[str, int]] = field(default_factory=set)
 
     def has_credit(self, size: int) -> bool:
         if self.away or self.inflight_msgs >= self.window_msgs:
@@ -156,6 +160,7 @@ class LinkEnd:
         )
         if kind == zmq.ROUTER:
             self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+
         self.peers: dict[str, Peer] = {}
         self.welcomed = bind  # a connector is welcomed once the binder answered its HELLO
         self._hello_at = 0.0
@@ -218,6 +223,7 @@ class CreditSender(LinkEnd):
         super().__init__(ctx, link, me, bind, zmq.ROUTER if bind else zmq.DEALER, counters)
         self.stopping = False  # while stopping, a BYE is not acknowledged: our EOS follows
         self.current_start: Message | None = None
+        self.run_members: dict[tuple[str, int], set[str]] = {}  # who got each open run's Start
         self._rr = 0
 
     # -- control ---------------------------------------------------------------------
@@ -247,7 +253,8 @@ class CreditSender(LinkEnd):
                 # A worker that joins mid-run needs the run's Start before its events.
                 start = self.current_start
                 if self._send_to(key, start, wire.encode(start)):
-                    peer.runs.add((str(start.routing.get("o", "")), start.run))
+                    run_key = (str(start.routing.get("o", "")), start.run)
+                    self.run_members.setdefault(run_key, set()).add(key)
             log.info("link %s: receiver %s joined", self.link.name, key)
         elif verb == CREDIT and key in self.peers:
             peer = self.peers[key]
@@ -314,7 +321,7 @@ class CreditSender(LinkEnd):
                     self._rr = (self._rr + i + 1) % max(n, 1)
                     peer.inflight_msgs += 1
                     peer.inflight_bytes += size
-                    self.counters.count(size)
+                    self.counters.count(size, True)
                     return True
             if give_up():
                 return False
@@ -331,18 +338,19 @@ class CreditSender(LinkEnd):
         if isinstance(message, Start):
             self.current_start = message
         if self.bind and isinstance(message, Stop):
-            # Every worker that saw this run's Start must send its Stop downstream.
-            got = sorted(p.id for p in self.peers.values() if run_key in p.runs)
+            # Every worker that saw this run's Start must send its Stop downstream, and
+            # one that died meanwhile must be waited for (or found dead) there too.
+            got = sorted(self.run_members.pop(run_key, set()))
             routing = {**message.routing, "w": got or [p.id for p in self._live()]}
             frames = wire.encode(replace(message, routing=routing))
             self.current_start = None
+        members = (
+            self.run_members.setdefault(run_key, set()) if isinstance(message, Start) else None
+        )
         for peer in self._live():
-            if self._send_to(peer.id, message, frames):
-                if isinstance(message, Start):
-                    peer.runs.add(run_key)
-                else:
-                    peer.runs.discard(run_key)
-        self.counters.count(size)
+            if self._send_to(peer.id, message, frames) and members is not None:
+                members.add(peer.id)
+        self.counters.count(size, False)
         return True
 
     def close(self, linger_ms: int = 5000) -> None:
@@ -507,7 +515,7 @@ class PubSender(LinkEnd):
         except zmq.Again:
             self.counters.drop("pub_full")
             return False
-        self.counters.count(size)
+        self.counters.count(size, isinstance(message, Event))
         return True
 
     def close(self, linger_ms: int = 1000) -> None:

@@ -373,7 +373,7 @@ class StageProcess:
                 )
                 end.consumed(sender, size)
                 continue
-            end.counters.count(size)
+            end.counters.count(size, isinstance(message, Event))
             for who, sz, msg in merger.push(sender, message, size):
                 self._dispatch(end, op, who, sz, msg)
         return bool(items)
@@ -414,6 +414,7 @@ class StatsWriter(threading.Thread):
         self.path = (
             process.topology.run_dir / "stats" / f"{process.spec.name}.{process.worker}.json"
         )
+        self._last: tuple[float, int, int] | None = None
 
     def run(self) -> None:
         while not self.done.wait(self.interval):
@@ -423,6 +424,13 @@ class StatsWriter(threading.Thread):
         snap = self.process.counters.snapshot()
         snap["pid"] = os.getpid()
         snap["id"] = self.process.me
+        now = time.monotonic()
+        if self._last is not None:
+            t0, rx, tx = self._last
+            dt = max(now - t0, 1e-6)
+            snap["rate_in"] = (snap["received"] - rx) / dt
+            snap["rate_out"] = (snap["sent"] - tx) / dt
+        self._last = (now, snap["received"], snap["sent"])
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")

@@ -29,12 +29,14 @@ class LinkCounters:
 
     name: str
     direction: str  # "in" or "out"
-    messages: int = 0
+    messages: int = 0  # every message, Start/Stop included
+    events: int = 0
     bytes: int = 0
     drops: Counter[str] = field(default_factory=Counter)
 
-    def count(self, size: int) -> None:
+    def count(self, size: int, event: bool = True) -> None:
         self.messages += 1
+        self.events += event
         self.bytes += size
 
     def drop(self, reason: str, n: int = 1) -> None:
@@ -45,6 +47,7 @@ class LinkCounters:
             "link": self.name,
             "direction": self.direction,
             "messages": self.messages,
+            "events": self.events,
             "bytes": self.bytes,
             "dropped": dict(self.drops),
         }
@@ -65,13 +68,20 @@ class RunReport:
     def complete(self) -> bool:
         return not self.missing_workers and self.received == self.expected
 
+    @property
+    def missing(self) -> int:
+        """Events lost on the way. When a worker died its share is unknown, so the
+        source's count is the reference (exact for chains that do not filter)."""
+        reference = self.emitted if self.missing_workers else self.expected
+        return max(0, reference - self.received)
+
     def line(self) -> str:
         state = "complete" if self.complete else "INCOMPLETE"
         text = f"run {self.run}: {self.received}/{self.expected} events ({state}"
         if self.emitted != self.expected:
             text += f"; source emitted {self.emitted}"
         if self.missing_workers:
-            text += f"; no Stop from {', '.join(self.missing_workers)}"
+            text += f"; {self.missing} missing; no Stop from {', '.join(self.missing_workers)}"
         return text + ")"
 
     def snapshot(self) -> dict[str, Any]:
@@ -82,7 +92,7 @@ class RunReport:
             "expected": self.expected,
             "emitted": self.emitted,
             "complete": self.complete,
-            "missing": max(0, self.expected - self.received),
+            "missing": self.missing,
             "missing_workers": self.missing_workers,
         }
 
@@ -114,8 +124,9 @@ class StageCounters:
             "time": time.time(),
             "started": self.started,
             "links": [c.snapshot() for c in self.links],
-            "received": sum(c.messages for c in self.links if c.direction == "in"),
-            "sent": sum(c.messages for c in self.links if c.direction == "out"),
+            # events only: a Start/Stop is broadcast to every worker and merged after
+            "received": sum(c.events for c in self.links if c.direction == "in"),
+            "sent": sum(c.events for c in self.links if c.direction == "out"),
             "errors": self.errors,
             "dropped": sum(self.drops.values()) + sum(sum(c.drops.values()) for c in self.links),
             "drops": dict(self.drops),
@@ -129,5 +140,5 @@ class StageCounters:
 class NullLinkCounters(LinkCounters):
     """Counts nothing (``ARROYO_STATS=0``); drops are still counted."""
 
-    def count(self, size: int) -> None:
+    def count(self, size: int, event: bool = True) -> None:
         pass
