@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from arroyo.cli import TOPOLOGY, main, user_errors
+from arroyo.stats import link_totals
 from arroyo.topology import Topology, load
 
 
@@ -81,7 +82,7 @@ def status_table(
     )
     lines = [head]
     for r in rows:
-        rin, rout = rates.get((r["stage"], r["worker"]), (0.0, 0.0))
+        rin, rout = rates.get((r["stage"], r["worker"]), (r["rate_in"], r["rate_out"]))
         flag = " !" if (r["errors"] or r["dropped"]) else ""
         cpu = f"{r['cpu_percent']:.0f}" if r["cpu_percent"] is not None else "-"
         lines.append(
@@ -90,6 +91,23 @@ def status_table(
             f"{_fmt_bytes(r['rss_bytes']):>6} {rin:>8.0f} {rout:>8.0f} {r['received']:>9} "
             f"{r['sent']:>9} {r['errors']:>5} {r['dropped']:>5} {r['current_run'] or '-'}{flag}"
         )
+    totals = link_totals(rows)
+    if totals:
+        lines.append("")
+        lines.append(f"{'LINK':<32} {'SENT':>10} {'RECEIVED':>10} {'DIFF':>8} DROPS")
+        for t in totals:
+            drops = ", ".join(f"{k}={v}" for k, v in t["dropped"].items()) or "-"
+            lines.append(
+                f"{t['link']:<32} {t['sent']:>10} {t['received']:>10} {t['difference']:>8} {drops}"
+            )
+    runs = [(r["stage"], run) for r in rows for run in r["runs"][-3:]]
+    if runs:
+        lines.append("")
+        for stage, run in runs:
+            state = "complete" if run["complete"] else f"INCOMPLETE, {run['missing']} missing"
+            lines.append(
+                f"{stage}: run {run['run']}: {run['received']}/{run['expected']} ({state})"
+            )
     return "\n".join(lines)
 
 
@@ -141,7 +159,9 @@ def top(topology: str, interval: float, count: int) -> None:
             if tty:
                 click.clear()
                 table = "\n".join(
-                    click.style(line, fg="red") if line.endswith(" !") else line
+                    click.style(line, fg="red")
+                    if line.endswith(" !") or "INCOMPLETE" in line
+                    else line
                     for line in table.splitlines()
                 )
             click.echo(f"arroyo top {topo.name}  {time.strftime('%H:%M:%S')}\n{table}")
@@ -191,3 +211,23 @@ def logs(topology: str, stage: str, worker: int, follow: bool) -> None:
                 click.echo(line, nl=False)
             else:
                 time.sleep(0.2)
+
+
+@main.command()
+@TOPOLOGY
+@click.option("--host", default="127.0.0.1", show_envvar=True, help="Address to listen on.")
+@click.option("--port", type=int, default=9464, show_envvar=True, help="Port (0: any free).")
+@user_errors
+def metrics(topology: str, host: str, port: int) -> None:
+    """Serve Prometheus text-format metrics for TOPOLOGY at /metrics until Ctrl-C."""
+    from arroyo.metrics import serve
+
+    server = serve(_load(topology), host, port)
+    addr, bound = server.server_address[0], server.server_address[1]
+    click.echo(f"serving http://{addr!s}:{bound}/metrics")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

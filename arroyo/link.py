@@ -510,12 +510,20 @@ class PubSender(LinkEnd):
             message = replace(message, routing={**message.routing, "s": self.me})
         frames = wire.encode(message)
         size = wire.frames_nbytes(frames)
-        try:
-            self.socket.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            self.counters.drop("pub_full")
-            return False
-        self.counters.count(size, isinstance(message, Event))
+        is_event = isinstance(message, Event)
+        while True:
+            try:
+                self.socket.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                # Events are dropped (and counted) when the subscriber is full; a run's
+                # Start and Stop wait for room, so a lossy run is still a whole run.
+                if is_event or give_up():
+                    self.counters.drop("pub_full")
+                    return False
+                self.socket.poll(100, zmq.POLLOUT)
+                self.service()
+        self.counters.count(size, is_event)
         return True
 
     def close(self, linger_ms: int = 1000) -> None:

@@ -142,3 +142,23 @@ class NullLinkCounters(LinkCounters):
 
     def count(self, size: int, event: bool = True) -> None:
         pass
+
+
+def link_totals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per link: events sent by the upstream processes, received by the downstream
+    ones, the difference, and drops by reason (from ``arroyo status`` rows)."""
+    totals: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        for link in row.get("links", []):
+            t = totals.setdefault(
+                link["link"], {"link": link["link"], "sent": 0, "received": 0, "dropped": {}}
+            )
+            if link["direction"] == "out":
+                t["sent"] += link.get("events", 0)
+            else:
+                t["received"] += link.get("events", 0)
+            for reason, n in link.get("dropped", {}).items():
+                t["dropped"][reason] = t["dropped"].get(reason, 0) + n
+    for t in totals.values():
+        t["difference"] = t["sent"] - t["received"]
+    return list(totals.values())

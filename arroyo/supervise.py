@@ -375,6 +375,11 @@ def status_rows(topology: Topology) -> list[dict[str, Any]]:
                 "errors": stats.get("errors", 0),
                 "dropped": stats.get("dropped", 0),
                 "current_run": stats.get("current_run"),
+                "rate_in": stats.get("rate_in", 0.0) if info["statename"] == "RUNNING" else 0.0,
+                "rate_out": stats.get("rate_out", 0.0) if info["statename"] == "RUNNING" else 0.0,
+                "drops": stats.get("drops", {}),
+                "process_ms_mean": stats.get("process_ms_mean", 0.0),
+                "process_ms_p99": stats.get("process_ms_p99", 0.0),
                 "links": stats.get("links", []),
                 "runs": stats.get("runs", []),
             }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +67,14 @@ class JsonLinesLog(Publisher):
 
 
 class Discard(Publisher):
-    """Counts and drops everything (for benchmarks)."""
+    """Counts and drops everything (for benchmarks); ``delay_ms`` makes it a slow
+    consumer (for testing backpressure and PUB drops)."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay_ms: float = 0.0) -> None:
         self.count = 0
+        self.delay = delay_ms / 1000
 
     def publish(self, message: Message) -> None:
         self.count += 1
+        if self.delay:
+            time.sleep(self.delay)
