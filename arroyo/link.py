@@ -44,6 +44,7 @@ log = logging.getLogger("arroyo.link")
 
 HELLO, WELCOME, CREDIT, EOS, BYE, ACK = (b"\x00H", b"\x00W", b"\x00C", b"\x00E", b"\x00B", b"\x00A")
 SUB_PREFIX = b"\x00sub:"
+SERVICE_INTERVAL = 0.001  # s: how stale a sender's view of credit and peers may get
 HOST = pysocket.gethostname()
 
 
@@ -75,9 +76,33 @@ def _bytes(frame: Any) -> bytes:
     return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
 
 
+def _control_payload(rest: list[Any]) -> dict[str, Any] | None:
+    """The msgpack map of a control message; None if it is not one (a bad peer)."""
+    if not rest:
+        return {}
+    try:
+        payload = msgpack.unpackb(_bytes(rest[0]), raw=False, strict_map_key=False)
+    except Exception:  # any garbage from the network: counted by the caller
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
 def _socket_path(endpoint: str) -> None:
-    if endpoint.startswith("ipc://"):
-        os.makedirs(os.path.dirname(endpoint[len("ipc://") :]), exist_ok=True)
+    """Make the ipc socket's folder, and refuse a path another process listens on
+    (zmq would silently take the path over)."""
+    if not endpoint.startswith("ipc://"):
+        return
+    path = endpoint[len("ipc://") :]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    probe = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return  # nobody there (or a stale file from a killed process): ours to bind
+    finally:
+        probe.close()
+    msg = f"{path} is in use by another process"
+    raise zmq.ZMQError(zmq.EADDRINUSE, msg)
 
 
 def open_socket(
@@ -107,7 +132,7 @@ def open_socket(
             sock.bind(endpoint)
         else:
             sock.connect(endpoint)
-    except zmq.ZMQError as e:
+    except (zmq.ZMQError, OSError) as e:
         if mon is not None:
             mon.close(0)
         sock.close(0)
@@ -224,6 +249,8 @@ class CreditSender(LinkEnd):
         self.stopping = False  # while stopping, a BYE is not acknowledged: our EOS follows
         self.current_start: Message | None = None
         self.run_members: dict[tuple[str, int], set[str]] = {}  # who got each open run's Start
+        self._serviced_at = 0.0
+        self._checked_at = 0.0
         self._rr = 0
 
     # -- control ---------------------------------------------------------------------
@@ -234,14 +261,19 @@ class CreditSender(LinkEnd):
             self._send_control(None, HELLO, self._hello_payload())
         while (item := self._recv()) is not None:
             peer_id, frames = item
-            verb = _bytes(frames[0])
-            payload = msgpack.unpackb(_bytes(frames[1])) if len(frames) > 1 else {}
-            self._control(peer_id, verb, payload)
-        if self.bind:
+            payload = _control_payload(frames[1:])
+            if payload is None or not _is_control(frames[0]):
+                self.counters.drop("bad_control")
+                continue
+            self._control(peer_id, _bytes(frames[0]), payload)
+        now = time.monotonic()
+        if self.bind and now - self._checked_at > 0.5:
+            # a pid lookup per peer costs microseconds: not on every message
+            self._checked_at = now
             self._forget_dead()
 
     def _control(self, peer_id: str, verb: bytes, payload: dict[str, Any]) -> None:
-        key = peer_id if self.bind else payload.get("id") or next(iter(self.peers), "")
+        key = peer_id if self.bind else str(payload.get("id") or next(iter(self.peers), ""))
         if verb in (HELLO, WELCOME):
             self.welcomed = True
             peer = Peer(key, payload.get("wm", 0), payload.get("wb", 0))
@@ -304,9 +336,16 @@ class CreditSender(LinkEnd):
         because ``give_up()`` said so while waiting."""
         frames = wire.encode(message)
         size = wire.frames_nbytes(frames)
-        self.service()
         if isinstance(message, Event):
+            # Reading control costs two failed non-blocking receives: for events, at
+            # most once per SERVICE_INTERVAL (a sender out of credit services while it
+            # waits anyway).
+            now = time.monotonic()
+            if now - self._serviced_at >= SERVICE_INTERVAL:
+                self._serviced_at = now
+                self.service()
             return self._send_event(message, frames, size, give_up)
+        self.service()
         return self._broadcast(message, frames, size, give_up)
 
     def _send_event(
@@ -408,10 +447,13 @@ class CreditReceiver(LinkEnd):
         return next(iter(self.peers), "?")
 
     def _control(self, peer_id: str, verb: bytes, rest: list[Any]) -> None:
-        payload = msgpack.unpackb(_bytes(rest[0])) if rest else {}
+        payload = _control_payload(rest)
+        if payload is None:
+            self.counters.drop("bad_control")
+            return
         if verb in (HELLO, WELCOME):
             self.welcomed = True
-            key = payload.get("id", peer_id)
+            key = str(payload.get("id", peer_id))
             if not self.bind:
                 self.peers = {}
             self.peers[key] = Peer(key)
@@ -421,16 +463,18 @@ class CreditReceiver(LinkEnd):
                     self._send_control(peer_id, BYE)
             log.info("link %s: sender %s joined", self.link.name, key)
             return
+        if verb not in (EOS, ACK):
+            self.counters.drop("bad_control")  # a receiver is never sent anything else
+            return
         key = peer_id if self.bind else self._single_peer()
         peer = self.peers.setdefault(key, Peer(key))
-        if verb in (EOS, ACK):
-            peer.eos = True
-            log.info(
-                "link %s: sender %s finished (%s)",
-                self.link.name,
-                key,
-                "EOS" if verb == EOS else "ACK",
-            )
+        peer.eos = True
+        log.info(
+            "link %s: sender %s finished (%s)",
+            self.link.name,
+            key,
+            "EOS" if verb == EOS else "ACK",
+        )
 
     def consumed(self, key: str, size: int) -> None:
         """Return credit for one consumed message (batched)."""

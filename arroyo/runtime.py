@@ -259,7 +259,11 @@ class StageProcess:
         stats = StatsWriter(self)
         stats.start()
         try:
-            self._open_links()
+            try:
+                self._open_links()
+            except OSError as e:
+                msg = f"stage {self.spec.name}: {e}"
+                raise ConfigError(msg) from e
             op = self._chain(user)
             for p in op.publishers:
                 p.setup()

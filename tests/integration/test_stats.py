@@ -188,7 +188,7 @@ def test_prometheus_endpoint(sup):
                 else None
             )
 
-        body = wait_for(scraped, timeout=15)
+        body = wait_for(scraped, timeout=40)
         sent = [
             line
             for line in body.splitlines()
