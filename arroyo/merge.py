@@ -70,23 +70,51 @@ class RunMerger:
         if not self.fan_in:
             return self._pass(sender, message, size)
         who = message.routing.get("s") or sender
+        adopted: list[Item] = []
         if isinstance(message, Start | Stop):
             origin = str(message.routing.get("o", ""))
             self.sender_origin[who] = origin
+            adopted = self._adopt(origin, message.run)
         elif message.run == 0:
             return [(sender, size, message)]  # events outside any run pass straight on
+        elif who in self.sender_origin:
+            origin = self.sender_origin[who]
         else:
-            origin = self.sender_origin.get(who, "")
+            # Events from a sender whose Start we have not seen (we restarted, or its
+            # queue outlived our predecessor): file them with the run of that number.
+            origin = next((o for o, r in self.runs if r == message.run), "")
         key = (origin, message.run)
         run = self.runs.setdefault(key, _Run())
         if isinstance(message, Start) and not run.started and run.prev is _UNSET:
             run.prev = message.routing.get("p")
         if key == self.current:
-            return self._apply(run, who, size, message) + self._advance()
+            return adopted + self._apply(run, who, size, message) + self._advance()
         run.held.append((who, size, message))
         if isinstance(message, Stop):
             self._note_stop(run, who, message)
-        return self._advance()
+        return adopted + self._advance()
+
+    def _adopt(self, origin: str, run_id: int) -> list[Item]:
+        """Merge a run filed without its origin into the run the origin now names."""
+        orphan = ("", run_id)
+        if not origin or orphan not in self.runs:
+            return []
+        key = (origin, run_id)
+        if key not in self.runs:
+            # re-key in place, keeping the run's position in the queue
+            self.runs = {(key if k == orphan else k): v for k, v in self.runs.items()}
+            if self.current == orphan:
+                self.current = key
+            return []
+        run = self.runs.pop(orphan)
+        target = self.runs[key]
+        target.events += run.events
+        target.started |= run.started
+        target.held.extend(run.held)
+        if self.current == orphan:
+            self.current = key
+            return self._replay(key)
+        return []
 
     def _pass(self, sender: str, message: Message, size: int) -> list[Item]:
         key = (str(message.routing.get("o", "")), message.run)
@@ -186,7 +214,7 @@ class RunMerger:
             report.missing_workers = ["source (died)"]
         self.on_report(report)
         data = dict(last.data) if last else {"interrupted": True}
-        if missing:
+        if report.missing_workers or report.missing:
             data["incomplete"] = True
         routing: dict[str, Any] = {"o": key[0], "n": run.events}
         stop = Stop(data=data, run=key[1], seq=report.emitted, routing=routing)

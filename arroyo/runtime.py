@@ -83,8 +83,6 @@ class StageOperator(Operator):
 
     def handle(self, message: Message) -> list[Message]:
         rt = self.runtime
-        if isinstance(message, Start):
-            rt.counters.current_run = message.run
         t0 = time.perf_counter_ns() if self.timed else 0
         try:
             outputs = outputs_of(self.inner.process(message), message)
@@ -105,6 +103,8 @@ class StageOperator(Operator):
         if self.timed:
             rt.counters.process_ns.append(time.perf_counter_ns() - t0)
         for out in outputs:
+            if isinstance(out, Start):
+                rt.counters.current_run = out.run
             self._account(out)
             for publisher in self.publishers:
                 try:
@@ -129,9 +129,10 @@ class StageOperator(Operator):
 class SourceOperator(Operator):
     """At a listener stage: stamps run ids, sequence numbers and the run's origin."""
 
-    def __init__(self, me: str) -> None:
+    def __init__(self, me: str, last_run: int = 0, on_start: Any = None) -> None:
         self.me = me
-        self.next_run = 1
+        self.next_run = last_run + 1
+        self.on_start = on_start
         self.run: int = 0
         self.events = 0
         self.open: Start | None = None
@@ -150,6 +151,8 @@ class SourceOperator(Operator):
             message.seq = 0
             # "p" lets a merge downstream put runs back in order.
             message.routing = {"o": self.me, "p": previous}
+            if self.on_start is not None:
+                self.on_start(message.run)
             self.open = message
         elif isinstance(message, Event):
             message.run = self.run if self.open is not None else 0
@@ -232,7 +235,7 @@ class StageProcess:
         if self.spec.role == "operator":
             inner: Operator = user
         elif self.spec.role == "listener":
-            inner = SourceOperator(self.me)
+            inner = SourceOperator(self.me, self._last_run(), self._save_run)
         else:
             inner = PassThrough()
             publishers = [user]
@@ -240,6 +243,26 @@ class StageProcess:
         for p in publishers:
             op.add_publisher(p)
         return op
+
+    def _run_file(self) -> Path:
+        return stats_path(self.topology, self.spec.name, self.worker).with_suffix(".run")
+
+    def _last_run(self) -> int:
+        """The run id this source used last, so that run ids keep counting up across
+        restarts instead of starting at 1 again."""
+        try:
+            return int(self._run_file().read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def _save_run(self, run: int) -> None:
+        # one small write per run, before the Start leaves: a crash cannot reuse the id
+        try:
+            path = self._run_file()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(str(run))
+        except OSError as e:
+            log.warning("cannot record run id %d: %s", run, e)
 
     def request_stop(self, *_: Any) -> None:
         if not self.stop_requested.is_set():
