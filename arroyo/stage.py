@@ -101,7 +101,10 @@ class Listener(ABC):
     @property
     def stop_requested(self) -> threading.Event:
         """Set by ``stop()``; ``start()`` loops should check it between messages."""
-        return self.__dict__.setdefault("_stop_requested", threading.Event())
+        event = self.__dict__.get("_stop_requested")
+        if event is None:  # (not setdefault: that would build an Event on every call)
+            event = self.__dict__.setdefault("_stop_requested", threading.Event())
+        return event
 
     @property
     def stopping(self) -> bool:

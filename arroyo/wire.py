@@ -301,8 +301,10 @@ def decode(frames: Sequence[Frame]) -> Message:
 
 
 def frames_nbytes(frames: Sequence[Frame]) -> int:
-    """Total size of a frame list, for byte counters."""
+    """Total size of a frame list in bytes, for byte counters and credit."""
     total = 0
     for f in frames:
-        total += len(f.buffer) if hasattr(f, "buffer") else len(f)
+        # len() of a zmq.Frame, bytes or flat uint8 array is its size; a memoryview's
+        # len() counts items. (Asking a Frame for .buffer would build a memoryview.)
+        total += f.nbytes if type(f) is memoryview else len(f)
     return total
