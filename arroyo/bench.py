@@ -1,0 +1,181 @@
+"""Arroyo beside raw pyzmq, in one run (DESIGN §13): ``scripts/bench [--quick]``.
+
+Every measurement starts fresh processes, the reference and Arroyo one after the
+other for the same case, repeat after repeat, so machine noise hits both alike; the
+table shows medians. Receivers time a stream from its first to its last message.
+
+    one hop   raw PUSH -> PULL            vs  source stage -> sink stage
+    chain     raw PUSH -> relay -> PULL   vs  source -> PassThrough operator -> sink
+    scaling   source -> Burn operator at 1 and 2 workers -> sink
+    latency   paced 100 B stream: receive time - send time, both sides
+    peer      raw PUSH -> arroyopy's ZMQ listener (when it installs) vs raw PULL
+    counters  the one-hop 100 B case with ARROYO_STATS=1 and =0
+
+Child processes run in their own sessions and are killed (process group) on every
+way out, Ctrl-C included. The peer package is only ever installed into the virtual
+environment the bench runs in, never made a dependency of Arroyo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from arroyo import bench_report
+from arroyo.bench_run import KIB, MIB, SIZE_100B, Runner
+from arroyo.bench_suites import run_suites
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of everything one mode measures."""
+
+    mode: str
+    sizes: tuple[int, ...]
+    transports: tuple[str, ...]
+    repeats: int
+    max_msgs: int  # messages per throughput run, at most...
+    byte_budget: int  # ...and about this many payload bytes
+    suites: tuple[str, ...]
+    latency_rate: float = 10_000.0
+    latency_count: int = 30_000
+    scale_events: int = 1_000
+    scale_rounds: int = 150  # Burn rounds over a 64 KiB frame: about 3 ms of CPU
+    counter_repeats: int = 5
+
+    def count(self, size: int) -> int:
+        return max(100, min(self.max_msgs, self.byte_budget // size))
+
+
+ALL_SUITES = ("one_hop", "chain", "scaling", "latency", "peer", "counters")
+PLANS = {
+    "full": Plan("full", (SIZE_100B, 64 * KIB, MIB, 4 * MIB), ("ipc", "tcp"), 5, 200_000,
+                 2_000 * MIB, ALL_SUITES),
+    "quick": Plan("quick", (SIZE_100B, 64 * KIB, MIB), ("ipc",), 2, 30_000, 300 * MIB,
+                  ALL_SUITES, latency_count=10_000, scale_events=400, counter_repeats=2),
+    "smoke": Plan("smoke", (SIZE_100B,), ("ipc",), 1, 2_000, 2_000 * SIZE_100B,
+                  ("one_hop", "chain", "scaling", "latency", "counters"), latency_count=2_000,
+                  scale_events=100, scale_rounds=20, counter_repeats=1),
+}  # fmt: skip
+
+
+@contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so every ``finally`` (and child cleanup) runs."""
+
+    def handler(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def ensure_peer(allow_install: bool) -> str:
+    """'' when arroyopy can be imported (installing it into this venv if allowed),
+    else the reason why not."""
+    if importlib.util.find_spec("arroyopy") is not None:
+        return ""
+    if not allow_install:
+        return "arroyopy not installed (--no-install)"
+    if sys.prefix == sys.base_prefix:
+        return "arroyopy not installed, and the bench only installs into a virtualenv"
+    pins = Path(tempfile.mkdtemp()) / "pins.txt"
+    # The peer must not move the versions Arroyo itself runs on.
+    pins.write_text("".join(f"{p}=={v}\n" for p, v in bench_report.versions().items()))
+    print("installing arroyopy into", sys.prefix, file=sys.stderr)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "arroyopy", "-c", str(pins)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    except subprocess.TimeoutExpired:
+        return "pip install arroyopy timed out"
+    finally:
+        shutil.rmtree(pins.parent, ignore_errors=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return f"pip install arroyopy failed: {lines[-1] if lines else proc.returncode}"
+    return ""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="under two minutes: fewer "
+                      "messages and repeats, ipc only, no 4 MiB")  # fmt: skip
+    mode.add_argument("--smoke", action="store_true", help="a few seconds: 100 B only")
+    p.add_argument("--json", type=Path, default=Path("bench-results/latest.json"),
+                   help="where to write the results (default: %(default)s)")  # fmt: skip
+    p.add_argument("--only", default="", help=f"comma-separated suites of {','.join(ALL_SUITES)}")
+    p.add_argument("--repeats", type=int, default=0, help="override the mode's repeats")
+    p.add_argument("--no-install", action="store_true", help="never pip install arroyopy")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = PLANS["smoke" if args.smoke else "quick" if args.quick else "full"]
+    if args.only:
+        plan = _replace(plan, suites=tuple(s for s in args.only.split(",") if s in ALL_SUITES))
+    if args.repeats > 0:
+        plan = _replace(plan, repeats=args.repeats, counter_repeats=args.repeats)
+    root = Path(tempfile.mkdtemp(prefix="abench-"))
+    started = time.monotonic()
+    load_before = os.getloadavg()[0]
+    runner = Runner(root)
+    try:
+        with exit_on_sigterm():
+            results = run_suites(runner, plan, lambda: ensure_peer(not args.no_install))
+    except KeyboardInterrupt:
+        print("interrupted; every benchmark process was stopped", file=sys.stderr)
+        return 130
+    finally:
+        runner.children.kill_all()
+        if args.keep:
+            print("work directory kept:", root, file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    results = {
+        "mode": plan.mode,
+        "plan": asdict(plan),
+        "machine": {
+            **bench_report.machine(),
+            "load_before": load_before,
+            "load_after": os.getloadavg()[0],
+        },
+        **results,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    results["targets"] = bench_report.targets(results)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1) + "\n")
+    print(bench_report.markdown(results))
+    print(f"\n(JSON: {args.json}; {results['seconds']:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def _replace(plan: Plan, **changes: Any) -> Plan:
+    return Plan(**{**asdict(plan), **changes})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The benchmark's report: the machine it ran on, the targets, the markdown tables."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from importlib import metadata
+from typing import Any
+
+from arroyo.bench_run import size_label
+
+# (name, what is compared, threshold, higher is better)
+TARGETS = [
+    ("one hop >= 64 KiB", "Arroyo/raw msg/s, worst size and transport", 0.9, True),
+    ("one hop 100 B", "Arroyo/raw msg/s, worst transport", 0.5, True),
+    ("2 workers, CPU-bound", "speed-up over 1 worker", 1.8, True),
+    ("p99 latency, 10k msg/s of 100 B", "Arroyo p99 in ms, worst transport", 1.0, False),
+    ("stats counters", "throughput cost (1 - on/off)", 0.05, False),
+]
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages the measurements depend on."""
+    out = {}
+    for name in ("pyzmq", "numpy", "msgpack"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, Any]:
+    import zmq
+
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "system": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "libzmq": zmq.zmq_version(),
+        **versions(),
+    }
+
+
+def _worst(values: list[float | None], higher_better: bool) -> float | None:
+    known = [v for v in values if v is not None]
+    if not known:
+        return None
+    return min(known) if higher_better else max(known)
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target with its measured figure (None: not measured in this run)."""
+    hop = results.get("one_hop", [])
+    big = [r["ratio"] for r in hop if r["size"] >= 64 * 1024]
+    small = [r["ratio"] for r in hop if r["size"] < 1024]
+    scale = results.get("scaling", {})
+    speedup = None
+    if scale.get("1 worker", {}).get("msg_s") and scale.get("2 workers", {}).get("msg_s"):
+        speedup = scale["2 workers"]["msg_s"] / scale["1 worker"]["msg_s"]
+    p99 = [r["arroyo"].get("p99_us") for r in results.get("latency", [])]
+    measured = [
+        _worst(big, True),
+        _worst(small, True),
+        speedup,
+        _worst([p / 1000 if p is not None else None for p in p99], False),
+        results.get("counters", {}).get("cost"),
+    ]
+    out = []
+    for (name, what, limit, higher), value in zip(TARGETS, measured, strict=True):
+        met = None if value is None else (value >= limit if higher else value < limit)
+        sign = ">=" if higher else "<"
+        out.append(
+            {"target": name, "measure": what, "goal": f"{sign} {limit:g}", "value": value,
+             "met": met}
+        )  # fmt: skip
+    return out
+
+
+# -- markdown ---------------------------------------------------------------------------
+
+
+def _n(value: float | None, digits: int = 0) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def _size(size: int) -> str:
+    return size_label(size)
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _throughput(rows: list[dict[str, Any]], other: str = "arroyo") -> list[str]:
+    head = ["transport", "payload", "raw msg/s", "raw MB/s", f"{other} msg/s",
+            f"{other} MB/s", f"{other}/raw"]  # fmt: skip
+    body = [
+        [r["transport"], _size(r["size"]), _n(r["raw"].get("msg_s")),
+         _n(r["raw"].get("mb_s"), 1), _n(r[other].get("msg_s")), _n(r[other].get("mb_s"), 1),
+         _n(r["ratio"], 2)]
+        for r in rows
+    ]  # fmt: skip
+    return _table(head, body)
+
+
+def _latency(rows: list[dict[str, Any]]) -> list[str]:
+    def cell(side: dict[str, Any]) -> str:
+        return " / ".join(_n(side.get(k)) for k in ("p50_us", "p99_us", "p999_us"))
+
+    head = ["transport", "offered", "raw p50 / p99 / p99.9 (µs)", "arroyo p50 / p99 / p99.9 (µs)"]
+    body = [
+        [r["transport"], f"{r['rate']:,.0f} msg/s of {_size(r['size'])}", cell(r["raw"]),
+         cell(r["arroyo"])]
+        for r in rows
+    ]  # fmt: skip
+    return _table(head, body)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    out = [
+        f"Machine: {m['cores']} cores, {m['cpu']}, {m['system']}; Python {m['python']}, "
+        f"pyzmq {m.get('pyzmq', '?')} (libzmq {m['libzmq']}), numpy {m.get('numpy', '?')}. "
+        f"Mode: {results['mode']}, medians of {results['plan']['repeats']} repeats; "
+        f"load average {m['load_before']:.1f} before, {m['load_after']:.1f} after.",
+    ]
+    if "one_hop" in results:
+        out += ["", "**One hop** (2 processes; MB = 10^6 payload bytes)", ""]
+        out += _throughput(results["one_hop"])
+    if "chain" in results:
+        out += ["", "**Chain** (3 processes: source -> pass-through -> sink)", ""]
+        out += _throughput(results["chain"])
+    if "scaling" in results:
+        s = results["scaling"]
+        one, two = s["1 worker"].get("msg_s"), s["2 workers"].get("msg_s")
+        speedup = two / one if one and two else None
+        out += ["", f"**Scaling** (Burn, {s['rounds']} rounds per {_size(s['size'])} event)", ""]
+        out += _table(
+            ["workers", "events/s", "speed-up"],
+            [["1", _n(one), "1.00"], ["2", _n(two), _n(speedup, 2)]],
+        )
+    if "latency" in results:
+        out += ["", "**Latency** per hop (receive - send time, first 5 % left out)", ""]
+        out += _latency(results["latency"])
+    if "peer" in results:
+        peer = results["peer"]
+        out += ["", "**Peer**: arroyopy (PyPI) receiving the raw PUSH stream", ""]
+        if peer["rows"]:
+            out += _throughput(peer["rows"], "arroyopy")
+            out += ["", f"({peer['note']})"]
+        else:
+            out += _table(["transport", "payload", "arroyopy msg/s"], [["ipc", "—", "n/a"]])
+            out += ["", f"n/a: {peer['note']}"]
+    if "counters" in results:
+        c = results["counters"]
+        out += ["", "**Stats counters** (one hop, 100 B, ipc)", ""]
+        out += _table(
+            ["ARROYO_STATS=0 msg/s", "ARROYO_STATS=1 msg/s", "cost"],
+            [[_n(c["stats off"].get("msg_s")), _n(c["stats on"].get("msg_s")),
+              "—" if c["cost"] is None else f"{c['cost'] * 100:.1f} %"]],
+        )  # fmt: skip
+    out += ["", "**Targets**", ""]
+    rows = []
+    for t in results["targets"]:
+        state = "not measured" if t["met"] is None else "met" if t["met"] else "MISSED"
+        rows.append([t["target"], t["measure"], t["goal"], _n(t["value"], 2), state])
+    out += _table(["target", "measure", "goal", "measured", ""], rows)
+    return "\n".join(out)

@@ -1,0 +1,175 @@
+"""The benchmark's suites: which measurements, in which (interleaved) order.
+
+Each suite returns plain JSON-able rows: the runs of every side and their medians.
+A run that failed is kept with its error and left out of the medians.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from arroyo.bench_run import KIB, MIB, SIZE_100B, BenchError, Runner, median_of, size_label
+from arroyo.bench_run import throughput as rates
+
+if TYPE_CHECKING:
+    from arroyo.bench import Plan
+
+Measure = Callable[[], dict[str, Any]]
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _attempt(label: str, measure: Measure, size: int) -> dict[str, Any]:
+    try:
+        result = rates(measure(), size)
+    except BenchError as e:
+        _log(f"  {label}: FAILED: {e}")
+        return {"error": str(e)}
+    extra = f" p99 {result['p99_us']:.0f} us" if "p99_us" in result else ""
+    state = "" if result["complete"] else f" (INCOMPLETE: {result['count']} messages)"
+    _log(f"  {label}: {result['msg_s']:,.0f} msg/s {result['mb_s']:,.1f} MB/s{extra}{state}")
+    return result
+
+
+def interleaved(
+    rows: list[dict[str, Any]], sides: list[str], repeats: int, run: Callable[..., Measure]
+) -> list[dict[str, Any]]:
+    """For each repeat, for each row, every side back to back: noise hits all alike."""
+    for row in rows:
+        for side in sides:
+            row[side] = {"runs": []}
+    for rep in range(repeats):
+        for row in rows:
+            for side in sides:
+                label = f"{row['suite']} {row['transport']} {size_label(row['size'])} {side} "
+                label += f"#{rep + 1}"
+                row[side]["runs"].append(_attempt(label, run(row, side), row["size"]))
+    for row in rows:
+        for side in sides:
+            runs = row[side]["runs"]
+            for key in ("msg_s", "mb_s", "p50_us", "p99_us", "p999_us"):
+                value = median_of(runs, key)
+                if value is not None:
+                    row[side][key] = value
+        base, other = row[sides[0]].get("msg_s"), row[sides[-1]].get("msg_s")
+        row["ratio"] = other / base if base and other else None
+    return rows
+
+
+def one_hop(runner: Runner, plan: Plan, hops: int) -> list[dict[str, Any]]:
+    suite = "one_hop" if hops == 1 else "chain"
+    transports = plan.transports if hops == 1 else plan.transports[:1]
+    rows = [
+        {"suite": suite, "transport": t, "size": s, "count": plan.count(s)}
+        for t in transports
+        for s in plan.sizes
+    ]
+
+    def run(row: dict[str, Any], side: str) -> Measure:
+        t, s, n = row["transport"], row["size"], row["count"]
+        if side == "raw":
+            return lambda: runner.raw(t, s, n, hops=hops)
+        op = "arroyo.stage:PassThrough" if hops == 2 else ""
+        return lambda: runner.arroyo(t, s, n, operator=op)
+
+    return interleaved(rows, ["raw", "arroyo"], plan.repeats, run)
+
+
+def scaling(runner: Runner, plan: Plan) -> dict[str, Any]:
+    size, n = 64 * KIB, plan.scale_events
+    op = f"stages.basic:Burn rounds={plan.scale_rounds}"
+    row = {
+        "suite": "scaling",
+        "transport": "ipc",
+        "size": size,
+        "count": n,
+        "rounds": plan.scale_rounds,
+    }
+
+    def run(row: dict[str, Any], side: str) -> Measure:
+        workers = int(side[0])
+        return lambda: runner.arroyo("ipc", size, n, operator=op, workers=workers)
+
+    (row,) = interleaved([row], ["1 worker", "2 workers"], max(1, plan.repeats - 1), run)
+    return row
+
+
+def latency(runner: Runner, plan: Plan) -> list[dict[str, Any]]:
+    rows = [
+        {"suite": "latency", "transport": t, "size": SIZE_100B, "count": plan.latency_count,
+         "rate": plan.latency_rate}
+        for t in plan.transports
+    ]  # fmt: skip
+
+    def run(row: dict[str, Any], side: str) -> Measure:
+        t, n, rate = row["transport"], row["count"], row["rate"]
+        if side == "raw":
+            return lambda: runner.raw(t, SIZE_100B, n, rate=rate)
+        return lambda: runner.arroyo(t, SIZE_100B, n, rate=rate)
+
+    return interleaved(rows, ["raw", "arroyo"], max(1, plan.repeats - 1), run)
+
+
+def peer(runner: Runner, plan: Plan, check: Callable[[], str]) -> dict[str, Any]:
+
+    reason = check()
+    if reason:
+        _log(f"  peer arroyopy: n/a ({reason})")
+        return {"suite": "peer", "rows": [], "note": reason}
+    sizes = [s for s in plan.sizes if s in (SIZE_100B, MIB)] or list(plan.sizes[:1])
+    rows: list[dict[str, Any]] = [
+        {"suite": "peer", "transport": "ipc", "size": s, "count": plan.count(s)} for s in sizes
+    ]
+
+    def run(row: dict[str, Any], side: str) -> Measure:
+        s, n = row["size"], row["count"]
+        receiver = "raw-recv" if side == "raw" else "peer-recv"
+        return lambda: runner.raw("ipc", s, n, receiver=receiver)
+
+    rows = interleaved(rows, ["raw", "arroyopy"], max(1, plan.repeats - 1), run)
+    failed = all("msg_s" not in r["arroyopy"] for r in rows)
+    note = "arroyopy's ZMQListener (zmq.asyncio PULL) receiving the raw PUSH stream"
+    if failed:
+        errors = [run["error"] for r in rows for run in r["arroyopy"]["runs"] if "error" in run]
+        note = "arroyopy installed but could not receive the stream: " + (errors or ["?"])[0][-300:]
+    return {"suite": "peer", "rows": rows, "note": note}
+
+
+def counters(runner: Runner, plan: Plan) -> dict[str, Any]:
+
+    row: dict[str, Any] = {
+        "suite": "counters",
+        "transport": "ipc",
+        "size": SIZE_100B,
+        "count": plan.count(SIZE_100B),
+    }
+
+    def run(row: dict[str, Any], side: str) -> Measure:
+        env = {"ARROYO_STATS": "1" if side == "stats on" else "0"}
+        return lambda: runner.arroyo("ipc", SIZE_100B, row["count"], env=env)
+
+    (row,) = interleaved([row], ["stats off", "stats on"], plan.counter_repeats, run)
+    off, on = row["stats off"].get("msg_s"), row["stats on"].get("msg_s")
+    row["cost"] = 1 - on / off if on and off else None
+    return row
+
+
+def run_suites(runner: Runner, plan: Plan, peer_check: Callable[[], str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    steps: dict[str, Callable[[], Any]] = {
+        "one_hop": lambda: one_hop(runner, plan, 1),
+        "chain": lambda: one_hop(runner, plan, 2),
+        "scaling": lambda: scaling(runner, plan),
+        "latency": lambda: latency(runner, plan),
+        "peer": lambda: peer(runner, plan, peer_check),
+        "counters": lambda: counters(runner, plan),
+    }
+    for name, step in steps.items():
+        if name in plan.suites:
+            _log(f"== {name}")
+            out[name] = step()
+    return out
