@@ -26,7 +26,7 @@ import logging
 import os
 import socket as pysocket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -125,11 +125,15 @@ def open_socket(
     name: str,
     routing_id: str = "",
     monitor: bool = False,
+    options: Mapping[Any, int] | None = None,
 ) -> tuple[zmq.Socket[Any], zmq.Socket[Any] | None]:
     """A bound or connected socket, and (if asked) a monitor attached *before* the
-    connect so that no CONNECTED event can be missed."""
+    connect so that no CONNECTED event can be missed. ``options`` are set before the
+    bind/connect too: zmq copies them into each connection when it is made."""
     sock = ctx.socket(kind)
     sock.linger = 5000
+    for option, value in (options or {}).items():
+        sock.setsockopt(option, value)
     if routing_id:
         sock.setsockopt(zmq.ROUTING_ID, routing_id.encode())
     if kind in (zmq.ROUTER, zmq.DEALER):
@@ -185,6 +189,7 @@ class LinkEnd:
         bind: bool,
         kind: int,
         counters: LinkCounters,
+        options: Mapping[Any, int] | None = None,
     ) -> None:
         self.link = link
         self.me = me
@@ -193,7 +198,14 @@ class LinkEnd:
         routing_id = me if kind == zmq.DEALER else ""
         self.monitor: zmq.Socket[Any] | None
         self.socket, self.monitor = open_socket(
-            ctx, kind, link.endpoint, bind, link.name, routing_id, monitor=kind == zmq.DEALER
+            ctx,
+            kind,
+            link.endpoint,
+            bind,
+            link.name,
+            routing_id,
+            monitor=kind == zmq.DEALER,
+            options=options,
         )
         if kind == zmq.ROUTER:
             self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -435,9 +447,9 @@ class CreditReceiver(LinkEnd):
         max_message_bytes: int = -1,
     ) -> None:
         bind = link.binder == "target"
-        super().__init__(ctx, link, me, bind, zmq.ROUTER if bind else zmq.DEALER, counters)
-        if max_message_bytes > 0:
-            self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        limit = {zmq.MAXMSGSIZE: max_message_bytes} if max_message_bytes > 0 else {}
+        kind = zmq.ROUTER if bind else zmq.DEALER
+        super().__init__(ctx, link, me, bind, kind, counters, limit)
         self.window_msgs = window_msgs
         self.window_bytes = window_bytes
         self.leaving = False
@@ -542,9 +554,8 @@ class PubSender(LinkEnd):
         join_timeout: float,
     ) -> None:
         bind = link.binder == "source"
-        super().__init__(ctx, link, me, bind, zmq.XPUB, counters)
-        self.socket.setsockopt(zmq.XPUB_NODROP, 1)
-        self.socket.setsockopt(zmq.SNDHWM, 1000)
+        options = {zmq.XPUB_NODROP: 1, zmq.SNDHWM: 1000}
+        super().__init__(ctx, link, me, bind, zmq.XPUB, counters, options)
         self.subscribed = False
         self.join_timeout = join_timeout
         self._waited = False
@@ -608,10 +619,10 @@ class SubReceiver(LinkEnd):
         max_message_bytes: int = -1,
     ) -> None:
         bind = link.binder == "target"
-        super().__init__(ctx, link, me, bind, zmq.SUB, counters)
+        options = {zmq.RCVHWM: 1000}
         if max_message_bytes > 0:
-            self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-        self.socket.setsockopt(zmq.RCVHWM, 1000)
+            options[zmq.MAXMSGSIZE] = max_message_bytes
+        super().__init__(ctx, link, me, bind, zmq.SUB, counters, options)
         self.socket.setsockopt(zmq.SUBSCRIBE, b"")
         # A topic unique to this stage tells the publisher that we are here.
         self.socket.setsockopt(zmq.SUBSCRIBE, SUB_PREFIX + link.target.encode())

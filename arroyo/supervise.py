@@ -161,9 +161,13 @@ def render(topology: Topology) -> str:
 def write_config(topology: Topology, out: Path | None = None) -> Path:
     p = paths(topology)
     target = out or p.conf
-    for d in (target.parent, p.logs, p.socket.parent, topology.socket_dir):
-        d.mkdir(parents=True, exist_ok=True)
-    target.write_text(render(topology))
+    try:
+        for d in (target.parent, p.logs, p.socket.parent, topology.socket_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        target.write_text(render(topology))
+    except OSError as e:
+        msg = f"{topology.path}: [topology] run_dir = {topology.run_dir}: not writable ({e})"
+        raise ConfigError(msg) from e
     return target
 
 
@@ -336,6 +340,24 @@ def _wait_gone(pid: int | None, timeout: float) -> None:
         psutil.Process(pid).wait(timeout)
 
 
+def _cpu_percent(pids: list[int], interval: float = 0.1) -> dict[int, float]:
+    """CPU % of every pid over one shared interval (not one interval per process)."""
+    import psutil
+
+    procs = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            procs[pid] = psutil.Process(pid)
+            procs[pid].cpu_percent(None)
+    if procs:
+        time.sleep(interval)
+    out = {}
+    for pid, proc in procs.items():
+        with contextlib.suppress(psutil.Error):
+            out[pid] = proc.cpu_percent(None)
+    return out
+
+
 def status_rows(topology: Topology) -> list[dict[str, Any]]:
     """One row per process known to supervisord (or per stage when it is not running)."""
     import psutil
@@ -344,6 +366,7 @@ def status_rows(topology: Topology) -> list[dict[str, Any]]:
 
     rows: list[dict[str, Any]] = []
     infos = rpc(topology).supervisor.getAllProcessInfo() if is_running(topology) else []
+    cpu = _cpu_percent([i["pid"] for i in infos if i["pid"]])
     now = time.time()
     for info in infos:
         stage, worker = split_process_name(info["name"])
@@ -359,9 +382,8 @@ def status_rows(topology: Topology) -> list[dict[str, Any]]:
         }
         if info["pid"]:
             with contextlib.suppress(psutil.Error):
-                proc = psutil.Process(info["pid"])
-                row["cpu_percent"] = proc.cpu_percent(interval=0.05)
-                row["rss_bytes"] = proc.memory_info().rss
+                row["cpu_percent"] = cpu.get(info["pid"])
+                row["rss_bytes"] = psutil.Process(info["pid"]).memory_info().rss
         try:
             stats = json.loads(stats_path(topology, stage, worker).read_text())
         except (OSError, ValueError):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,5 +96,10 @@ def sup(topo, tmp_path) -> Iterator:
 
 
 def pids(path: Path) -> dict[str, int]:
-    rows = json.loads(arroyo("status", str(path), "--json").stdout)
-    return {f"{r['stage']}_{r['worker']}": r["pid"] for r in rows if r["state"] == "RUNNING"}
+    """PIDs of the RUNNING processes, straight from supervisord (no CLI start-up)."""
+    infos = supervise.rpc(load(path)).supervisor.getAllProcessInfo()
+    return {
+        "{}_{}".format(*supervise.split_process_name(i["name"])): i["pid"]
+        for i in infos
+        if i["statename"] == "RUNNING"
+    }
