@@ -306,11 +306,17 @@ class CreditSender(LinkEnd):
         key = peer_id if self.bind else str(payload.get("id") or next(iter(self.peers), ""))
         if verb in (HELLO, WELCOME):
             self.welcomed = True
-            peer = Peer(key, payload.get("wm", 0), payload.get("wb", 0))
-            self.peers = {k: p for k, p in self.peers.items() if self.bind or k == key}
-            self.peers[key] = peer
             if verb == HELLO:
                 self._send_control(peer_id, WELCOME, self._hello_payload())
+            known = self.peers.get(key)
+            if known is not None:
+                # the same process saying hello again (a retried HELLO): keep its state
+                known.window_msgs = payload.get("wm", known.window_msgs)
+                known.window_bytes = payload.get("wb", known.window_bytes)
+                known.away = False
+                return
+            self.peers = {k: p for k, p in self.peers.items() if self.bind or k == key}
+            self.peers[key] = Peer(key, payload.get("wm", 0), payload.get("wb", 0))
             if self.current_start is not None:
                 # A worker that joins mid-run (or a receiver that restarted) needs the
                 # run's Start before its events; a duplicate is dropped downstream.

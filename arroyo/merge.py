@@ -52,8 +52,10 @@ class RunMerger:
         fan_in: bool,
         alive: Callable[[str], bool],
         on_report: Callable[[RunReport], None],
+        upstream_done: Callable[[], bool] = lambda: False,
     ) -> None:
         self.link_name = link_name
+        self.upstream_done = upstream_done
         self.fan_in = fan_in
         self.alive = alive
         self.on_report = on_report
@@ -119,6 +121,8 @@ class RunMerger:
     def _pass(self, sender: str, message: Message, size: int) -> list[Item]:
         key = (str(message.routing.get("o", "")), message.run)
         if isinstance(message, Start):
+            if key in self.open_runs:
+                return [(sender, size, None)]  # a re-sent Start (the sender reconnected)
             self.open_runs[key] = message
         elif isinstance(message, Stop):
             self.open_runs.pop(key, None)
@@ -162,6 +166,8 @@ class RunMerger:
         prev = run.prev
         if prev is _UNSET or prev is None or (key[0], prev) in self.closed:
             return True
+        if any(run_id == prev for _, run_id in self.closed):
+            return True  # its source restarted: the run before came from its predecessor
         return (key[0], prev) not in self.runs and self._done(run)
 
     def _pick(self) -> RunKey | None:
@@ -235,12 +241,20 @@ class RunMerger:
         key = self.current
         run = self.runs[key]
         run.dead |= {w for w in run.expected - set(run.stops) if not self.alive(w)}
-        if key[0] and not run.expected and not self.alive(key[0]):
+        if key[0] and not run.expected and not self.alive(key[0]) and self._orphaned(key):
             run.origin_dead = True
             log.warning(
                 "link %s: source %s of run %d died; closing the run", self.link_name, key[0], key[1]
             )
         return self._advance()
+
+    def _orphaned(self, key: RunKey) -> bool:
+        """A run whose source is gone gets no Stop only if the source died: a source
+        that exited cleanly may have its Stop still on the way. It died if its restart
+        already began the next run (Start names this run as ``p``), or if nothing more
+        can arrive on this link."""
+        successor = any(r.prev == key[1] for k, r in self.runs.items() if k != key)
+        return successor or self.upstream_done()
 
     def flush(self) -> list[Item]:
         """At shutdown: close every open run as it stands."""

@@ -188,6 +188,7 @@ class StageProcess:
         self.inputs: list[tuple[CreditReceiver | SubReceiver, RunMerger]] = []
         self.outputs: list[CreditSender | PubSender] = []
         self.listener: Listener | None = None
+        self._signalled = False
 
     # -- set-up --------------------------------------------------------------------
 
@@ -215,7 +216,7 @@ class StageProcess:
                     spec.max_message_bytes,
                 )
             fan_in = self.topology.stages[link.source].scalable
-            merger = RunMerger(link.name, fan_in, peer_alive, self._report)
+            merger = RunMerger(link.name, fan_in, peer_alive, self._report, end.finished)
             self.inputs.append((end, merger))
 
     def _report(self, report: RunReport) -> None:
@@ -264,6 +265,16 @@ class StageProcess:
         except OSError as e:
             log.warning("cannot record run id %d: %s", run, e)
 
+    def _on_signal(self, *_: Any) -> None:
+        # Only a plain assignment here: the handler runs between two bytecodes of the
+        # main thread, which may hold the very lock an Event.set() would take.
+        self._signalled = True
+
+    def _watch_signal(self) -> None:
+        while not self._signalled:
+            time.sleep(0.02)
+        self.request_stop()
+
     def request_stop(self, *_: Any) -> None:
         if not self.stop_requested.is_set():
             self.stop_since = time.monotonic()
@@ -277,8 +288,9 @@ class StageProcess:
 
     def run(self) -> int:
         user = build_user_object(self.spec)
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        threading.Thread(target=self._watch_signal, daemon=True, name="arroyo-signal").start()
         stats = StatsWriter(self)
         stats.start()
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -73,17 +74,41 @@ def test_demo_topology_under_supervisor_writes_correct_values(tmp_path):
         assert main(path, timeout=60) == 0
     finally:
         supervise.down(topology)
-    records = read_jsonl(tmp_path / "demo" / "out" / "events.jsonl")
-    runs = runs_of(records)
-    assert [(r, n) for r, n, _ in runs] == [(1, 200), (2, 200), (3, 200)]
+    out = tmp_path / "demo" / "out"
+    records = read_jsonl(out / "events.jsonl")
+    assert [(r, n) for r, n, _ in runs_of(records)] == [(1, 200), (2, 200), (3, 200)]
+
+    # the reference: the same frames through the same two operators, in this process
+    import numpy as np
+
+    from arroyo.message import Event
+    from stages.reduce import DarkFlatCorrection, RadialProfile
     from stages.synthetic import DetectorSimulator
 
-    det = topology.stages["detector"].options
-    pool = DetectorSimulator(frames=1, shape=det["shape"]).pool
+    opts = topology.stages["detector"].options
+    pool = DetectorSimulator(frames=1, shape=opts["shape"], dark=opts["dark"]).pool
+    correct, profile = DarkFlatCorrection(dark_value=100), RadialProfile(bins=128)
+    expected = {}
+    for i, frame in enumerate(pool):
+        (corrected,) = [m for m in [correct.process(Event(payload=frame))] if m]
+        (reduced,) = [m for m in [profile.process(corrected)] if m]
+        expected[i] = reduced.payload
     for r in records:
         if r["kind"] == "Event":
-            expected = 0.5 * float(pool[r["metadata"]["pool"]].astype("float64").sum())
-            assert r["payload"]["sum"] == pytest.approx(expected, rel=1e-5)
-            assert r["payload"]["shape"] == [256, 256]
-    viewer = read_jsonl(tmp_path / "demo" / "out" / "viewer.jsonl")
+            want = expected[r["metadata"]["pool"]]
+            assert r["payload"]["I"]["sum"] == pytest.approx(float(np.nansum(want["I"])))
+            assert r["payload"]["I"]["shape"] == [128]
+    for run in (1, 2, 3):
+        folder = out / "runs" / f"run_{run:05d}"
+        stop = json.loads((folder / "stop.json").read_text())
+        assert stop["complete"] is True and stop["events"] == 200
+        with np.load(folder / "frames.npz") as npz:
+            profiles = [k for k in npz if k.endswith("_I")]
+            assert len(profiles) == 200
+            seq0 = npz["frame_000000_I"]
+        first = next(
+            r for r in records if r["kind"] == "Event" and r["run"] == run and r["seq"] == 0
+        )
+        np.testing.assert_allclose(seq0, expected[first["metadata"]["pool"]]["I"])
+    viewer = read_jsonl(out / "viewer.jsonl")
     assert [(r, n) for r, n, _ in runs_of(viewer)] == [(1, 200), (2, 200), (3, 200)]
