@@ -147,7 +147,8 @@ def markdown(results: dict[str, Any]) -> str:
         s = results["scaling"]
         one, two = s["1 worker"].get("msg_s"), s["2 workers"].get("msg_s")
         speedup = two / one if one and two else None
-        out += ["", f"**Scaling** (Burn, {s['rounds']} rounds per {_size(s['size'])} event)", ""]
+        what = f"Burn, {s['rounds']} rounds per {_size(s['size'])} event, hwm = {s['hwm']}"
+        out += ["", f"**Scaling** ({what})", ""]
         out += _table(
             ["workers", "events/s", "speed-up"],
             [["1", _n(one), "1.00"], ["2", _n(two), _n(speedup, 2)]],

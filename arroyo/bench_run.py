@@ -234,7 +234,7 @@ class = arroyo.bench_procs:BenchSource
 count = {count}
 size = {size}
 rate = {rate}
-settle = 0.2
+settle = {0.2 if workers == 1 else 0.6}
 
 [stage:sink]
 role = publisher

@@ -81,13 +81,17 @@ def one_hop(runner: Runner, plan: Plan, hops: int) -> list[dict[str, Any]]:
 
 def scaling(runner: Runner, plan: Plan) -> dict[str, Any]:
     size, n = 64 * KIB, plan.scale_events
-    op = f"stages.basic:Burn rounds={plan.scale_rounds}"
-    row = {
+    # A small window, so events go to whichever worker is free rather than being
+    # dealt out ahead (the default window holds seconds of this work per worker).
+    hwm = 8
+    op = f"stages.basic:Burn rounds={plan.scale_rounds} hwm={hwm}"
+    row: dict[str, Any] = {
         "suite": "scaling",
         "transport": "ipc",
         "size": size,
         "count": n,
         "rounds": plan.scale_rounds,
+        "hwm": hwm,
     }
 
     def run(row: dict[str, Any], side: str) -> Measure:

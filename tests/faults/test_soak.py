@@ -65,9 +65,8 @@ def test_soak_rss_stays_flat(topo):
         print("\nsoak RSS drift over", SECONDS, "s:")
         for key in sorted(first):
             drift = (last[key] - first[key]) / 2**20
-            print(
-                f"  {key:<10} {first[key] / 2**20:7.1f} MiB -> {last[key] / 2**20:7.1f} MiB ({drift:+.1f})"
-            )
+            a, b = first[key] / 2**20, last[key] / 2**20
+            print(f"  {key:<10} {a:7.1f} MiB -> {b:7.1f} MiB ({drift:+.1f})")
         print(
             "  sink received",
             rows["sink0"]["received"],
