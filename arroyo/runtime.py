@@ -133,7 +133,7 @@ class SourceOperator(Operator):
         self.me = me
         self.next_run = last_run + 1
         self.on_start = on_start
-        self.run: int = 0
+        self.run: int = last_run  # a restarted source's first Start names it as "p"
         self.events = 0
         self.open: Start | None = None
 

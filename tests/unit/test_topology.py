@@ -161,49 +161,61 @@ def test_demo_topology_resolves() -> None:
     assert topo.name == "demo"
     assert topo.path == DEMO
     assert topo.run_dir == (ROOT / ".arroyo" / "demo").resolve()
-    assert topo.chains == {"demo": ("detector", "reduce", "sink", "viewer")}
+    dev = "correct__profile"
+    assert topo.chains == {
+        "demo": ("detector", "correct", "profile", "writer", "sink", "viewer", dev)
+    }
     stages = topo.stages
     assert {n: s.role for n, s in stages.items()} == {
         "detector": "listener",
-        "reduce": "operator",
+        "correct": "operator",
+        "profile": "operator",
+        "writer": "publisher",
         "sink": "publisher",
         "viewer": "publisher",
+        dev: "operator",
     }
-    assert {n: s.workers for n, s in stages.items()} == {
+    assert {n: s.workers for n, s in stages.items() if n != dev} == {
         "detector": 1,
-        "reduce": 2,
+        "correct": 2,
+        "profile": 2,
+        "writer": 1,
         "sink": 1,
         "viewer": 1,
     }
-    assert [n for n, s in stages.items() if s.scalable] == ["reduce"]
-    assert not any(s.device for s in stages.values())
+    assert [n for n, s in stages.items() if s.scalable] == ["correct", "profile"]
+    assert [n for n, s in stages.items() if s.device] == [dev]
     assert all(s.chain == "demo" for s in stages.values())
 
     det = stages["detector"].options
-    assert det == {"frames": 200, "runs": 3, "shape": (256, 256), "rate_hz": 400.0}
+    assert det == {"frames": 200, "runs": 3, "shape": (256, 256), "dark": 100.0, "rate_hz": 400.0}
     assert isinstance(det["rate_hz"], float)
-    assert stages["reduce"].options == {"factor": 0.5}
+    assert stages["correct"].options == {"dark_value": 100.0}
+    assert stages["profile"].options == {"bins": 128}
     assert stages["sink"].options["path"] == Path("../.arroyo/demo/out/events.jsonl")
     assert isinstance(stages["viewer"].options["path"], Path)
 
-    # The single-process side binds; the two reduce workers connect on both sides.
-    fan_out = link(topo, "detector", "reduce")
+    # The single-process side binds; scaled workers connect; two scaled stages in a
+    # row get a forwarding device that binds on both of its sides.
+    fan_out = link(topo, "detector", "correct")
     assert (fan_out.pattern, fan_out.binder) == ("push", "source")
-    fan_in = link(topo, "reduce", "sink")
+    assert link(topo, "correct", dev).binder == "target"
+    assert link(topo, dev, "profile").binder == "source"
+    fan_in = link(topo, "profile", "sink")
     assert (fan_in.pattern, fan_in.binder) == ("push", "target")
     tap = link(topo, "detector", "viewer")
     assert (tap.pattern, tap.binder) == ("pub", "target")
-    assert len(topo.links) == 3
+    assert len(topo.links) == 6
     assert topo.socket_dir == topo.run_dir / "sock"
     for x in topo.links:
         assert x.endpoint.startswith(f"ipc://{topo.socket_dir}/")
-    assert len({x.endpoint for x in topo.links}) == 3
+    assert len({x.endpoint for x in topo.links}) == 6
     assert topo.inputs_of("sink") == [fan_in]
     assert set(topo.outputs_of("detector")) == {fan_out, tap}
 
     # Sinks start first (lower priority number) and stop last; sources the other way.
     prio = {n: s.supervision.priority for n, s in stages.items()}
-    assert prio["sink"] < prio["reduce"] < prio["detector"]
+    assert prio["sink"] < prio["profile"] < prio[dev] < prio["correct"] < prio["detector"]
     assert prio["viewer"] < prio["detector"]
 
 
