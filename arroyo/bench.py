@@ -62,7 +62,7 @@ class Plan:
 
 ALL_SUITES = ("one_hop", "chain", "scaling", "latency", "peer", "counters")
 PLANS = {
-    "full": Plan("full", (SIZE_100B, 64 * KIB, MIB, 4 * MIB), ("ipc", "tcp"), 5, 200_000,
+    "full": Plan("full", (SIZE_100B, 64 * KIB, MIB, 4 * MIB), ("ipc", "tcp"), 5, 100_000,
                  2_000 * MIB, ALL_SUITES),
     "quick": Plan("quick", (SIZE_100B, 64 * KIB, MIB), ("ipc",), 2, 30_000, 300 * MIB,
                   ALL_SUITES, latency_count=10_000, scale_events=400, counter_repeats=2),

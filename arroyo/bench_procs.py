@@ -57,6 +57,7 @@ class Recorder:
         self.n = 0
         self.nbytes = 0
         self.first = self.last = 0.0
+        self.cpu = 0.0  # process CPU time (all threads) at the first message
         self.max_gap = 0.0
         self.lat_ns: list[int] = []
         self.written = False
@@ -66,6 +67,7 @@ class Recorder:
         now = time.perf_counter()
         if self.n == 0:
             self.first = now
+            self.cpu = time.process_time()
         elif now - self.last > self.max_gap:
             self.max_gap = now - self.last
         self.last = now
@@ -84,6 +86,7 @@ class Recorder:
             "bytes": self.nbytes,
             "seconds": self.last - self.first,
             "max_gap_ms": self.max_gap * 1000,
+            "cpu_s": time.process_time() - self.cpu if self.n else 0.0,
             "complete": self.n >= self.count,
         }
         if self.latency and self.lat_ns:
@@ -123,17 +126,32 @@ class Pacer:
 class BenchSource(Listener):
     """Emits one run of ``count`` events of ``size`` bytes, then returns (the stage
     idles). Waits ``settle`` seconds first so that every worker downstream has joined.
-    Each event is created just before it is sent, so its timestamp is its send time."""
+    Each event is created just before it is sent, so its timestamp is its send time.
+    With ``out``, writes there the CPU time the process spent sending the run."""
 
-    def __init__(self, count: int, size: int, rate: float = 0.0, settle: float = 0.3) -> None:
+    def __init__(
+        self,
+        count: int,
+        size: int,
+        rate: float = 0.0,
+        settle: float = 0.3,
+        out: Path | None = None,
+    ) -> None:
         self.count = count
         self.payload = make_payload(size)
         self.rate = rate
         self.settle = settle
+        self.out = out
 
     def start(self) -> None:
         if self.stop_requested.wait(self.settle):
             return
+        cpu = time.process_time()
+        self._send_run()
+        if self.out is not None:
+            self.out.write_text(json.dumps({"cpu_s": time.process_time() - cpu}))
+
+    def _send_run(self) -> None:
         self.deliver(Start(data={"bench": True}))
         pacer = Pacer(self.rate)
         payload = self.payload

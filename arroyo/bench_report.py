@@ -16,7 +16,7 @@ TARGETS = [
     ("one hop 100 B", "Arroyo/raw msg/s, worst transport", 0.5, True),
     ("2 workers, CPU-bound", "speed-up over 1 worker", 1.8, True),
     ("p99 latency, 10k msg/s of 100 B", "Arroyo p99 in ms, worst transport", 1.0, False),
-    ("stats counters", "throughput cost (1 - on/off)", 0.05, False),
+    ("stats counters", "CPU per message, on/off - 1", 0.05, False),
 ]
 
 
@@ -95,6 +95,10 @@ def _n(value: float | None, digits: int = 0) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
 
 
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value * 100:+.1f} %"
+
+
 def _size(size: int) -> str:
     return size_label(size)
 
@@ -104,7 +108,7 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def _throughput(rows: list[dict[str, Any]], other: str = "arroyo") -> list[str]:
+def _throughput(rows: list[dict[str, Any]], other: str = "arroyo", cpu: bool = False) -> list[str]:
     head = ["transport", "payload", "raw msg/s", "raw MB/s", f"{other} msg/s",
             f"{other} MB/s", f"{other}/raw"]  # fmt: skip
     body = [
@@ -113,6 +117,10 @@ def _throughput(rows: list[dict[str, Any]], other: str = "arroyo") -> list[str]:
          _n(r["ratio"], 2)]
         for r in rows
     ]  # fmt: skip
+    if cpu:  # what the two Arroyo processes spent per message, all threads
+        head.append("arroyo CPU µs/msg")
+        for line, r in zip(body, rows, strict=True):
+            line.append(_n(r[other].get("cpu_us"), 1))
     return _table(head, body)
 
 
@@ -139,7 +147,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     if "one_hop" in results:
         out += ["", "**One hop** (2 processes; MB = 10^6 payload bytes)", ""]
-        out += _throughput(results["one_hop"])
+        out += _throughput(results["one_hop"], cpu=True)
     if "chain" in results:
         out += ["", "**Chain** (3 processes: source -> pass-through -> sink)", ""]
         out += _throughput(results["chain"])
@@ -168,10 +176,11 @@ def markdown(results: dict[str, Any]) -> str:
     if "counters" in results:
         c = results["counters"]
         out += ["", "**Stats counters** (one hop, 100 B, ipc)", ""]
+        off, on = c["stats off"], c["stats on"]
         out += _table(
-            ["ARROYO_STATS=0 msg/s", "ARROYO_STATS=1 msg/s", "cost"],
-            [[_n(c["stats off"].get("msg_s")), _n(c["stats on"].get("msg_s")),
-              "—" if c["cost"] is None else f"{c['cost'] * 100:.1f} %"]],
+            ["ARROYO_STATS", "msg/s", "CPU µs per message (both ends)", "cost"],
+            [["0", _n(off.get("msg_s")), _n(off.get("cpu_us"), 1), ""],
+             ["1", _n(on.get("msg_s")), _n(on.get("cpu_us"), 1), _pct(c["cost"])]],
         )  # fmt: skip
     out += ["", "**Targets**", ""]
     rows = []

@@ -137,12 +137,19 @@ class Runner:
         result: dict[str, Any] = json.loads(out.read_text())
         return result
 
-    def _measure(self, start: Callable[[Path, Path], None], timeout: float) -> dict[str, Any]:
+    def _measure(
+        self, start: Callable[[Path, Path], None], timeout: float, sender: bool = False
+    ) -> dict[str, Any]:
+        """Run ``start(case, out)``, wait for the receiver's result in ``out`` (and, with
+        ``sender``, for the sender's CPU time in ``source.json`` next to it)."""
         case = self._case_dir()
         out = case / "result.json"
         try:
             start(case, out)
-            return self._await_result(out, timeout)
+            result = self._await_result(out, timeout)
+            if sender:
+                result["source"] = self._await_result(case / "source.json", 10.0)
+            return result
         finally:
             self.children.kill_all()
 
@@ -205,7 +212,7 @@ class Runner:
             src = [*stage_command(), str(path), "src"]
             self.children.start(src, case / "src0.log", env, first=True)
 
-        return self._measure(start, self.timeout)
+        return self._measure(start, self.timeout, sender=True)
 
     def _topology(
         self,
@@ -235,6 +242,7 @@ count = {count}
 size = {size}
 rate = {rate}
 settle = {0.2 if workers == 1 else 0.6}
+out = {case}/source.json
 
 [stage:sink]
 role = publisher
@@ -261,7 +269,12 @@ def throughput(result: dict[str, Any], size: int) -> dict[str, Any]:
     """msg/s and MB/s (10^6 payload bytes per second) of one receiver's result."""
     n, seconds = result["count"], result["seconds"]
     msg_s = (n - 1) / seconds if n > 1 and seconds > 0 else 0.0
-    return {**result, "msg_s": msg_s, "mb_s": msg_s * size / 1e6}
+    out = {**result, "msg_s": msg_s, "mb_s": msg_s * size / 1e6}
+    if "source" in result and n:
+        # CPU of both ends (all their threads) per message: what the link costs,
+        # whatever else the machine was doing meanwhile
+        out["cpu_us"] = (result["cpu_s"] + result["source"]["cpu_s"]) / n * 1e6
+    return out
 
 
 def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
