@@ -180,21 +180,15 @@ def test_prometheus_endpoint(sup):
         assert line.startswith("serving http://127.0.0.1:")
         url = line.split()[1]
 
+        det_sent = 'arroyo_events_sent_total{topology="sup",chain="main",stage="det",worker="0"}'
+
         def scraped():
             body = urllib.request.urlopen(url, timeout=5).read().decode()
-            return (
-                body
-                if 'arroyo_events_sent_total{topology="sup",chain="main",stage="det"' in body
-                else None
-            )
+            values = [line.split()[-1] for line in body.splitlines() if line.startswith(det_sent)]
+            # the stats files refresh once a second: wait until the source's count is in
+            return body if values and float(values[0]) == 300 else None
 
         body = wait_for(scraped, timeout=40)
-        sent = [
-            line
-            for line in body.splitlines()
-            if line.startswith("arroyo_events_sent_total") and 'stage="det"' in line
-        ]
-        assert float(sent[0].split()[-1]) == 300
         assert "# TYPE arroyo_rss_bytes gauge" in body
         assert 'arroyo_up{topology="sup",stage="sink",worker="0"} 1' in body
     finally:
