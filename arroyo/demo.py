@@ -53,8 +53,12 @@ def main(topology_path: Path = DEMO, timeout: float = 50.0) -> int:
             print(status_table(supervise.status_rows(topology), {}) + "\n")
             time.sleep(1.0)
         elapsed = time.monotonic() - t0
-        rows = supervise.status_rows(topology)
-        reports = [r for row in rows if row["stage"] == "sink" for r in row["runs"]]
+        reports: list[dict] = []
+        deadline = time.monotonic() + 3.0  # the stats files refresh once a second
+        while len(reports) < expected_runs and time.monotonic() < deadline:
+            time.sleep(0.2)
+            rows = supervise.status_rows(topology)
+            reports = [r for row in rows if row["stage"] == "sink" for r in row["runs"]]
     except KeyboardInterrupt:
         print("interrupted")
         return 130
