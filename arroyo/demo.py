@@ -8,6 +8,7 @@ every run reached the sink, prints a summary, and always brings everything down
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,8 @@ def main(topology_path: Path = DEMO, timeout: float = 50.0) -> int:
     if sink.exists():
         sink.unlink()
     print(f"arroyo demo: {topology.path}")
+    if supervise.is_running(topology):  # left over from an earlier demo: start afresh
+        supervise.down(topology)
     t0 = time.monotonic()
     try:
         problems = supervise.up(topology)
@@ -63,7 +66,12 @@ def main(topology_path: Path = DEMO, timeout: float = 50.0) -> int:
         print("interrupted")
         return 130
     finally:
-        supervise.down(topology)
+        # A second Ctrl-C must not cut the clean stop short and leave processes behind.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            supervise.down(topology)
+        finally:
+            signal.signal(signal.SIGINT, previous)
     stops = _runs(sink)
     events = (
         sum(1 for line in sink.read_text().splitlines() if '"Event"' in line)
