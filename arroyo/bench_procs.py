@@ -47,6 +47,13 @@ def make_payload(size: int) -> bytes | np.ndarray:
     return rng.integers(0, 4096, size // 2, dtype=np.uint16)
 
 
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Whole or not at all: the bench polls for the file and reads it at once."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
 class Recorder:
     """Counts a stream and times it from the first to the last message."""
 
@@ -99,9 +106,7 @@ class Recorder:
         if self.written:
             return
         self.written = True
-        tmp = self.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.result()))
-        os.replace(tmp, self.out)
+        _write_json(self.out, self.result())
 
 
 class Pacer:
@@ -149,7 +154,7 @@ class BenchSource(Listener):
         cpu = time.process_time()
         self._send_run()
         if self.out is not None:
-            self.out.write_text(json.dumps({"cpu_s": time.process_time() - cpu}))
+            _write_json(self.out, {"cpu_s": time.process_time() - cpu})
 
     def _send_run(self) -> None:
         self.deliver(Start(data={"bench": True}))
