@@ -77,13 +77,18 @@ class StageOperator(Operator):
         self.runtime = runtime
         self.out_events: dict[int, int] = defaultdict(int)
         self.timed = stats_enabled()
+        self._tick = 0
 
     def process(self, message: Message) -> Any:
         return self.inner.process(message)
 
     def handle(self, message: Message) -> list[Message]:
         rt = self.runtime
-        t0 = time.perf_counter_ns() if self.timed else 0
+        # Time one message in eight: the mean and p99 stay representative, and two
+        # clock reads per message are a measurable share of a 100-byte hop.
+        self._tick = (self._tick + 1) & 7
+        timed = self.timed and self._tick == 0
+        t0 = time.perf_counter_ns() if timed else 0
         try:
             outputs = outputs_of(self.inner.process(message), message)
         except Exception as e:
@@ -100,7 +105,7 @@ class StageOperator(Operator):
                 msg = f"on_error = stop: {type(e).__name__}: {e}"
                 raise StageFailed(msg) from e
             return []
-        if self.timed:
+        if timed:
             rt.counters.process_ns.append(time.perf_counter_ns() - t0)
         for out in outputs:
             if isinstance(out, Start):
