@@ -92,18 +92,7 @@ class StageOperator(Operator):
         try:
             outputs = outputs_of(self.inner.process(message), message)
         except Exception as e:
-            rt.counters.errors += 1
-            rt.counters.drops["operator_error"] += 1
-            log.exception(
-                "process() failed on %s run %d seq %d: %s",
-                type(message).__name__,
-                message.run,
-                message.seq,
-                e,
-            )
-            if rt.spec.on_error == "stop":
-                msg = f"on_error = stop: {type(e).__name__}: {e}"
-                raise StageFailed(msg) from e
+            self._failed("process", "operator_error", message, e)
             return []
         if timed:
             rt.counters.process_ns.append(time.perf_counter_ns() - t0)
@@ -115,13 +104,25 @@ class StageOperator(Operator):
                 try:
                     publisher.publish(out)
                 except Exception as e:
-                    rt.counters.errors += 1
-                    rt.counters.drops["publish_error"] += 1
-                    log.exception("publish() failed on run %d seq %d: %s", out.run, out.seq, e)
-                    if rt.spec.on_error == "stop":
-                        msg = f"on_error = stop: {type(e).__name__}: {e}"
-                        raise StageFailed(msg) from e
+                    self._failed("publish", "publish_error", out, e)
         return outputs
+
+    def _failed(self, call: str, reason: str, message: Message, error: Exception) -> None:
+        """Count and log a user-code exception; fatal only with ``on_error = stop``."""
+        rt = self.runtime
+        rt.counters.errors += 1
+        rt.counters.drops[reason] += 1
+        log.exception(
+            "%s() failed on %s run %d seq %d: %s",
+            call,
+            type(message).__name__,
+            message.run,
+            message.seq,
+            error,
+        )
+        if rt.spec.on_error == "stop":
+            msg = f"on_error = stop: {type(error).__name__}: {error}"
+            raise StageFailed(msg) from error
 
     def _account(self, out: Message) -> None:
         # Events carry no origin, so count by run id; a stage sees one run at a time.
