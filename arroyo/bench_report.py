@@ -137,6 +137,22 @@ def _latency(rows: list[dict[str, Any]]) -> list[str]:
     return _table(head, body)
 
 
+def _scaling(s: dict[str, Any]) -> list[str]:
+    """Arroyo's workers beside the machine's own ceiling: the same operator called in
+    a loop by as many plain processes (no sockets, no source, no sink)."""
+    head = ["workers", "arroyo events/s", "arroyo speed-up", "bare processes events/s",
+            "bare speed-up", "arroyo/bare"]  # fmt: skip
+    body = []
+    for k, side, bare in ((1, "1 worker", "bare 1"), (2, "2 workers", "bare 2")):
+        ours, theirs = s[side].get("msg_s"), s.get(bare, {}).get("msg_s")
+        speedup = s.get("ratio") if k == 2 else 1.0
+        bare_speedup = s.get("bare_speedup") if k == 2 else 1.0
+        ratio = ours / theirs if ours and theirs else None
+        body.append([str(k), _n(ours), _n(speedup, 2), _n(theirs), _n(bare_speedup, 2),
+                     _n(ratio, 2)])  # fmt: skip
+    return _table(head, body)
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     out = [
@@ -153,14 +169,9 @@ def markdown(results: dict[str, Any]) -> str:
         out += _throughput(results["chain"])
     if "scaling" in results:
         s = results["scaling"]
-        one, two = s["1 worker"].get("msg_s"), s["2 workers"].get("msg_s")
-        speedup = two / one if one and two else None
         what = f"Burn, {s['rounds']} rounds per {_size(s['size'])} event, hwm = {s['hwm']}"
         out += ["", f"**Scaling** ({what})", ""]
-        out += _table(
-            ["workers", "events/s", "speed-up"],
-            [["1", _n(one), "1.00"], ["2", _n(two), _n(speedup, 2)]],
-        )
+        out += _scaling(s)
     if "latency" in results:
         out += ["", "**Latency** per hop (receive - send time, first 5 % left out)", ""]
         out += _latency(results["latency"])

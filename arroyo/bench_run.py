@@ -185,6 +185,25 @@ class Runner:
 
         return self._measure(start, self.timeout)
 
+    def bare_burn(self, size: int, count: int, rounds: int, processes: int) -> dict[str, Any]:
+        """``count`` events of Burn work split over ``processes`` plain processes that
+        start together; timed from the first one's start to the last one's end."""
+        case = self._case_dir()
+        outs = [case / f"burn{i}.json" for i in range(processes)]
+        at = time.time() + 1.0  # every process has imported numpy by then
+        try:
+            for i, out in enumerate(outs):
+                share = count // processes + (1 if i < count % processes else 0)
+                self._raw(case, "bare-burn", f"burn{i}", False, "--size", str(size),
+                          "--count", str(share), "--rounds", str(rounds), "--at", str(at),
+                          "--out", str(out))  # fmt: skip
+            parts = [self._await_result(out, self.timeout) for out in outs]
+        finally:
+            self.children.kill_all()
+        seconds = max(p["ended"] for p in parts) - min(p["began"] for p in parts)
+        # (n - 1) / seconds in ``throughput``: count the start as the first "message"
+        return {"count": count + 1, "bytes": 0, "seconds": seconds, "complete": True}
+
     # -- Arroyo stage processes ---------------------------------------------------------
 
     def arroyo(

@@ -95,11 +95,22 @@ def scaling(runner: Runner, plan: Plan) -> dict[str, Any]:
     }
 
     def run(row: dict[str, Any], side: str) -> Measure:
-        workers = int(side[0])
-        return lambda: runner.arroyo("ipc", size, n, operator=op, workers=workers)
+        k = int(side[-1] if side.startswith("bare") else side[0])
+        if side.startswith("bare"):
+            # The machine's own ceiling: the same work in k plain processes, no links.
+            return lambda: runner.bare_burn(size, n, plan.scale_rounds, k)
+        return lambda: runner.arroyo("ipc", size, n, operator=op, workers=k)
 
-    (row,) = interleaved([row], ["1 worker", "2 workers"], max(1, plan.repeats - 1), run)
+    sides = ["bare 1", "bare 2", "1 worker", "2 workers"]
+    (row,) = interleaved([row], sides, max(1, plan.repeats - 1), run)
+    row["ratio"] = _speedup(row, "1 worker", "2 workers")
+    row["bare_speedup"] = _speedup(row, "bare 1", "bare 2")
     return row
+
+
+def _speedup(row: dict[str, Any], one: str, two: str) -> float | None:
+    a, b = row[one].get("msg_s"), row[two].get("msg_s")
+    return b / a if a and b else None
 
 
 def latency(runner: Runner, plan: Plan) -> list[dict[str, Any]]:

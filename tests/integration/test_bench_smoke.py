@@ -37,6 +37,10 @@ def test_bench_smoke_writes_a_complete_report(tmp_path):
     assert 0 < latency["p50_us"] <= latency["p99_us"] <= latency["p999_us"]
     assert report["scaling"]["1 worker"]["msg_s"] > 0
     assert report["scaling"]["2 workers"]["msg_s"] > 0
+    # the machine's own ceiling, measured beside the workers
+    assert report["scaling"]["bare 1"]["msg_s"] > 0
+    assert report["scaling"]["bare 2"]["msg_s"] > 0
+    assert report["scaling"]["bare_speedup"] > 0
     assert report["counters"]["stats on"]["msg_s"] > 0
     assert report["counters"]["stats off"]["msg_s"] > 0
     assert [t["target"] for t in report["targets"]] == [
@@ -49,3 +53,4 @@ def test_bench_smoke_writes_a_complete_report(tmp_path):
     # the markdown table went to stdout
     assert "| ipc | 100 B |" in proc.stdout
     assert "**Targets**" in proc.stdout
+    assert "bare speed-up" in proc.stdout
