@@ -69,6 +69,8 @@ def peer_alive(peer_id: str) -> bool:
 
 
 def _is_control(frame: Any) -> bool:
+    if type(frame) is bytes:  # the usual case: ``_recv`` hands the first frame over as bytes
+        return frame[:1] == b"\x00"
     data = frame.buffer if hasattr(frame, "buffer") else frame
     return len(data) > 0 and data[0] == 0
 
@@ -210,6 +212,8 @@ class LinkEnd:
         if kind == zmq.ROUTER:
             self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
 
+        self._router = bind and kind == zmq.ROUTER
+        self._ids: dict[bytes, str] = {}
         self.peers: dict[str, Peer] = {}
         self.welcomed = bind  # a connector is welcomed once the binder answered its HELLO
         self._hello_at = 0.0
@@ -249,19 +253,34 @@ class LinkEnd:
                 self._hello_at = time.monotonic()
 
     def _recv(self) -> tuple[str, list[Any]] | None:
+        """One whole message as (sender id or "", frames), its first frame as bytes."""
+        recv = self.socket.recv
         try:
-            frame = self.socket.recv(_NOBLOCK, copy=False)
+            frame = recv(_NOBLOCK, copy=False)
         except zmq.Again:
             return None
         # (recv_multipart asks the socket for RCVMORE through an enum per frame; the
         # frame knows it, and the whole message is already here)
-        frames = [frame]
+        frames: list[Any] = [frame]
         while frame.more:
-            frame = self.socket.recv(_NOBLOCK, copy=False)
+            frame = recv(_NOBLOCK, copy=False)
             frames.append(frame)
-        if self.bind and self.socket.type == zmq.ROUTER:
-            return frames[0].bytes.decode(errors="replace"), frames[1:]
-        return "", frames
+        sender = ""
+        if self._router:
+            sender = self._sender_id(frames.pop(0).bytes)
+        if frames and len(frames[0]) <= wire.MAX_HEADER_BYTES:
+            # A header (or control verb) is small and read whole at once: as bytes it
+            # costs less to test and unpack than through a memoryview of the frame.
+            frames[0] = frames[0].bytes
+        return sender, frames
+
+    def _sender_id(self, routing_id: bytes) -> str:
+        known = self._ids.get(routing_id)
+        if known is None:
+            known = routing_id.decode(errors="replace")
+            if len(self._ids) < 4096:  # a bound against peers that come and go forever
+                self._ids[routing_id] = known
+        return known
 
     def close(self, linger_ms: int = 5000) -> None:
         if self.monitor is not None:

@@ -14,6 +14,7 @@ than the frames already received).
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,7 +51,16 @@ def _to_msgpack(obj: Any) -> Any:
     raise WireError(msg, reason="encode")
 
 
-_packer_opts: dict[str, Any] = {"default": _to_msgpack, "use_bin_type": True}
+_local = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    """This thread's Packer: one per call costs a third of packing a small header.
+    (A Packer is not thread-safe, and user listeners may deliver from their own thread.)"""
+    packer = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _local.packer = msgpack.Packer(default=_to_msgpack, use_bin_type=True)
+    return packer
 
 
 def _array_buffer(array: np.ndarray) -> tuple[list[Any], np.ndarray]:
@@ -117,7 +127,7 @@ def encode(message: Message) -> list[Any]:
     if message.routing:
         header["x"] = message.routing
     try:
-        head = msgpack.packb(header, **_packer_opts)
+        head = _packer().pack(header)
     except WireError:
         raise
     except (TypeError, ValueError, OverflowError) as e:
@@ -149,7 +159,8 @@ def _reject_ext(code: int, data: bytes) -> Any:
 
 
 def _unpack_header(frame: Frame) -> dict[str, Any]:
-    buf = _buffer(frame)
+    # bytes go to msgpack as they are: the receiving link hands headers over as bytes
+    buf = frame if type(frame) is bytes else _buffer(frame)
     if len(buf) > MAX_HEADER_BYTES:
         msg = f"header of {len(buf)} bytes exceeds the {MAX_HEADER_BYTES}-byte limit"
         raise WireError(msg, reason="oversized")
@@ -180,21 +191,37 @@ def _unpack_header(frame: Frame) -> dict[str, Any]:
 
 def _int_field(header: dict[str, Any], key: str, default: int = 0) -> int:
     value = header.get(key, default)
-    if type(value) is not int:
+    if type(value) is not int:  # not bool, not float
         msg = f"header field {key!r} must be an integer, got {type(value).__name__}"
         raise WireError(msg)
     return value
 
 
 def _dict_field(header: dict[str, Any], key: str) -> dict[str, Any]:
-    value = header.get(key, {})
-    if not isinstance(value, dict):
-        msg = f"header field {key!r} must be a map, got {type(value).__name__}"
-        raise WireError(msg)
-    return value
+    value = header.get(key)
+    if type(value) is dict:  # msgpack only ever builds plain dicts
+        return value
+    if key not in header:
+        return {}
+    msg = f"header field {key!r} must be a map, got {type(value).__name__}"
+    raise WireError(msg)
+
+
+_DTYPES: dict[str, np.dtype[Any]] = {}  # dtype strings already checked (parsing costs ~1 µs)
+_MAX_CACHED_DTYPES = 256  # a hostile peer cannot grow it without bound
 
 
 def _parse_dtype(text: Any) -> np.dtype[Any]:
+    cached = _DTYPES.get(text) if type(text) is str else None
+    if cached is not None:
+        return cached
+    dtype = _check_dtype(text)
+    if len(_DTYPES) < _MAX_CACHED_DTYPES:
+        _DTYPES[text] = dtype
+    return dtype
+
+
+def _check_dtype(text: Any) -> np.dtype[Any]:
     if not isinstance(text, str) or len(text) > 32:
         msg = f"array dtype must be a short string, got {text!r:.40}"
         raise WireError(msg)
@@ -216,9 +243,10 @@ def _parse_shape(shape: Any) -> tuple[int, ...]:
     if not isinstance(shape, list) or len(shape) > MAX_NDIM:
         msg = f"array shape must be a list of at most {MAX_NDIM} integers"
         raise WireError(msg)
-    if not all(type(n) is int and n >= 0 for n in shape):
-        msg = f"array shape {shape!r:.60} has a negative or non-integer dimension"
-        raise WireError(msg)
+    for n in shape:
+        if type(n) is not int or n < 0:
+            msg = f"array shape {shape!r:.60} has a negative or non-integer dimension"
+            raise WireError(msg)
     return tuple(shape)
 
 
@@ -254,7 +282,11 @@ def _decode_payload(header: dict[str, Any], frames: Sequence[Frame]) -> Payload:
     if kind == PAYLOAD_NONE and not descs:
         return None
     if kind == PAYLOAD_BYTES and len(descs) == 1 and descs[0][1] is None:
-        return bytes(_buffer(frames[1]))
+        frame = frames[1]
+        if type(frame) is bytes:
+            return frame
+        copied = getattr(frame, "bytes", None)  # a zmq.Frame copies itself out the fastest
+        return copied if type(copied) is bytes else bytes(_buffer(frame))
     if kind == PAYLOAD_ARRAY and len(descs) == 1:
         return _decode_array(descs[0], frames[1])
     if kind == PAYLOAD_DICT:
@@ -272,7 +304,7 @@ def _decode_payload(header: dict[str, Any], frames: Sequence[Frame]) -> Payload:
 
 def decode(frames: Sequence[Frame]) -> Message:
     """The message in ``frames``; raises ``WireError`` (only) on anything invalid."""
-    if not isinstance(frames, Sequence) or len(frames) == 0:
+    if (type(frames) is not list and not isinstance(frames, Sequence)) or len(frames) == 0:
         msg = "a message needs at least a header frame"
         raise WireError(msg, reason="frames")
     if len(frames) > MAX_BUFFERS + 1:
@@ -284,20 +316,15 @@ def decode(frames: Sequence[Frame]) -> Message:
     if cls is None:
         msg = f"unknown message kind {header.get('k')!r:.20}"
         raise WireError(msg)
-    common: dict[str, Any] = {
-        "run": _int_field(header, "r"),
-        "seq": _int_field(header, "q"),
-        "timestamp_ns": _int_field(header, "t"),
-        "routing": _dict_field(header, "x"),
-    }
+    run, seq, stamp = _int_field(header, "r"), _int_field(header, "q"), _int_field(header, "t")
+    routing, meta = _dict_field(header, "x"), _dict_field(header, "m")
     if cls is Event:
-        return Event(
-            metadata=_dict_field(header, "m"), payload=_decode_payload(header, frames), **common
-        )
+        payload = _decode_payload(header, frames)
+        return Event(meta, payload, run=run, seq=seq, timestamp_ns=stamp, routing=routing)
     if len(frames) != 1 or "b" in header:
         msg = "Start and Stop messages carry no buffers"
         raise WireError(msg, reason="frames")
-    return cls(data=_dict_field(header, "m"), **common)  # type: ignore[call-arg]
+    return cls(data=meta, run=run, seq=seq, timestamp_ns=stamp, routing=routing)  # type: ignore[call-arg]
 
 
 def frames_nbytes(frames: Sequence[Frame]) -> int:
