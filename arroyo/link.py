@@ -45,6 +45,10 @@ log = logging.getLogger("arroyo.link")
 HELLO, WELCOME, CREDIT, EOS, BYE, ACK = (b"\x00H", b"\x00W", b"\x00C", b"\x00E", b"\x00B", b"\x00A")
 SUB_PREFIX = b"\x00sub:"
 SERVICE_INTERVAL = 0.001  # s: how stale a sender's view of credit and peers may get
+# An idle receiver returns credit at most this often. A quarter window goes back at once
+# (``consumed``), so a sender always has three quarters of its window while the
+# receiver idles: returning every message's credit at once only wakes the sender.
+CREDIT_IDLE_DELAY = 0.01  # s
 _NOBLOCK, _MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
 HOST = pysocket.gethostname()
 
@@ -478,6 +482,7 @@ class CreditReceiver(LinkEnd):
         self.window_msgs = window_msgs
         self.window_bytes = window_bytes
         self.leaving = False
+        self._idle_flushed = 0.0
 
     def _window(self) -> bytes:
         return self._hello_payload(wm=self.window_msgs, wb=self.window_bytes)
@@ -552,7 +557,17 @@ class CreditReceiver(LinkEnd):
             )
             peer.pending_msgs = peer.pending_bytes = 0
 
+    def credit_pending(self) -> bool:
+        """Credit is owed to a sender (the stage must come back within the delay)."""
+        return any(p.pending_msgs for p in self.peers.values())
+
     def flush_credit(self) -> None:
+        """Called when the stage is idle: return owed credit, at most every
+        ``CREDIT_IDLE_DELAY``."""
+        now = time.monotonic()
+        if now - self._idle_flushed < CREDIT_IDLE_DELAY:
+            return
+        self._idle_flushed = now
         for peer in self.peers.values():
             self._flush_peer(peer)
 
@@ -668,6 +683,9 @@ class SubReceiver(LinkEnd):
 
     def consumed(self, key: str, size: int) -> None:
         pass
+
+    def credit_pending(self) -> bool:
+        return False
 
     def flush_credit(self) -> None:
         pass

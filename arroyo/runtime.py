@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,15 @@ import zmq
 
 from arroyo import wire
 from arroyo.errors import ConfigError, WireError
-from arroyo.link import CreditReceiver, CreditSender, PubSender, SubReceiver, identity, peer_alive
+from arroyo.link import (
+    CREDIT_IDLE_DELAY,
+    CreditReceiver,
+    CreditSender,
+    PubSender,
+    SubReceiver,
+    identity,
+    peer_alive,
+)
 from arroyo.merge import RunMerger
 from arroyo.message import Event, Message, Start, Stop
 from arroyo.stage import Listener, Operator, PassThrough, Publisher, outputs_of
@@ -194,7 +203,6 @@ class StageProcess:
         self.inputs: list[tuple[CreditReceiver | SubReceiver, RunMerger]] = []
         self.outputs: list[CreditSender | PubSender] = []
         self.listener: Listener | None = None
-        self._signalled = False
 
     # -- set-up --------------------------------------------------------------------
 
@@ -272,14 +280,42 @@ class StageProcess:
             log.warning("cannot record run id %d: %s", run, e)
 
     def _on_signal(self, *_: Any) -> None:
-        # Only a plain assignment here: the handler runs between two bytecodes of the
-        # main thread, which may hold the very lock an Event.set() would take.
-        self._signalled = True
+        """Nothing to do here: installing a handler is what makes Python write the
+        signal to the wakeup pipe, and the watcher thread does the stopping. (This
+        runs between two bytecodes of the main thread, which may hold the very lock
+        a stop would take.)"""
 
-    def _watch_signal(self) -> None:
-        while not self._signalled:
-            time.sleep(0.02)
-        self.request_stop()
+    def _watch_signal(self, fd: int) -> None:
+        """Sleeps in a read of the signal wakeup pipe, where Python's C-level handler
+        writes the number of each signal it catches: a stop is seen at once, and an
+        idle stage spends nothing on watching. Reads until run() closes the pipe."""
+        wanted = {int(signal.SIGTERM), int(signal.SIGINT)}
+        try:
+            while data := os.read(fd, 64):
+                if wanted & set(data):
+                    self.request_stop()
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def _catch_signals(self) -> Callable[[], None]:
+        """SIGTERM and SIGINT start a clean stop; returns what undoes it."""
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        watcher = threading.Thread(
+            target=self._watch_signal, args=(read_fd,), daemon=True, name="arroyo-signal"
+        )
+        watcher.start()
+
+        def undo() -> None:
+            signal.set_wakeup_fd(previous)
+            os.close(write_fd)  # the watcher reads end-of-file and closes its end
+
+        return undo
 
     def request_stop(self, *_: Any) -> None:
         if not self.stop_requested.is_set():
@@ -294,9 +330,7 @@ class StageProcess:
 
     def run(self) -> int:
         user = build_user_object(self.spec)
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        threading.Thread(target=self._watch_signal, daemon=True, name="arroyo-signal").start()
+        release_signals = self._catch_signals()
         stats = StatsWriter(self)
         stats.start()
         try:
@@ -325,6 +359,7 @@ class StageProcess:
         finally:
             self._close_links()
             stats.stop()
+            release_signals()
         log.info("stopped cleanly")
         return 0
 
@@ -368,8 +403,10 @@ class StageProcess:
             for s in out.sockets():
                 poller.register(s, zmq.POLLIN)
         leaving = False
+        owed = False
         while True:
-            poller.poll(100)
+            # credit owed to a sender goes back within CREDIT_IDLE_DELAY even when idle
+            poller.poll(int(CREDIT_IDLE_DELAY * 1000) + 1 if owed else 100)
             busy = False
             for end, merger in self.inputs:
                 busy |= self._drain_input(end, merger, op)
@@ -380,6 +417,7 @@ class StageProcess:
             if not busy:
                 for end, _ in self.inputs:
                     end.flush_credit()
+            owed = any(end.credit_pending() for end, _ in self.inputs)
             if self.stop_requested.is_set():
                 waited = time.monotonic() - self.stop_since
                 if not leaving and waited > LEAVE_GRACE:
