@@ -28,7 +28,7 @@ import struct
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -313,6 +313,7 @@ class RedisListener(Listener):
         self.from_start = from_start
         self.claim_idle_ms = claim_idle_ms
         self.dropped = 0
+        self._drops: Counter[str] = Counter()  # by reason, for drops()
         self.received = 0
         self.client: redis.Redis | None = None
         self._pubsub: Any = None
@@ -425,9 +426,11 @@ class RedisListener(Listener):
                 continue
             self.received += 1
             if not fields:  # still pending but trimmed away by MAXLEN or XDEL
-                self._drop(f"entry {entry_id!r} was deleted from the stream before delivery")
+                self._drop(
+                    "deleted", f"entry {entry_id!r} was deleted from the stream before delivery"
+                )
             elif self.field not in fields:
-                self._drop(f"entry {entry_id!r} has no field {self.field.decode()!r}")
+                self._drop("no_field", f"entry {entry_id!r} has no field {self.field.decode()!r}")
             else:
                 for message in self._decode(fields[self.field]):
                     self.deliver(message)
@@ -452,7 +455,9 @@ class RedisListener(Listener):
             )
             cursor, entries = reply[0], reply[1]
             for entry_id in reply[2] if len(reply) > 2 else []:
-                self._drop(f"entry {entry_id!r} was deleted from the stream before delivery")
+                self._drop(
+                    "deleted", f"entry {entry_id!r} was deleted from the stream before delivery"
+                )
             if entries:
                 log.warning(
                     "%s: claimed %d entries that another consumer of group %r left "
@@ -470,13 +475,19 @@ class RedisListener(Listener):
         try:
             return decode_value(self.codec, value)
         except (WireError, ValueError, TypeError) as e:
-            self._drop(f"undecodable value ({self.codec.name} codec): {e}")
+            self._drop("undecodable", f"undecodable value ({self.codec.name} codec): {e}")
             return []
 
-    def _drop(self, why: str) -> None:
+    def _drop(self, reason: str, why: str) -> None:
         self.dropped += 1
+        self._drops[reason] += 1
         if worth_logging(self.dropped - 1, self.dropped):
             log.warning("%s: dropped %s (%d dropped so far)", self.name, why, self.dropped)
+
+    def drops(self) -> dict[str, int]:
+        """Values read but not delivered, by reason: ``deleted`` (trimmed from the
+        stream before delivery), ``no_field``, ``undecodable``."""
+        return dict(self._drops)
 
     def close(self) -> None:
         self._disconnect()
@@ -532,6 +543,7 @@ class RedisPublisher(Publisher):
         self.buffer = buffer
         self.close_timeout = close_timeout
         self.dropped = 0
+        self._drops: Counter[str] = Counter()  # by reason, for drops()
         self.sent = 0
         self.client: redis.Redis | None = None
         # "written up to" key of this publisher (stream mode; see the class docstring)
@@ -566,7 +578,9 @@ class RedisPublisher(Publisher):
             self._pending.append((self._counter, value))
             if len(self._pending) > self.buffer:
                 self._pending.popleft()
-                self._count_drops(1, "the buffer for messages Redis could not take yet is full")
+                self._count_drops(
+                    1, "buffer_full", "the buffer for messages Redis could not take yet is full"
+                )
             if self._down:
                 return
             try:
@@ -594,7 +608,7 @@ class RedisPublisher(Publisher):
             except redis.RedisError as e:
                 for _ in chunk:
                     self._pending.popleft()
-                self._count_drops(len(chunk), f"Redis refused them: {e}")
+                self._count_drops(len(chunk), "refused", f"Redis refused them: {e}")
                 msg = f"{self.name}: {e}"
                 raise RuntimeError(msg) from e
             for _ in chunk:
@@ -668,8 +682,15 @@ class RedisPublisher(Publisher):
                 self._backoff.succeeded()
                 return
 
-    def _count_drops(self, n: int, why: str) -> None:
+    def drops(self) -> dict[str, int]:
+        """Messages Redis never got, by reason: ``buffer_full`` (the retry buffer
+        overflowed while Redis was away), ``refused`` (an error reply such as
+        WRONGTYPE), ``unreachable`` (still buffered when the stage closed)."""
+        return dict(self._drops)
+
+    def _count_drops(self, n: int, reason: str, why: str) -> None:
         self.dropped += n
+        self._drops[reason] += n
         if worth_logging(self.dropped - n, self.dropped):
             log.warning(
                 "%s: dropped %d message(s): %s (%d dropped so far)",
@@ -694,7 +715,9 @@ class RedisPublisher(Publisher):
             thread.join(BACKOFF_CAP + 15)
         with self._lock:
             if self._pending:
-                self._count_drops(len(self._pending), "Redis was unreachable until close")
+                self._count_drops(
+                    len(self._pending), "unreachable", "Redis was unreachable until close"
+                )
                 self._pending.clear()
             if self.client is not None:
                 if self.mode == "stream" and not self._down:

@@ -203,6 +203,7 @@ class StageProcess:
         self.inputs: list[tuple[CreditReceiver | SubReceiver, RunMerger]] = []
         self.outputs: list[CreditSender | PubSender] = []
         self.listener: Listener | None = None
+        self.outside_end: Listener | Publisher | None = None  # the user's, if it is one
 
     # -- set-up --------------------------------------------------------------------
 
@@ -330,6 +331,8 @@ class StageProcess:
 
     def run(self) -> int:
         user = build_user_object(self.spec)
+        if isinstance(user, Listener | Publisher):
+            self.outside_end = user
         release_signals = self._catch_signals()
         stats = StatsWriter(self)
         stats.start()
@@ -504,7 +507,7 @@ class StatsWriter(threading.Thread):
             self.write()
 
     def write(self) -> None:
-        snap = self.process.counters.snapshot()
+        snap = self.process.counters.snapshot(self._outside_drops())
         snap["pid"] = os.getpid()
         snap["id"] = self.process.me
         now = time.monotonic()
@@ -521,6 +524,16 @@ class StatsWriter(threading.Thread):
             os.replace(tmp, self.path)
         except OSError as e:
             log.debug("stats not written: %s", e)
+
+    def _outside_drops(self) -> dict[str, int]:
+        end = self.process.outside_end
+        if end is None:
+            return {}
+        try:
+            return dict(end.drops())
+        except Exception as e:  # user code: a broken count must not stop the stats
+            log.debug("%s.drops() failed: %s", type(end).__name__, e)
+            return {}
 
     def stop(self) -> None:
         self.done.set()

@@ -21,10 +21,24 @@ from arroyo.message import Message
 Result: TypeAlias = Message | Iterable[Message] | None
 
 
-class Publisher(ABC):
+class _OutsideEnd:
+    """What the two ends that face the outside world share."""
+
+    def drops(self) -> dict[str, int]:
+        """Messages this end lost on the outside world's side, by reason (a value it
+        could not decode, a write the far side refused...), counted since ``setup``.
+
+        The runtime reads this about once a second, from its stats thread, and adds it
+        to the stage's drops in ``arroyo status`` and the metrics; keep it cheap and
+        return a plain dict of counts (a copy of your counter). Default: nothing lost.
+        """
+        return {}
+
+
+class Publisher(_OutsideEnd, ABC):
     """Gives messages to the outside world (a viewer, Redis, a file) or to the next stage."""
 
-    def setup(self) -> None:  # noqa: B027  (optional hook)
+    def setup(self) -> None:
         """Acquire resources (open files, connect). Called once, before the first publish."""
 
     @abstractmethod
@@ -37,7 +51,7 @@ class Publisher(ABC):
         with the message's run and sequence number; the stage goes on.
         """
 
-    def close(self) -> None:  # noqa: B027  (optional hook)
+    def close(self) -> None:
         """Flush and release resources. Called once, after the last publish."""
 
 
@@ -84,7 +98,7 @@ class Operator(ABC):
         return outputs
 
 
-class Listener(ABC):
+class Listener(_OutsideEnd, ABC):
     """Takes messages from the outside world (or a previous stage) and hands them on."""
 
     @property
@@ -110,7 +124,7 @@ class Listener(ABC):
     def stopping(self) -> bool:
         return self.stop_requested.is_set()
 
-    def setup(self) -> None:  # noqa: B027  (optional hook)
+    def setup(self) -> None:
         """Acquire resources (connect to the source). Called once, before ``start``."""
 
     @abstractmethod
@@ -133,7 +147,7 @@ class Listener(ABC):
         """Hand one message to the operator (and through it to the publishers)."""
         self.operator.handle(message)
 
-    def close(self) -> None:  # noqa: B027  (optional hook)
+    def close(self) -> None:
         """Release resources. Called once, after ``start`` returned."""
 
 

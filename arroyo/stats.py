@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,8 +117,12 @@ class StageCounters:
         self.links.append(counters)
         return counters
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, outside: Mapping[str, int] | None = None) -> dict[str, Any]:
+        """Everything counted, plus ``outside``: the drops the stage's own listener or
+        publisher reports (``drops()``), which the runtime cannot see itself."""
         times = sorted(self.process_ns)
+        drops = Counter(self.drops)
+        drops.update(outside or {})
         return {
             "stage": self.stage,
             "worker": self.worker,
@@ -128,8 +133,8 @@ class StageCounters:
             "received": sum(c.events for c in self.links if c.direction == "in"),
             "sent": sum(c.events for c in self.links if c.direction == "out"),
             "errors": self.errors,
-            "dropped": sum(self.drops.values()) + sum(sum(c.drops.values()) for c in self.links),
-            "drops": dict(self.drops),
+            "dropped": sum(drops.values()) + sum(sum(c.drops.values()) for c in self.links),
+            "drops": dict(drops),
             "current_run": self.current_run,
             "process_ms_mean": (sum(times) / len(times) / 1e6) if times else 0.0,
             "process_ms_p99": (times[int(len(times) * 0.99)] / 1e6) if times else 0.0,

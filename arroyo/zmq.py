@@ -85,11 +85,15 @@ class ZMQListener(Listener):
         try:
             result = self.codec.decode(frames)
         except (WireError, ValueError, TypeError) as e:
-            self.dropped += 1
+            self.dropped += 1  # (read by drops() from the stats thread: an int is enough)
             log.warning("dropped an undecodable message (%s codec): %s", self.codec.name, e)
             return
         for message in [result] if isinstance(result, Message) else list(result or []):
             self.deliver(message)
+
+    def drops(self) -> dict[str, int]:
+        """Messages received but not delivered: ``undecodable`` by the codec."""
+        return {"undecodable": self.dropped} if self.dropped else {}
 
     def close(self) -> None:
         if self.sock is not None:

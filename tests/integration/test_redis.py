@@ -6,6 +6,7 @@ one test (deleted afterwards); the restart test runs a redis-server of its own.
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
@@ -250,6 +251,7 @@ def test_undecodable_values_are_counted_and_acknowledged(client, key):
         wait_for(lambda: len(sink.messages) >= 1, timeout=10)
         wait_for(lambda: client.xpending(key, "arroyo")["pending"] == 0, timeout=5)
     assert listener.dropped == 3
+    assert listener.drops() == {"undecodable": 1, "no_field": 1, "deleted": 1}
     assert [m.metadata for m in sink.messages] == [{"ok": True}]
 
 
@@ -318,8 +320,10 @@ def test_unreachable_redis_stop_is_prompt_and_drops_are_counted():
         pub.publish(Event(metadata={"i": i}))
     assert time.monotonic() - t0 < 1.0, "publish() must not wait for an unreachable Redis"
     assert pub.dropped == 3
+    assert pub.drops() == {"buffer_full": 3}
     pub.close()
     assert pub.dropped == 8
+    assert pub.drops() == {"buffer_full": 3, "unreachable": 5}
     assert time.monotonic() - t0 < 8.0
 
 
@@ -361,19 +365,29 @@ def test_redis_cli_publish_reaches_a_chain(topo, stages, tmp_path, client, key):
     stages.start(path, "sink")
     stages.start(path, "lis")
     wait_subscribed(client, key)
-    body = '{"kind":"event","metadata":{"x":1}}'
-    done = subprocess.run(
-        [cli, "-h", HOST, "-p", str(PORT), "PUBLISH", key, body],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=True,
-    )
-    assert done.stdout.strip() == "1", done.stdout  # one subscriber got it
+    for body in ("this is not json", '{"kind":"event","metadata":{"x":1}}'):
+        done = subprocess.run(
+            [cli, "-h", HOST, "-p", str(PORT), "PUBLISH", key, body],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        assert done.stdout.strip() == "1", done.stdout  # one subscriber got it
     out = tmp_path / "out.jsonl"
     records = wait_for(lambda: read_jsonl(out), timeout=15)
     assert records[0]["kind"] == "Event"
     assert records[0]["metadata"] == {"x": 1}
+    # the value it could not decode shows in the stage's stats (what status reads)
+    stats_file = tmp_path / "run" / "stats" / "lis.0.json"
+
+    def drops() -> dict | None:
+        stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+        return stats if stats.get("drops") else None
+
+    stats = wait_for(drops, timeout=10)
+    assert stats["drops"] == {"undecodable": 1}
+    assert stats["dropped"] == 1
     assert all(c == 0 for c in stages.stop_all(["lis.0", "sink.0"]).values()), stages.dump()
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from arroyo.message import Event, Message, Start, Stop
 from arroyo.stage import Listener, Operator, PassThrough, Publisher, Result, outputs_of
+from arroyo.stats import StageCounters
 from arroyo.testing import (
     CollectingPublisher,
     ListListener,
@@ -421,3 +422,19 @@ def test_make_run_is_numbered_as_documented() -> None:
     assert isinstance(event, Event)
     assert isinstance(event.payload, np.ndarray)
     assert (event.payload.shape, event.payload.dtype) == ((2, 5), np.float32)
+
+
+def test_outside_drops_are_counted_with_the_stage_drops() -> None:
+    # An end that lost nothing says so by default.
+    assert CollectingPublisher().drops() == {}
+    assert ListListener([]).drops() == {}
+
+    counters = StageCounters("pub", 0)
+    counters.drops["publish_error"] += 2
+    link = counters.link("a__pub", "in")
+    link.drop("bad_control")
+    snap = counters.snapshot({"refused": 3, "publish_error": 1})
+    assert snap["drops"] == {"publish_error": 3, "refused": 3}
+    assert snap["dropped"] == 3 + 3 + 1
+    # the counters themselves are not changed by a snapshot
+    assert counters.snapshot()["drops"] == {"publish_error": 2}
