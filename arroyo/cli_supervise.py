@@ -41,7 +41,7 @@ def up(topology: str, chains: tuple[str, ...]) -> None:
     from arroyo.supervise import up as do_up
 
     topo = _load(topology)
-    problems = do_up(topo, chains)
+    problems = do_up(topo, chains, say=lambda line: click.echo(line, err=True))
     if problems:
         for p in problems:
             click.echo(p, err=True)

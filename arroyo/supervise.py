@@ -9,6 +9,7 @@ by ``arroyo scale`` are recorded in ``RUN_DIR/workers.json`` and rendered from t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 import xmlrpc.client
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,11 +125,34 @@ def _program(topology: Topology, spec: StageSpec, logs: Path) -> str:
     )
 
 
+FINGERPRINT = "sha256"
+
+
+def fingerprint(topology: Topology) -> str:
+    """The topology file as it is now, in 16 hex digits (recorded in the rendered config)."""
+    try:
+        return hashlib.sha256(topology.path.read_bytes()).hexdigest()[:16]
+    except OSError:
+        return "unreadable"
+
+
+def rendered_fingerprint(topology: Topology) -> str | None:
+    """The fingerprint the running config was rendered from (None: not recorded)."""
+    try:
+        with paths(topology).conf.open() as f:
+            first = f.readline()
+    except OSError:
+        return None
+    _, found, rest = first.partition(f"({FINGERPRINT} ")
+    return rest.split(")", 1)[0] if found else None
+
+
 def render(topology: Topology) -> str:
     """The complete supervisord.conf for ``topology``."""
     p = paths(topology)
     parts = [
-        f"; rendered by arroyo from {topology.path}; edit the topology, not this file",
+        f"; rendered by arroyo from {topology.path} ({FINGERPRINT} {fingerprint(topology)});"
+        " edit the topology, not this file",
         "[unix_http_server]",
         f"file = {p.socket}",
         "chmod = 0700",
@@ -233,10 +258,22 @@ def log_tail(topology: Topology, name: str, lines: int = 15) -> str:
         return "(no log)"
 
 
-def up(topology: Topology, chains: tuple[str, ...] = (), timeout: float = 60.0) -> list[str]:
+def up(
+    topology: Topology,
+    chains: tuple[str, ...] = (),
+    timeout: float = 60.0,
+    say: Callable[[str], None] = lambda _: None,
+) -> list[str]:
     """Start supervisord if needed and every process of ``chains`` (sinks first);
-    wait until all are RUNNING. Returns problem lines (empty when everything runs)."""
+    wait until all are RUNNING. Returns problem lines (empty when everything runs).
+
+    A topology edited since supervisord started is re-rendered when nothing runs, and
+    refused (ConfigError) while its stages run: they keep the settings they started
+    with, and starting more next to them would mix two versions of the graph."""
     targets = chains_to_act_on(topology, chains)
+    if is_running(topology) and _config_is_stale(topology):
+        _restart_idle_supervisord(topology)
+        say(f"{topology.path} changed since supervisord started: config rendered again")
     start_supervisord(topology)
     server = rpc(topology)
     started: list[str] = []
@@ -244,6 +281,37 @@ def up(topology: Topology, chains: tuple[str, ...] = (), timeout: float = 60.0) 
         for stage in _by_priority(topology, chain):
             started += _start_stage(server, chain, stage)
     return _wait_running(topology, server, started, timeout)
+
+
+def _config_is_stale(topology: Topology) -> bool:
+    recorded = rendered_fingerprint(topology)
+    return recorded is not None and recorded != fingerprint(topology)
+
+
+def _restart_idle_supervisord(topology: Topology) -> None:
+    """Shut down a supervisord whose config is out of date, if none of its processes
+    runs; the caller starts it again with a fresh render."""
+    server = rpc(topology)
+    busy = [
+        f"{i['group']}:{i['name']}"
+        for i in server.supervisor.getAllProcessInfo()
+        if i["statename"] not in STOPPED_STATES
+    ]
+    if busy:
+        msg = (
+            f"{topology.path}: changed since its stages were started ({len(busy)} still "
+            f"running, e.g. {busy[0]}); they keep their old settings. To apply it: "
+            f"arroyo down {topology.path} && arroyo up {topology.path}"
+        )
+        raise ConfigError(msg)
+    _shutdown(topology, server)
+
+
+def _shutdown(topology: Topology, server: Any) -> None:
+    pid = supervisord_pid(topology)
+    with contextlib.suppress(OSError, xmlrpc.client.Error):
+        server.supervisor.shutdown()
+    _wait_gone(pid, timeout=30)
 
 
 def _by_priority(topology: Topology, chain: str, reverse: bool = False) -> list[str]:
@@ -306,10 +374,7 @@ def down(topology: Topology, chains: tuple[str, ...] = (), timeout: float = 120.
         for stage in _by_priority(topology, chain, reverse=True):
             _stop_stage(server, chain, stage, timeout)
     if not any(i["statename"] not in STOPPED_STATES for i in server.supervisor.getAllProcessInfo()):
-        pid = supervisord_pid(topology)
-        with contextlib.suppress(OSError, xmlrpc.client.Error):
-            server.supervisor.shutdown()
-        _wait_gone(pid, timeout=30)
+        _shutdown(topology, server)
 
 
 def _stop_stage(server: Any, chain: str, stage: str, timeout: float) -> None:

@@ -135,3 +135,34 @@ def test_render_is_unix_socket_only(sup):
         for s in ("det", "work", "sink")
     }
     assert prio["sink"] < prio["work"] < prio["det"]
+
+
+def test_up_after_an_edit_refuses_while_running_and_renders_again_when_idle(sup, tmp_path):
+    path = sup(frames=1_000_000, rate=500, workers=1)
+    arroyo("up", str(path))
+    before = pids(path)
+    path.write_text(path.read_text().replace("workers = 1", "workers = 2"))
+
+    # Stages are running with the old settings: refused, in one line, nothing touched.
+    refused = arroyo("up", str(path), check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    assert str(path) in refused.stderr and "arroyo down" in refused.stderr
+    assert pids(path) == before
+
+    # With every process stopped (plain supervisorctl), up renders the edit and runs it.
+    conf = supervise.paths(load(path)).conf
+    ctl = [str(Path(sys.executable).parent / "supervisorctl"), "-c", str(conf)]
+    subprocess.run([*ctl, "stop", "main:*"], capture_output=True, timeout=120, check=True)
+    again = arroyo("up", str(path))
+    assert "rendered again" in again.stderr
+    rows = json.loads(arroyo("status", str(path), "--json").stdout)
+    assert sorted((r["stage"], r["worker"]) for r in rows if r["state"] == "RUNNING") == [
+        ("det", 0),
+        ("sink", 0),
+        ("work", 0),
+        ("work", 1),
+    ]
+    out = tmp_path / "out.jsonl"
+    n = len(read_jsonl(out))
+    wait_for(lambda: len(read_jsonl(out)) > n + 200, timeout=30)
