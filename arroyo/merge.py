@@ -24,6 +24,35 @@ from arroyo.stats import RunReport
 
 log = logging.getLogger("arroyo.merge")
 
+# Stop.data key an operator sets to the names of the data keys that count only its own
+# worker's share of a run (ThresholdFilter: hits, misses). Where the Stops of a
+# stage's workers meet, those keys are added up and the marker is removed, so the
+# Stop downstream carries run totals, and a later merge does not add them again.
+SHARES = "summed"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def add_up_shares(data: dict[str, Any], stops: list[Stop]) -> dict[str, Any]:
+    """``data`` with each key the ``stops`` mark as a share replaced by their sum over
+    all of them, and without the marker. Keys that are not numbers are left alone."""
+    out = {k: v for k, v in data.items() if k != SHARES}
+    names = {
+        name
+        for stop in stops
+        if isinstance(stop.data.get(SHARES), list)
+        for name in stop.data[SHARES]
+        if isinstance(name, str) and name != SHARES
+    }
+    for name in names:
+        values = [stop.data[name] for stop in stops if name in stop.data]
+        if values and all(_number(v) for v in values):
+            out[name] = sum(values)
+    return out
+
+
 # (sender, size, message or None): None means "consumed, nothing to dispatch".
 Item = tuple[str, int, Message | None]
 RunKey = tuple[str, int]
@@ -126,6 +155,8 @@ class RunMerger:
             self.open_runs[key] = message
         elif isinstance(message, Stop):
             self.open_runs.pop(key, None)
+            if SHARES in message.data:  # one upstream worker: its shares are the totals
+                message.data = add_up_shares(message.data, [message])
         return [(sender, size, message)]
 
     # -- fan-in --------------------------------------------------------------------
@@ -219,7 +250,8 @@ class RunMerger:
         if run.origin_dead and not run.stops:
             report.missing_workers = ["source (died)"]
         self.on_report(report)
-        data = dict(last.data) if last else {"interrupted": True}
+        stops_seen = list(run.stops.values())
+        data = add_up_shares(dict(last.data), stops_seen) if last else {"interrupted": True}
         if report.missing_workers or report.missing:
             data["incomplete"] = True
         routing: dict[str, Any] = {"o": key[0], "n": run.events}

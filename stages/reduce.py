@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from arroyo.merge import SHARES
 from arroyo.message import Event, Message, Payload, Start, Stop
 from arroyo.stage import Operator, Result
 
@@ -381,8 +382,9 @@ class ThresholdFilter(FrameOperator):
     The filter counts kept (``hits``) and dropped (``misses``) events per run (reset at
     ``Start``) and adds both to the run's ``Stop.data`` (a new Stop with the same run,
     sequence number and routing). Events without a frame pass untouched and are not
-    counted. With several workers each worker counts its own share; the merged Stop
-    downstream carries one worker's counts, so use one worker when the totals matter.
+    counted. With several workers each worker counts its own share and marks the two
+    keys as shares (``summed``); where the workers' Stops merge downstream they are
+    added up, so the Stop that reaches the sink carries the run's totals.
     """
 
     def __init__(self, threshold: float, min_pixels: int = 1, array: str = "") -> None:
@@ -399,7 +401,8 @@ class ThresholdFilter(FrameOperator):
         if isinstance(message, Start):
             self.hits = self.misses = 0
         elif isinstance(message, Stop):
-            data = {**message.data, "hits": self.hits, "misses": self.misses}
+            data = {**message.data, "hits": self.hits, "misses": self.misses,
+                    SHARES: ["hits", "misses"]}  # fmt: skip
             return Stop(
                 data=data,
                 run=message.run,

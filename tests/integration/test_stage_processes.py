@@ -255,3 +255,18 @@ def test_sigint_also_stops_cleanly(topo, stages, tmp_path):
     for key in ["det.0", "work.0", "sink.0"]:
         stages.signal(key, signal.SIGINT)
     assert [stages.wait(k) for k in ["det.0", "work.0", "sink.0"]] == [0, 0, 0]
+
+
+def test_hit_counts_of_two_filter_workers_add_up_at_the_sink(topo, stages, tmp_path):
+    # every pixel is above -1: every frame is a hit, split between the two workers
+    op = "stages.reduce:ThresholdFilter\nthreshold = -1"
+    path = chain(topo, frames=400, runs=2, rate=2000, workers=2, op=op)
+    start_chain(stages, path, workers=2)
+    out = tmp_path / "out.jsonl"
+    wait_for(lambda: len(runs_of(read_jsonl(out))) == 2, timeout=60)
+    for _, n, stop in runs_of(read_jsonl(out)):
+        assert n == 400
+        assert (stop["data"]["hits"], stop["data"]["misses"]) == (400, 0), stop
+        assert "summed" not in stop["data"]
+    codes = stages.stop_all()
+    assert all(c == 0 for c in codes.values()), stages.dump()

@@ -394,7 +394,7 @@ def test_threshold_filter_keeps_hits_and_counts_at_stop():
     assert kept[0].payload is frames[2]
     last = out[-1]
     assert isinstance(last, Stop) and (last.run, last.seq) == (4, 6)
-    assert last.data == {"frames": 6, "hits": 3, "misses": 3}
+    assert last.data == {"frames": 6, "hits": 3, "misses": 3, "summed": ["hits", "misses"]}
     assert last.routing == {"o": "det"}
     assert stop.data == {"frames": 6}  # the input Stop is not modified
 
