@@ -270,3 +270,28 @@ def test_hit_counts_of_two_filter_workers_add_up_at_the_sink(topo, stages, tmp_p
         assert "summed" not in stop["data"]
     codes = stages.stop_all()
     assert all(c == 0 for c in codes.values()), stages.dump()
+
+
+def test_a_pub_link_from_two_workers_into_a_sink_merges_whole_runs(topo, stages, tmp_path):
+    path = chain(topo, frames=300, runs=2, rate=1000, workers=2, op="arroyo.stage:PassThrough")
+    path.write_text(path.read_text().replace("input = work\n", "input = work (pub)\n"))
+    start_chain(stages, path, workers=2)
+    out = tmp_path / "out.jsonl"
+    wait_for(lambda: len(runs_of(read_jsonl(out))) == 2, timeout=60)
+    runs = runs_of(read_jsonl(out))
+    assert [(r, n) for r, n, _ in runs] == [(1, 300), (2, 300)]
+    assert all("incomplete" not in stop["data"] for _, _, stop in runs), runs
+    stats_file = tmp_path / "run" / "stats" / "sink.0.json"
+    reports = wait_for(
+        lambda: (
+            stats_file.exists()
+            and len(json.loads(stats_file.read_text())["runs"]) == 2
+            and json.loads(stats_file.read_text())["runs"]
+        ),
+        timeout=10,
+    )
+    assert [(r["run"], r["received"], r["complete"]) for r in reports] == [
+        (1, 300, True),
+        (2, 300, True),
+    ]
+    assert all(c == 0 for c in stages.stop_all().values()), stages.dump()
