@@ -31,6 +31,13 @@ log = logging.getLogger("arroyo.merge")
 SHARES = "summed"
 
 
+def partial_stop(start: Start) -> Stop:
+    """The Stop a worker sends for its share of a run it leaves before the run's end."""
+    stop = Stop(data={"interrupted": True}, run=start.run, seq=0)
+    stop.routing = {**start.routing, "partial": True}
+    return stop
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -64,6 +71,10 @@ class _Run:
     started: bool = False
     stops: dict[str, Stop] = field(default_factory=dict)
     expected: set[str] = field(default_factory=set)
+    # Every worker that forwarded this run's Start: its share must end (Stop, partial
+    # Stop or death) before the run closes, even if the Stop's ``w`` does not name it
+    # (an upstream that restarted mid-run only knows the workers it served since).
+    senders: set[str] = field(default_factory=set)
     dead: set[str] = field(default_factory=set)
     events: int = 0
     expected_events: int = 0
@@ -141,6 +152,7 @@ class RunMerger:
         target = self.runs[key]
         target.events += run.events
         target.started |= run.started
+        target.senders |= run.senders
         target.held.extend(run.held)
         if self.current == orphan:
             self.current = key
@@ -149,15 +161,32 @@ class RunMerger:
 
     def _pass(self, sender: str, message: Message, size: int) -> list[Item]:
         key = (str(message.routing.get("o", "")), message.run)
+        ended: list[Item] = []
         if isinstance(message, Start):
             if key in self.open_runs:
                 return [(sender, size, None)]  # a re-sent Start (the sender reconnected)
+            ended = self._end_earlier_runs(key)
             self.open_runs[key] = message
         elif isinstance(message, Stop):
             self.open_runs.pop(key, None)
             if SHARES in message.data:  # one upstream worker: its shares are the totals
                 message.data = add_up_shares(message.data, [message])
-        return [(sender, size, message)]
+        return [*ended, (sender, size, message)]
+
+    def _end_earlier_runs(self, key: RunKey) -> list[Item]:
+        """A Start of another run from the same origin while one is still open: the
+        upstream moved on without sending us that run's Stop (it restarted after
+        broadcasting it, before we reconnected). Our share of it ends here."""
+        earlier = [k for k in self.open_runs if k[0] == key[0] and k != key]
+        for k in earlier:
+            log.warning(
+                "link %s: run %d of %s got no Stop before run %d began; ending our share",
+                self.link_name,
+                k[1],
+                k[0] or "?",
+                key[1],
+            )
+        return [("", 0, partial_stop(self.open_runs.pop(k))) for k in earlier]
 
     # -- fan-in --------------------------------------------------------------------
 
@@ -173,6 +202,7 @@ class RunMerger:
 
     def _apply(self, run: _Run, who: str, size: int, message: Message) -> list[Item]:
         if isinstance(message, Start):
+            run.senders.add(who)
             if run.started:
                 return [(who, size, None)]
             run.started = True
@@ -189,7 +219,7 @@ class RunMerger:
             return True
         if not run.expected:
             return False
-        return run.expected <= set(run.stops) | run.dead
+        return run.expected | run.senders <= set(run.stops) | run.dead
 
     def _eligible(self, key: RunKey, run: _Run) -> bool:
         """A run may be emitted once the run before it (same source) has been: workers
@@ -238,7 +268,7 @@ class RunMerger:
         run = self.runs.pop(key)
         stops = [s for s in run.stops.values() if not s.routing.get("partial")]
         last = stops[-1] if stops else next(iter(run.stops.values()), None)
-        missing = sorted(run.expected - set(run.stops))
+        missing = sorted((run.expected | run.senders) - set(run.stops))
         report = RunReport(
             origin=key[0],
             run=key[1],
@@ -272,7 +302,8 @@ class RunMerger:
             return out + self._advance()
         key = self.current
         run = self.runs[key]
-        run.dead |= {w for w in run.expected - set(run.stops) if not self.alive(w)}
+        owing = (run.expected | run.senders) - set(run.stops)
+        run.dead |= {w for w in owing if not self.alive(w)}
         if key[0] and not run.expected and not self.alive(key[0]) and self._orphaned(key):
             run.origin_dead = True
             log.warning(

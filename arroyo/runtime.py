@@ -32,7 +32,7 @@ from arroyo.link import (
     identity,
     peer_alive,
 )
-from arroyo.merge import RunMerger
+from arroyo.merge import RunMerger, partial_stop
 from arroyo.message import Event, Message, Start, Stop
 from arroyo.stage import Listener, Operator, PassThrough, Publisher, outputs_of
 from arroyo.stats import RunReport, StageCounters
@@ -439,10 +439,8 @@ class StageProcess:
                 self._dispatch(end, op, sender, size, msg)
             for key, start in list(merger.open_runs.items()):
                 # This worker leaves mid-run: its share of the run ends here.
-                stop = Stop(data={"interrupted": True}, run=start.run, seq=0)
-                stop.routing = {**start.routing, "partial": True}
                 merger.open_runs.pop(key)
-                op.handle(stop)
+                op.handle(partial_stop(start))
 
     def _drain_input(
         self, end: CreditReceiver | SubReceiver, merger: RunMerger, op: StageOperator
