@@ -230,6 +230,22 @@ def worth_logging(before: int, after: int) -> bool:
     return before < 10 or before // 1000 != after // 1000
 
 
+class DropCount:
+    """What one Redis end dropped: in all, and by reason for ``drops()``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.total = 0
+        self.by_reason: Counter[str] = Counter()
+
+    def add(self, n: int, reason: str, why: str) -> None:
+        before = self.total
+        self.total += n
+        self.by_reason[reason] += n
+        if worth_logging(before, self.total):
+            log.warning("%s: dropped %d: %s (%d dropped so far)", self.name, n, why, self.total)
+
+
 def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
@@ -312,8 +328,6 @@ class RedisListener(Listener):
         self.field = field.encode()
         self.from_start = from_start
         self.claim_idle_ms = claim_idle_ms
-        self.dropped = 0
-        self._drops: Counter[str] = Counter()  # by reason, for drops()
         self.received = 0
         self.client: redis.Redis | None = None
         self._pubsub: Any = None
@@ -321,6 +335,7 @@ class RedisListener(Listener):
         self._delivered: set[bytes] = set()  # delivered, XACK not confirmed yet
         self._next_claim = 0.0
         self.name = f"{type(self).__name__}({mode} {key!r} at {safe_url(url)})"  # for logs
+        self._dropped = DropCount(self.name)
         self._backoff = Backoff(self.name)
 
     # -- connection ----------------------------------------------------------------
@@ -479,15 +494,16 @@ class RedisListener(Listener):
             return []
 
     def _drop(self, reason: str, why: str) -> None:
-        self.dropped += 1
-        self._drops[reason] += 1
-        if worth_logging(self.dropped - 1, self.dropped):
-            log.warning("%s: dropped %s (%d dropped so far)", self.name, why, self.dropped)
+        self._dropped.add(1, reason, why)
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped.total
 
     def drops(self) -> dict[str, int]:
         """Values read but not delivered, by reason: ``deleted`` (trimmed from the
         stream before delivery), ``no_field``, ``undecodable``."""
-        return dict(self._drops)
+        return dict(self._dropped.by_reason)
 
     def close(self) -> None:
         self._disconnect()
@@ -542,8 +558,6 @@ class RedisPublisher(Publisher):
         self.field = field
         self.buffer = buffer
         self.close_timeout = close_timeout
-        self.dropped = 0
-        self._drops: Counter[str] = Counter()  # by reason, for drops()
         self.sent = 0
         self.client: redis.Redis | None = None
         # "written up to" key of this publisher (stream mode; see the class docstring)
@@ -555,6 +569,7 @@ class RedisPublisher(Publisher):
         self._abandon = threading.Event()
         self._retry_thread: threading.Thread | None = None
         self.name = f"{type(self).__name__}({mode} {key!r} at {safe_url(url)})"  # for logs
+        self._dropped = DropCount(self.name)
         self._backoff = Backoff(self.name)
 
     def setup(self) -> None:
@@ -682,23 +697,18 @@ class RedisPublisher(Publisher):
                 self._backoff.succeeded()
                 return
 
+    @property
+    def dropped(self) -> int:
+        return self._dropped.total
+
     def drops(self) -> dict[str, int]:
         """Messages Redis never got, by reason: ``buffer_full`` (the retry buffer
         overflowed while Redis was away), ``refused`` (an error reply such as
         WRONGTYPE), ``unreachable`` (still buffered when the stage closed)."""
-        return dict(self._drops)
+        return dict(self._dropped.by_reason)
 
     def _count_drops(self, n: int, reason: str, why: str) -> None:
-        self.dropped += n
-        self._drops[reason] += n
-        if worth_logging(self.dropped - n, self.dropped):
-            log.warning(
-                "%s: dropped %d message(s): %s (%d dropped so far)",
-                self.name,
-                n,
-                why,
-                self.dropped,
-            )
+        self._dropped.add(n, reason, why)
 
     def close(self) -> None:
         thread = self._retry_thread
