@@ -99,3 +99,32 @@ def _fields_equal(a: Message, b: Message) -> bool:
     if isinstance(a, Event) and isinstance(b, Event):
         return a.metadata == b.metadata and _payload_equal(a.payload, b.payload)
     return getattr(a, "data", None) == getattr(b, "data", None)
+
+
+# Stop.data key an operator sets to the names of the data keys that count only its own
+# worker's share of a run (ThresholdFilter: hits, misses). Where the Stops of a
+# stage's workers meet, those keys are added up and the marker is removed, so the
+# Stop downstream carries run totals, and a later merge does not add them again.
+SHARES = "summed"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def add_up_shares(data: dict[str, Any], stops: list[Stop]) -> dict[str, Any]:
+    """``data`` with each key the ``stops`` mark as a share replaced by their sum over
+    all of them, and without the marker. Keys that are not numbers are left alone."""
+    out = {k: v for k, v in data.items() if k != SHARES}
+    names = {
+        name
+        for stop in stops
+        if isinstance(stop.data.get(SHARES), list)
+        for name in stop.data[SHARES]
+        if isinstance(name, str) and name != SHARES
+    }
+    for name in names:
+        values = [stop.data[name] for stop in stops if name in stop.data]
+        if values and all(_number(v) for v in values):
+            out[name] = sum(values)
+    return out

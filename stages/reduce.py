@@ -23,8 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from arroyo.merge import SHARES
-from arroyo.message import Event, Message, Payload, Start, Stop
+from arroyo.message import SHARES, Event, Message, Payload, Start, Stop
 from arroyo.stage import Operator, Result
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from arroyo import supervise
+from arroyo.control import supervise
 from arroyo.topology import load
 from tests.conftest import read_jsonl, wait_for
 from tests.integration.conftest import arroyo, pids

@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from arroyo import supervise
+from arroyo.control import supervise
 from arroyo.topology import load
 from tests.conftest import wait_for
 from tests.integration.conftest import arroyo, pids

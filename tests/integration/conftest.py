@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from arroyo import supervise
+from arroyo.control import supervise
 from arroyo.topology import load
 from tests.conftest import arroyo_bin
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(180)
 def test_bench_smoke_writes_a_complete_report(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "arroyo.bench", "--smoke", "--json", str(out)],
+        [sys.executable, "-m", "arroyo_bench", "--smoke", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=150,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from arroyo import supervise
+from arroyo.control import supervise
 from arroyo.topology import load
 from tests.conftest import arroyo_bin, read_jsonl, runs_of
 
@@ -69,7 +69,7 @@ def test_demo_topology_under_supervisor_writes_correct_values(tmp_path):
     path.write_text(text)
     topology = load(path)
     try:
-        from arroyo.demo import main
+        from arroyo.control.demo import main
 
         assert main(path, timeout=60) == 0
     finally:

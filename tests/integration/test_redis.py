@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from arroyo.codec import get_codec
 from arroyo.errors import WireError
+from arroyo.io.codecs import get_codec
 from arroyo.message import Event, Message, Start, Stop
 from arroyo.stage import PassThrough
 from arroyo.testing import CollectingPublisher, compose, make_run
@@ -36,13 +36,11 @@ except ImportError:
         pytest.fail("redis-py is required under CI (pip install 'arroyo[redis]')", pytrace=False)
     pytest.skip("redis-py is not installed (pip install 'arroyo[redis]')", allow_module_level=True)
 
-from arroyo.redis import (  # (needs redis-py, checked just above)
+from arroyo.io.frames import decode_value, pack_frames, unpack_frames
+from arroyo.io.redis import (  # (needs redis-py, checked just above)
     RedisListener,
     RedisPublisher,
-    decode_value,
-    pack_frames,
     safe_url,
-    unpack_frames,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -345,7 +343,7 @@ run_dir = run
 
 [stage:lis]
 role = listener
-class = arroyo.redis:RedisListener
+class = arroyo.io.redis:RedisListener
 url = {url}
 mode = channel
 key = {key}
@@ -404,7 +402,7 @@ shape = 4, 4
 
 [stage:pub]
 role = publisher
-class = arroyo.redis:RedisPublisher
+class = arroyo.io.redis:RedisPublisher
 input = det
 url = {url}
 mode = stream
@@ -538,7 +536,7 @@ rate_hz = 600
 
 [stage:pub]
 role = publisher
-class = arroyo.redis:RedisPublisher
+class = arroyo.io.redis:RedisPublisher
 input = det
 url = {url}
 mode = stream
@@ -546,7 +544,7 @@ key = frames
 
 [stage:lis]
 role = listener
-class = arroyo.redis:RedisListener
+class = arroyo.io.redis:RedisListener
 url = {url}
 mode = stream
 key = frames

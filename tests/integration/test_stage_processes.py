@@ -188,7 +188,7 @@ run_dir = run
 
 [stage:ingest]
 role = listener
-class = arroyo.zmq:ZMQListener
+class = arroyo.io.zmq:ZMQListener
 endpoint = {src}
 socket = pull
 bind = true
@@ -201,7 +201,7 @@ input = ingest
 
 [stage:out]
 role = publisher
-class = arroyo.zmq:ZMQPublisher
+class = arroyo.io.zmq:ZMQPublisher
 endpoint = {dst}
 socket = push
 bind = true

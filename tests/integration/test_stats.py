@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from arroyo.stats import link_totals
+from arroyo.runtime.stats import link_totals
 from tests.conftest import arroyo_bin, read_jsonl, runs_of, wait_for
 from tests.integration.conftest import arroyo, pids
 
@@ -74,7 +74,7 @@ input = det (pub)
 
 def test_lossy_pub_link_shows_drops_in_status(topo, tmp_path):
     path = topo(LOSSY)
-    from arroyo import supervise
+    from arroyo.control import supervise
     from arroyo.topology import load
 
     try:
@@ -126,7 +126,7 @@ input = work
 
 
 def test_worker_killed_mid_run_is_reported_incomplete(topo, tmp_path):
-    from arroyo import supervise
+    from arroyo.control import supervise
     from arroyo.topology import load
 
     path = topo(SLOW)

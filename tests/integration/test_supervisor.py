@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from arroyo import supervise
+from arroyo.control import supervise
 from arroyo.topology import load
 from tests.conftest import read_jsonl, runs_of, wait_for
 from tests.integration.conftest import arroyo, pids, stage_procs, supervisord_procs

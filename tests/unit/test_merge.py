@@ -5,9 +5,9 @@ broadcast a run's Stop before a worker came back to it."""
 
 from __future__ import annotations
 
-from arroyo.merge import SHARES, RunMerger, add_up_shares
-from arroyo.message import Event, Message, Start, Stop
-from arroyo.stats import RunReport
+from arroyo.message import SHARES, Event, Message, Start, Stop, add_up_shares
+from arroyo.runtime.merge import RunMerger
+from arroyo.runtime.stats import RunReport
 
 START = Start(run=1, routing={"o": "det"})
 

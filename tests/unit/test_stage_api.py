@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from arroyo.message import Event, Message, Start, Stop
+from arroyo.runtime.stats import StageCounters
 from arroyo.stage import Listener, Operator, PassThrough, Publisher, Result, outputs_of
-from arroyo.stats import StageCounters
 from arroyo.testing import (
     CollectingPublisher,
     ListListener,

@@ -271,7 +271,7 @@ def test_no_chain_sections_make_one_chain_named_after_the_topology(tmp_path: Pat
         name = solo
         [stage:src]
         role = listener
-        class = arroyo.zmq:ZMQListener
+        class = arroyo.io.zmq:ZMQListener
         endpoint = tcp://127.0.0.1:5997
         bind = yes
         [stage:out]

@@ -103,7 +103,7 @@ def stage_command() -> list[str]:
     exe = Path(sys.executable).parent / "arroyo-stage"
     if exe.exists():
         return [str(exe)]
-    return [sys.executable, "-c", "from arroyo.cli import stage_main; stage_main()"]
+    return [sys.executable, "-c", "from arroyo.control.cli import stage_main; stage_main()"]
 
 
 class Runner:
@@ -156,7 +156,7 @@ class Runner:
     # -- raw pyzmq --------------------------------------------------------------------
 
     def _raw(self, case: Path, role: str, log: str, ready: bool, *args: str) -> None:
-        cmd = [sys.executable, "-m", "arroyo.bench_procs", role, *args]
+        cmd = [sys.executable, "-m", "arroyo_bench.procs", role, *args]
         self.children.start(cmd, case / f"{log}.log")
         if ready:
             self.children.wait_log(case / f"{log}.log", "ready")
@@ -256,7 +256,7 @@ run_dir = {case}/run
 
 [stage:src]
 role = listener
-class = arroyo.bench_procs:BenchSource
+class = arroyo_bench.procs:BenchSource
 count = {count}
 size = {size}
 rate = {rate}
@@ -265,7 +265,7 @@ out = {case}/source.json
 
 [stage:sink]
 role = publisher
-class = arroyo.bench_procs:BenchSink
+class = arroyo_bench.procs:BenchSink
 count = {count}
 out = {out}
 latency = {"yes" if rate else "no"}

@@ -11,12 +11,20 @@ Counting is a few integer additions on the hot path; a reader thread snapshots t
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import threading
 import time
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from arroyo.spec import Topology
+
+log = logging.getLogger("arroyo.stage")
 
 
 def enabled() -> bool:
@@ -167,3 +175,52 @@ def link_totals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for t in totals.values():
         t["difference"] = t["sent"] - t["received"]
     return list(totals.values())
+
+
+class StatsWriter(threading.Thread):
+    """Writes the process's counters to RUN_DIR/stats/STAGE.WORKER.json once a second.
+
+    A file per process is the stats channel: atomic to replace, readable by any
+    reader at any time, and a restarted process simply overwrites its own.
+    """
+
+    def __init__(
+        self, path: Path, snapshot: Callable[[], dict[str, Any]], interval: float = 1.0
+    ) -> None:
+        super().__init__(daemon=True, name="arroyo-stats")
+        self.path = path
+        self.snapshot = snapshot  # called from this thread: reads counters, never waits
+        self.interval = interval
+        self.done = threading.Event()
+        self._last: tuple[float, int, int] | None = None
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            self.write()
+
+    def write(self) -> None:
+        snap = self.snapshot()
+        snap["pid"] = os.getpid()
+        now = time.monotonic()
+        if self._last is not None:
+            t0, rx, tx = self._last
+            dt = max(now - t0, 1e-6)
+            snap["rate_in"] = (snap["received"] - rx) / dt
+            snap["rate_out"] = (snap["sent"] - tx) / dt
+        self._last = (now, snap["received"], snap["sent"])
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(snap))
+            os.replace(tmp, self.path)
+        except OSError as e:
+            log.debug("stats not written: %s", e)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.write()
+
+
+def stats_path(topology: Topology, stage: str, worker: int) -> Path:
+    """Where one worker's stats file is: RUN_DIR/stats/STAGE.WORKER.json."""
+    return topology.run_dir / "stats" / f"{stage}.{worker}.json"

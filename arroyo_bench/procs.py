@@ -1,4 +1,4 @@
-"""What runs inside the benchmark's child processes (see ``arroyo.bench``).
+"""What runs inside the benchmark's child processes (see ``arroyo_bench``).
 
 Two kinds of peers, measured the same way:
 
@@ -15,7 +15,7 @@ Every receiver times the stream from its first to its last message with its own
 monotonic clock; latency is receive time minus the send time stamped by the sender,
 both ``time.time_ns()`` (CLOCK_REALTIME, shared by the processes of one host).
 
-Run a raw peer as ``python -m arroyo.bench_procs ROLE --option value ...``.
+Run a raw peer as ``python -m arroyo_bench.procs ROLE --option value ...``.
 """
 
 from __future__ import annotations
@@ -309,7 +309,7 @@ ROLES = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m arroyo.bench_procs")
+    parser = argparse.ArgumentParser(prog="python -m arroyo_bench.procs")
     parser.add_argument("role", choices=sorted(ROLES))
     parser.add_argument("--endpoint", default="", help="where to bind or connect (not bare-burn)")
     parser.add_argument("--forward", default="", help="raw-relay: where to push to")

@@ -14,9 +14,8 @@ import threading
 from dataclasses import replace
 from typing import Any
 
-from arroyo.merge import SHARES, add_up_shares
-from arroyo.message import Message, Stop
-from arroyo.runtime import SourceOperator, build_user_object
+from arroyo.message import SHARES, Message, Stop, add_up_shares
+from arroyo.runtime.roles import SourceOperator, build_user_object
 from arroyo.stage import Listener, Operator, PassThrough, Publisher
 from arroyo.topology import Topology
 

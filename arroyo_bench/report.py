@@ -8,7 +8,7 @@ import platform
 from importlib import metadata
 from typing import Any
 
-from arroyo.bench_run import size_label
+from arroyo_bench.run import size_label
 
 # (name, what is compared, threshold, higher is better)
 TARGETS = [

@@ -10,8 +10,8 @@ from typing import Any
 
 import click
 
-from arroyo.cli import TOPOLOGY, main, user_errors
-from arroyo.stats import link_totals
+from arroyo.control.clibase import TOPOLOGY, main, user_errors
+from arroyo.runtime.stats import link_totals
 from arroyo.topology import Topology, load
 
 
@@ -25,7 +25,7 @@ def _load(path: str) -> Topology:
 @user_errors
 def render(topology: str, output: str | None) -> None:
     """Write the supervisord.conf for TOPOLOGY (default RUN_DIR/supervisord.conf)."""
-    from arroyo.supervise import write_config
+    from arroyo.control.render import write_config
 
     path = write_config(_load(topology), Path(output) if output else None)
     click.echo(str(path))
@@ -37,8 +37,8 @@ def render(topology: str, output: str | None) -> None:
 @user_errors
 def up(topology: str, chains: tuple[str, ...]) -> None:
     """Start supervisord if needed and the CHAINS (default all); wait until RUNNING."""
-    from arroyo.supervise import paths
-    from arroyo.supervise import up as do_up
+    from arroyo.control.render import paths
+    from arroyo.control.supervise import up as do_up
 
     topo = _load(topology)
     problems = do_up(topo, chains, say=lambda line: click.echo(line, err=True))
@@ -55,7 +55,7 @@ def up(topology: str, chains: tuple[str, ...]) -> None:
 @user_errors
 def down(topology: str, chains: tuple[str, ...]) -> None:
     """Stop CHAINS (default all) sources first; supervisord exits when nothing runs."""
-    from arroyo.supervise import down as do_down
+    from arroyo.control.supervise import down as do_down
 
     do_down(_load(topology), chains)
     click.echo("stopped")
@@ -117,7 +117,7 @@ def status_table(
 @user_errors
 def status(topology: str, as_json: bool) -> None:
     """One row per process: supervisor state, psutil figures and stage counters."""
-    from arroyo.supervise import status_rows
+    from arroyo.control.supervise import status_rows
 
     rows = status_rows(_load(topology))
     if as_json:
@@ -137,7 +137,7 @@ def status(topology: str, as_json: bool) -> None:
 @user_errors
 def top(topology: str, interval: float, count: int) -> None:
     """The status table refreshed live until Ctrl-C, with rates."""
-    from arroyo.supervise import status_rows
+    from arroyo.control.supervise import status_rows
 
     topo = _load(topology)
     last: dict[tuple[str, int], tuple[float, int, int]] = {}
@@ -180,7 +180,7 @@ def top(topology: str, interval: float, count: int) -> None:
 @user_errors
 def scale(topology: str, stage: str, workers: int) -> None:
     """Set STAGE's worker count while everything else keeps running."""
-    from arroyo.supervise import scale as do_scale
+    from arroyo.control.supervise import scale as do_scale
 
     old, new = do_scale(_load(topology), stage, workers)
     click.echo(f"{stage}: {old} -> {new} workers")
@@ -194,8 +194,8 @@ def scale(topology: str, stage: str, workers: int) -> None:
 @user_errors
 def logs(topology: str, stage: str, worker: int, follow: bool) -> None:
     """Print the log of one worker of STAGE."""
+    from arroyo.control.render import paths, process_name
     from arroyo.errors import ConfigError
-    from arroyo.supervise import paths, process_name
 
     topo = _load(topology)
     topo.stage(stage)
@@ -220,7 +220,7 @@ def logs(topology: str, stage: str, worker: int, follow: bool) -> None:
 @user_errors
 def metrics(topology: str, host: str, port: int) -> None:
     """Serve Prometheus text-format metrics for TOPOLOGY at /metrics until Ctrl-C."""
-    from arroyo.metrics import serve
+    from arroyo.control.metrics import serve
 
     server = serve(_load(topology), host, port)
     addr, bound = server.server_address[0], server.server_address[1]

@@ -8,13 +8,11 @@ says EOS on its outputs, and returns 0.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,21 +21,21 @@ import zmq
 
 from arroyo import wire
 from arroyo.errors import ConfigError, WireError
-from arroyo.link import (
-    CREDIT_IDLE_DELAY,
-    CreditReceiver,
-    CreditSender,
-    PubSender,
-    SubReceiver,
-    identity,
-    peer_alive,
+from arroyo.message import Event, Message
+from arroyo.runtime.credit import CreditReceiver, CreditSender
+from arroyo.runtime.link import CREDIT_IDLE_DELAY, identity, peer_alive
+from arroyo.runtime.merge import RunMerger, partial_stop
+from arroyo.runtime.pubsub import PubSender, SubReceiver
+from arroyo.runtime.roles import (
+    LinkPublisher,
+    SourceOperator,
+    StageFailed,
+    StageOperator,
+    build_user_object,
 )
-from arroyo.merge import RunMerger, partial_stop
-from arroyo.message import Event, Message, Start, Stop
-from arroyo.stage import Listener, Operator, PassThrough, Publisher, outputs_of
-from arroyo.stats import RunReport, StageCounters
-from arroyo.stats import enabled as stats_enabled
-from arroyo.topology import StageSpec, Topology
+from arroyo.runtime.stats import RunReport, StageCounters, StatsWriter, stats_path
+from arroyo.stage import Listener, Operator, PassThrough, Publisher
+from arroyo.topology import Topology
 
 log = logging.getLogger("arroyo.stage")
 
@@ -48,144 +46,6 @@ PUB_JOIN_TIMEOUT = 5.0
 # acknowledges a BYE, so a chain stop drains front to back; a stage stopped alone (or
 # scaled down) leaves after the grace, having lost nothing.
 LEAVE_GRACE = 1.0
-
-
-class StageFailed(Exception):
-    """``on_error = stop`` and an operator raised: the process exits non-zero."""
-
-
-def build_user_object(spec: StageSpec) -> Any:
-    """Instantiate the stage's class with its converted options (ConfigError on failure)."""
-    try:
-        cls = spec.load_class()
-        return cls(**spec.options)
-    except Exception as e:
-        msg = f"stage {spec.name}: cannot create {spec.class_path}: {type(e).__name__}: {e}"
-        raise ConfigError(msg) from e
-
-
-class LinkPublisher(Publisher):
-    """The Publisher that is the sending end of an internal link."""
-
-    def __init__(self, end: CreditSender | PubSender, give_up: Any) -> None:
-        self.end = end
-        self.give_up = give_up
-
-    def publish(self, message: Message) -> None:
-        # A PUB end counts its own drops (pub_full); a credit end only fails to send
-        # when a stopping stage gives up waiting for a receiver.
-        if not self.end.send(message, self.give_up) and isinstance(self.end, CreditSender):
-            self.end.counters.drop("undeliverable")
-
-
-class StageOperator(Operator):
-    """Wraps the user's operator: stamps runs at sources, counts, isolates errors."""
-
-    def __init__(self, inner: Operator, runtime: StageProcess) -> None:
-        self.inner = inner
-        self.runtime = runtime
-        self.out_events: dict[int, int] = defaultdict(int)
-        self.timed = stats_enabled()
-        self._tick = 0
-
-    def process(self, message: Message) -> Any:
-        return self.inner.process(message)
-
-    def handle(self, message: Message) -> list[Message]:
-        rt = self.runtime
-        # Time one message in eight: the mean and p99 stay representative, and two
-        # clock reads per message are a measurable share of a 100-byte hop.
-        self._tick = (self._tick + 1) & 7
-        timed = self.timed and self._tick == 0
-        t0 = time.perf_counter_ns() if timed else 0
-        try:
-            outputs = outputs_of(self.inner.process(message), message)
-        except Exception as e:
-            self._failed("process", "operator_error", message, e)
-            return []
-        if timed:
-            rt.counters.process_ns.append(time.perf_counter_ns() - t0)
-        for out in outputs:
-            if isinstance(out, Start):
-                rt.counters.current_run = out.run
-            self._account(out)
-            for publisher in self.publishers:
-                try:
-                    publisher.publish(out)
-                except Exception as e:
-                    self._failed("publish", "publish_error", out, e)
-        return outputs
-
-    def _failed(self, call: str, reason: str, message: Message, error: Exception) -> None:
-        """Count and log a user-code exception; fatal only with ``on_error = stop``."""
-        rt = self.runtime
-        rt.counters.errors += 1
-        rt.counters.drops[reason] += 1
-        log.exception(
-            "%s() failed on %s run %d seq %d: %s",
-            call,
-            type(message).__name__,
-            message.run,
-            message.seq,
-            error,
-        )
-        if rt.spec.on_error == "stop":
-            msg = f"on_error = stop: {type(error).__name__}: {error}"
-            raise StageFailed(msg) from error
-
-    def _account(self, out: Message) -> None:
-        # Events carry no origin, so count by run id; a stage sees one run at a time.
-        if isinstance(out, Event):
-            self.out_events[out.run] += 1
-        elif isinstance(out, Stop):
-            out.routing = {**out.routing, "n": self.out_events.pop(out.run, 0)}
-
-
-class SourceOperator(Operator):
-    """At a listener stage: stamps run ids, sequence numbers and the run's origin."""
-
-    def __init__(self, me: str, last_run: int = 0, on_start: Any = None) -> None:
-        self.me = me
-        self.next_run = last_run + 1
-        self.on_start = on_start
-        self.run: int = last_run  # a restarted source's first Start names it as "p"
-        self.events = 0
-        self.open: Start | None = None
-
-    def process(self, message: Message) -> Message | list[Message]:
-        if isinstance(message, Start) and self.open is not None:
-            # A source that starts a run before ending the last one: end it for it.
-            stop = self.close_open({"interrupted": True, "reason": "new Start before Stop"})
-            return [m for m in (stop, self.process(message)) if isinstance(m, Message)]
-        if isinstance(message, Start):
-            if message.run == 0:
-                message.run = self.next_run
-            self.next_run = message.run + 1
-            previous = self.run or None
-            self.run, self.events = message.run, 0
-            message.seq = 0
-            # "p" lets a merge downstream put runs back in order.
-            message.routing = {"o": self.me, "p": previous}
-            if self.on_start is not None:
-                self.on_start(message.run)
-            self.open = message
-        elif isinstance(message, Event):
-            message.run = self.run if self.open is not None else 0
-            message.seq = self.events
-            self.events += 1
-        elif isinstance(message, Stop):
-            message.run, message.seq = self.run, self.events
-            message.routing = {"o": self.me}
-            self.open = None
-        return message
-
-    def close_open(self, data: dict[str, Any]) -> Stop | None:
-        if self.open is None:
-            return None
-        stop = Stop(data=data)
-        self.open = None
-        stop.run, stop.seq, stop.routing = self.run, self.events, {"o": self.me}
-        return stop
 
 
 class StageProcess:
@@ -255,7 +115,7 @@ class StageProcess:
         else:
             inner = PassThrough()
             publishers = [user]
-        op = StageOperator(inner, self)
+        op = StageOperator(inner, self.counters, self.spec.on_error)
         for p in publishers:
             op.add_publisher(p)
         return op
@@ -334,7 +194,9 @@ class StageProcess:
         if isinstance(user, Listener | Publisher):
             self.outside_end = user
         release_signals = self._catch_signals()
-        stats = StatsWriter(self)
+        stats = StatsWriter(
+            stats_path(self.topology, self.spec.name, self.worker), self._stats_snapshot
+        )
         stats.start()
         try:
             try:
@@ -482,49 +344,13 @@ class StageProcess:
             end.close(0)
         self.ctx.term()
 
-
-class StatsWriter(threading.Thread):
-    """Writes the process's counters to RUN_DIR/stats/STAGE.WORKER.json once a second.
-
-    A file per process is the stats channel: atomic to replace, readable by any
-    reader at any time, and a restarted process simply overwrites its own.
-    """
-
-    def __init__(self, process: StageProcess, interval: float = 1.0) -> None:
-        super().__init__(daemon=True, name="arroyo-stats")
-        self.process = process
-        self.interval = interval
-        self.done = threading.Event()
-        self.path = (
-            process.topology.run_dir / "stats" / f"{process.spec.name}.{process.worker}.json"
-        )
-        self._last: tuple[float, int, int] | None = None
-
-    def run(self) -> None:
-        while not self.done.wait(self.interval):
-            self.write()
-
-    def write(self) -> None:
-        snap = self.process.counters.snapshot(self._outside_drops())
-        snap["pid"] = os.getpid()
-        snap["id"] = self.process.me
-        now = time.monotonic()
-        if self._last is not None:
-            t0, rx, tx = self._last
-            dt = max(now - t0, 1e-6)
-            snap["rate_in"] = (snap["received"] - rx) / dt
-            snap["rate_out"] = (snap["sent"] - tx) / dt
-        self._last = (now, snap["received"], snap["sent"])
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(snap))
-            os.replace(tmp, self.path)
-        except OSError as e:
-            log.debug("stats not written: %s", e)
+    def _stats_snapshot(self) -> dict[str, Any]:
+        snap = self.counters.snapshot(self._outside_drops())
+        snap["id"] = self.me
+        return snap
 
     def _outside_drops(self) -> dict[str, int]:
-        end = self.process.outside_end
+        end = self.outside_end
         if end is None:
             return {}
         try:
@@ -532,11 +358,3 @@ class StatsWriter(threading.Thread):
         except Exception as e:  # user code: a broken count must not stop the stats
             log.debug("%s.drops() failed: %s", type(end).__name__, e)
             return {}
-
-    def stop(self) -> None:
-        self.done.set()
-        self.write()
-
-
-def stats_path(topology: Topology, stage: str, worker: int) -> Path:
-    return topology.run_dir / "stats" / f"{stage}.{worker}.json"

@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from arroyo import supervise
-from arroyo.cli_supervise import status_table
+from arroyo.control import supervise
+from arroyo.control.commands import status_table
 from arroyo.errors import ArroyoError
 from arroyo.topology import load
 

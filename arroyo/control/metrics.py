@@ -11,7 +11,7 @@ import logging
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from arroyo.stats import link_totals
+from arroyo.runtime.stats import link_totals
 from arroyo.topology import Topology
 
 log = logging.getLogger("arroyo.metrics")
@@ -64,7 +64,7 @@ def render_metrics(topology: Topology, rows: list[dict[str, Any]]) -> str:
 
 def serve(topology: Topology, host: str = "127.0.0.1", port: int = 9464) -> ThreadingHTTPServer:
     """An HTTP server answering ``GET /metrics``; call ``serve_forever()`` on it."""
-    from arroyo.supervise import status_rows
+    from arroyo.control.supervise import status_rows
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:

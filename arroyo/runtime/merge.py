@@ -19,16 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from arroyo.message import Event, Message, Start, Stop
-from arroyo.stats import RunReport
+from arroyo.message import SHARES, Event, Message, Start, Stop, add_up_shares
+from arroyo.runtime.stats import RunReport
 
 log = logging.getLogger("arroyo.merge")
-
-# Stop.data key an operator sets to the names of the data keys that count only its own
-# worker's share of a run (ThresholdFilter: hits, misses). Where the Stops of a
-# stage's workers meet, those keys are added up and the marker is removed, so the
-# Stop downstream carries run totals, and a later merge does not add them again.
-SHARES = "summed"
 
 
 def partial_stop(start: Start) -> Stop:
@@ -36,28 +30,6 @@ def partial_stop(start: Start) -> Stop:
     stop = Stop(data={"interrupted": True}, run=start.run, seq=0)
     stop.routing = {**start.routing, "partial": True}
     return stop
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def add_up_shares(data: dict[str, Any], stops: list[Stop]) -> dict[str, Any]:
-    """``data`` with each key the ``stops`` mark as a share replaced by their sum over
-    all of them, and without the marker. Keys that are not numbers are left alone."""
-    out = {k: v for k, v in data.items() if k != SHARES}
-    names = {
-        name
-        for stop in stops
-        if isinstance(stop.data.get(SHARES), list)
-        for name in stop.data[SHARES]
-        if isinstance(name, str) and name != SHARES
-    }
-    for name in names:
-        values = [stop.data[name] for stop in stops if name in stop.data]
-        if values and all(_number(v) for v in values):
-            out[name] = sum(values)
-    return out
 
 
 # (sender, size, message or None): None means "consumed, nothing to dispatch".

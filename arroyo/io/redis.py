@@ -2,7 +2,7 @@
 
     [stage:ingest]
     role = listener
-    class = arroyo.redis:RedisListener
+    class = arroyo.io.redis:RedisListener
     url = redis://127.0.0.1:6379/0
     mode = stream                  ; or channel
     key = beamline:frames
@@ -24,28 +24,26 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import struct
 import threading
 import time
 import uuid
-from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Iterable
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
-
-import numpy as np
 
 try:
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 except ImportError as e:  # pragma: no cover  (depends on the installation)
-    _msg = "arroyo.redis needs redis-py: pip install 'arroyo[redis]' (or: pip install redis)"
+    _msg = "arroyo.io.redis needs redis-py: pip install 'arroyo[redis]' (or: pip install redis)"
     raise ImportError(_msg) from e
 
-from arroyo import wire
-from arroyo.codec import Codec, get_codec
 from arroyo.errors import ConfigError, WireError
+from arroyo.io.codecs import get_codec
+from arroyo.io.frames import decode_value, encode_value
+from arroyo.io.retry import BACKOFF_CAP, Backoff, DropCount
 from arroyo.message import Message
 from arroyo.stage import Listener, Publisher
 
@@ -55,110 +53,9 @@ log = logging.getLogger("arroyo.redis")
 # (LOADING is a BusyLoadingError, a ConnectionError), or too slow to answer.
 RETRYABLE: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
 
-BACKOFF_FIRST = 0.1  # seconds before the first retry; doubles up to BACKOFF_CAP
-BACKOFF_CAP = 5.0
-STILL_DOWN_EVERY = 30.0  # seconds between "still unreachable" warnings
 CHUNK_BYTES = 16 << 20  # at most this much (or CHUNK_MESSAGES) per round trip
 CHUNK_MESSAGES = 100
 MARKER_TTL = 86_400  # seconds a stream publisher's "written up to" key outlives it
-
-# -- one Redis value per message ---------------------------------------------------------
-
-MAGIC = b"AYF1"
-MAX_FRAMES = wire.MAX_BUFFERS + 1  # the header frame and one frame per buffer
-_ALIGN = 8
-
-
-def _aligned(pos: int) -> int:
-    return (pos + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
-def _byte_view(frame: Any) -> memoryview:
-    if isinstance(frame, np.ndarray):
-        frame = np.ascontiguousarray(frame).reshape(-1).view(np.uint8)
-    view = memoryview(frame)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-
-
-def pack_frames(frames: Sequence[Any]) -> bytearray:
-    """Pack the frames of one Arroyo wire message into one Redis value.
-
-    Layout (little-endian): ``b"AYF1"``, frame count ``n`` (uint32), ``n`` frame
-    lengths (uint64), then the frames, each starting at an offset that is a multiple
-    of 8 (zero bytes in between, none after the last). The alignment lets numpy
-    arrays decoded from the value be aligned views over it.
-    """
-    views = [_byte_view(f) for f in frames]
-    if not 1 <= len(views) <= MAX_FRAMES:
-        msg = f"a message has 1 to {MAX_FRAMES} frames, not {len(views)}"
-        raise WireError(msg, reason="encode")
-    starts = []
-    pos = 8 + 8 * len(views)
-    for v in views:
-        pos = _aligned(pos)
-        starts.append(pos)
-        pos += v.nbytes
-    out = bytearray(pos)
-    struct.pack_into(f"<4sI{len(views)}Q", out, 0, MAGIC, len(views), *(v.nbytes for v in views))
-    for start, v in zip(starts, views, strict=True):
-        out[start : start + v.nbytes] = v
-    return out
-
-
-def unpack_frames(value: Any) -> list[memoryview]:
-    """The frames packed by ``pack_frames``, as views over ``value`` (no copy).
-
-    ``value`` is untrusted: anything that is not exactly such a layout raises
-    ``WireError``.
-    """
-    buf = _byte_view(value)
-    if len(buf) < 8 or bytes(buf[:4]) != MAGIC:
-        msg = f"not an arroyo-framed Redis value (expected it to start with {MAGIC!r})"
-        raise WireError(msg)
-    (n,) = struct.unpack_from("<I", buf, 4)
-    if not 1 <= n <= MAX_FRAMES:
-        msg = f"arroyo-framed value declares {n} frames (1 to {MAX_FRAMES} allowed)"
-        raise WireError(msg)
-    pos = 8 + 8 * n
-    if len(buf) < pos:
-        msg = f"arroyo-framed value of {len(buf)} bytes is shorter than its frame table"
-        raise WireError(msg)
-    frames = []
-    for length in struct.unpack_from(f"<{n}Q", buf, 8):
-        pos = _aligned(pos)
-        if pos + length > len(buf):
-            msg = f"arroyo-framed value of {len(buf)} bytes is shorter than its frames declare"
-            raise WireError(msg)
-        frames.append(buf[pos : pos + length])
-        pos += length
-    if pos != len(buf):
-        msg = f"arroyo-framed value has {len(buf) - pos} bytes after its last frame"
-        raise WireError(msg)
-    return frames
-
-
-def encode_value(codec: Codec, message: Message) -> bytes | bytearray | None:
-    """One Redis value for ``message`` (None: the codec sends nothing for it).
-
-    The ``arroyo`` codec's frames are packed with ``pack_frames``; any other codec's
-    frames are concatenated (``json`` and user codecs normally return one frame).
-    """
-    frames = codec.encode(message)
-    if frames is None:
-        return None
-    if codec.name == "arroyo":
-        return pack_frames(frames)
-    return b"".join(_byte_view(f) for f in frames)
-
-
-def decode_value(codec: Codec, value: Any) -> list[Message]:
-    """The messages in one Redis value; raises WireError, ValueError or TypeError."""
-    frames: list[Any] = unpack_frames(value) if codec.name == "arroyo" else [value]
-    result = codec.decode(frames)
-    if isinstance(result, Message):
-        return [result]
-    return list(result or [])
-
 
 # -- connections -------------------------------------------------------------------------
 
@@ -182,72 +79,6 @@ def connect(url: str, socket_timeout: float) -> redis.Redis:
         socket_connect_timeout=min(socket_timeout, 5.0),
         retry=Retry(NoBackoff(), 0),
     )
-
-
-class Backoff:
-    """Delays between reconnect attempts (0.1 s doubling to 5 s), and the log lines."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.delay = BACKOFF_FIRST
-        self.down_since: float | None = None
-        self.attempts = 0
-        self.warned_at = 0.0
-
-    def failed(self, error: Exception) -> float:
-        """Note a failure; return how long to wait before the next attempt."""
-        now = time.monotonic()
-        if self.down_since is None:
-            self.down_since = self.warned_at = now
-            self.delay = BACKOFF_FIRST
-            log.warning("%s: %s; retrying with backoff", self.what, _describe(error))
-        elif now - self.warned_at >= STILL_DOWN_EVERY:
-            self.warned_at = now
-            log.warning(
-                "%s: still failing after %.0f s (%d attempts): %s",
-                self.what,
-                now - self.down_since,
-                self.attempts,
-                _describe(error),
-            )
-        else:
-            self.delay = min(self.delay * 2, BACKOFF_CAP)
-        self.attempts += 1
-        return self.delay
-
-    def succeeded(self) -> None:
-        if self.down_since is not None:
-            log.warning(
-                "%s: connected again after %.1f s", self.what, time.monotonic() - self.down_since
-            )
-        self.down_since = None
-        self.attempts = 0
-        self.delay = BACKOFF_FIRST
-
-
-def worth_logging(before: int, after: int) -> bool:
-    """Log the first 10 drops, then one line per 1000 (a flood stays readable)."""
-    return before < 10 or before // 1000 != after // 1000
-
-
-class DropCount:
-    """What one Redis end dropped: in all, and by reason for ``drops()``."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.total = 0
-        self.by_reason: Counter[str] = Counter()
-
-    def add(self, n: int, reason: str, why: str) -> None:
-        before = self.total
-        self.total += n
-        self.by_reason[reason] += n
-        if worth_logging(before, self.total):
-            log.warning("%s: dropped %d: %s (%d dropped so far)", self.name, n, why, self.total)
-
-
-def _describe(error: Exception) -> str:
-    return f"{type(error).__name__}: {error}"
 
 
 def _check_options(mode: str, **positive: int) -> None:

@@ -2,13 +2,13 @@
 
     [stage:detector]
     role = listener
-    class = arroyo.zmq:ZMQListener
+    class = arroyo.io.zmq:ZMQListener
     endpoint = tcp://detector-host:9999
     socket = pull
     codec = raw
 
 Unlike the links between Arroyo stages, these speak whatever the foreign peer speaks
-(see ``arroyo.codec``). A message the codec cannot decode is counted and dropped.
+(see ``arroyo.io.codecs``). A message the codec cannot decode is counted and dropped.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 import zmq as pyzmq
 
-from arroyo.codec import get_codec
 from arroyo.errors import WireError
+from arroyo.io.codecs import get_codec
 from arroyo.message import Message
 from arroyo.stage import Listener, Publisher
 

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from arroyo.bench_run import KIB, MIB, SIZE_100B, BenchError, Runner, median_of, size_label
-from arroyo.bench_run import throughput as rates
-
-if TYPE_CHECKING:
-    from arroyo.bench import Plan
+from arroyo_bench.plans import Plan
+from arroyo_bench.run import KIB, MIB, SIZE_100B, BenchError, Runner, median_of, size_label
+from arroyo_bench.run import throughput as rates
 
 Measure = Callable[[], dict[str, Any]]
 

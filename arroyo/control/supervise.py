@@ -1,4 +1,4 @@
-"""supervisord for a topology: render its config, start it, drive it over XML-RPC.
+"""supervisord for a topology: start it, drive it over XML-RPC (config in ``render``).
 
 One supervisord per run_dir, listening only on a unix socket (mode 0700). Each chain
 is a supervisor group, each stage a program whose processes are its workers
@@ -9,194 +9,32 @@ by ``arroyo scale`` are recorded in ``RUN_DIR/workers.json`` and rendered from t
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
 import xmlrpc.client
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
+from arroyo.control.render import (
+    fingerprint,
+    paths,
+    process_name,
+    record_workers,
+    rendered_fingerprint,
+    split_process_name,
+    worker_count,
+    write_config,
+)
 from arroyo.errors import ConfigError
-from arroyo.topology import MAX_IPC_PATH, StageSpec, Topology
+from arroyo.topology import Topology
 
 RUNNING_STATES = {"RUNNING"}
 STOPPED_STATES = {"STOPPED", "EXITED", "FATAL", "UNKNOWN"}
-
-
-@dataclass(frozen=True)
-class Paths:
-    conf: Path
-    socket: Path
-    pidfile: Path
-    logs: Path
-    workers: Path
-
-
-def paths(topology: Topology) -> Paths:
-    run_dir = topology.run_dir
-    sock = topology.socket_dir / "supervisor.sock"
-    if len(str(sock)) > MAX_IPC_PATH:
-        msg = f"{topology.path}: [topology] run_dir: supervisor socket path too long: {sock}"
-        raise ConfigError(msg)
-    return Paths(
-        conf=run_dir / "supervisord.conf",
-        socket=sock,
-        pidfile=run_dir / "supervisord.pid",
-        logs=run_dir / "logs",
-        workers=run_dir / "workers.json",
-    )
-
-
-def process_name(stage: str, worker: int) -> str:
-    return f"{stage}_{worker:02d}"
-
-
-def split_process_name(name: str) -> tuple[str, int]:
-    stage, _, worker = name.rpartition("_")
-    return stage, int(worker)
-
-
-def recorded_workers(topology: Topology) -> dict[str, int]:
-    path = paths(topology).workers
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return {k: int(v) for k, v in data.items() if k in topology.stages}
-
-
-def record_workers(topology: Topology, stage: str, count: int) -> None:
-    data = recorded_workers(topology)
-    data[stage] = count
-    path = paths(topology).workers
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
-def worker_count(topology: Topology, stage: str) -> int:
-    return recorded_workers(topology).get(stage, topology.stages[stage].workers)
-
-
-def _stage_command() -> str:
-    exe = Path(sys.executable).parent / "arroyo-stage"
-    return str(exe) if exe.exists() else shutil.which("arroyo-stage") or "arroyo-stage"
-
-
-def _program(topology: Topology, spec: StageSpec, logs: Path) -> str:
-    sup = spec.supervision
-    env = {"PYTHONUNBUFFERED": "1", **dict(sup.environment)}
-    env_text = ",".join(f'{k}="{v}"' for k, v in env.items())
-    command = f"{_stage_command()} {topology.path} {spec.name} --worker %(process_num)d"
-    return "\n".join(
-        [
-            f"[program:{spec.name}]",
-            f"command = {command}",
-            "process_name = %(program_name)s_%(process_num)02d",
-            f"numprocs = {worker_count(topology, spec.name)}",
-            "numprocs_start = 0",
-            f"directory = {topology.path.parent}",
-            f"priority = {sup.priority}",
-            "autostart = false",
-            f"autorestart = {sup.autorestart}",
-            "exitcodes = 0",
-            f"startsecs = {sup.startsecs}",
-            "startretries = 3",
-            "stopsignal = TERM",
-            f"stopwaitsecs = {sup.stopwaitsecs}",
-            "stopasgroup = true",
-            "killasgroup = true",
-            "redirect_stderr = true",
-            f"stdout_logfile = {logs}/%(program_name)s_%(process_num)02d.log",
-            "stdout_logfile_maxbytes = 20MB",
-            "stdout_logfile_backups = 3",
-            f"environment = {env_text}",
-            "",
-        ]
-    )
-
-
-FINGERPRINT = "sha256"
-
-
-def fingerprint(topology: Topology) -> str:
-    """The topology file as it is now, in 16 hex digits (recorded in the rendered config)."""
-    try:
-        return hashlib.sha256(topology.path.read_bytes()).hexdigest()[:16]
-    except OSError:
-        return "unreadable"
-
-
-def rendered_fingerprint(topology: Topology) -> str | None:
-    """The fingerprint the running config was rendered from (None: not recorded)."""
-    try:
-        with paths(topology).conf.open() as f:
-            first = f.readline()
-    except OSError:
-        return None
-    _, found, rest = first.partition(f"({FINGERPRINT} ")
-    return rest.split(")", 1)[0] if found else None
-
-
-def render(topology: Topology) -> str:
-    """The complete supervisord.conf for ``topology``."""
-    p = paths(topology)
-    parts = [
-        f"; rendered by arroyo from {topology.path} ({FINGERPRINT} {fingerprint(topology)});"
-        " edit the topology, not this file",
-        "[unix_http_server]",
-        f"file = {p.socket}",
-        "chmod = 0700",
-        "",
-        "[supervisord]",
-        f"logfile = {p.logs}/supervisord.log",
-        f"pidfile = {p.pidfile}",
-        f"childlogdir = {p.logs}",
-        f"identifier = arroyo-{topology.name}",
-        f"directory = {topology.path.parent}",
-        "nodaemon = false",
-        "silent = true",
-        "",
-        "[rpcinterface:supervisor]",
-        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
-        "",
-        "[rpcinterface:arroyo]",
-        "supervisor.rpcinterface_factory = arroyo.supervisor_rpc:make_interface",
-        "",
-        "[supervisorctl]",
-        f"serverurl = unix://{p.socket}",
-        "",
-    ]
-    for chain, members in topology.chains.items():
-        parts.append(f"[group:{chain}]\nprograms = {','.join(members)}\n")
-    for spec in topology.stages.values():
-        parts.append(_program(topology, spec, p.logs))
-    return "\n".join(parts)
-
-
-def write_config(topology: Topology, out: Path | None = None) -> Path:
-    p = paths(topology)
-    target = out or p.conf
-    try:
-        for d in (target.parent, p.logs, p.socket.parent, topology.socket_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        target.write_text(render(topology))
-    except OSError as e:
-        msg = f"{topology.path}: [topology] run_dir = {topology.run_dir}: not writable ({e})"
-        raise ConfigError(msg) from e
-    return target
-
-
-# -- control -----------------------------------------------------------------------
 
 
 def rpc(topology: Topology) -> Any:
@@ -427,7 +265,7 @@ def status_rows(topology: Topology) -> list[dict[str, Any]]:
     """One row per process known to supervisord (or per stage when it is not running)."""
     import psutil
 
-    from arroyo.runtime import stats_path
+    from arroyo.runtime.stats import stats_path
 
     rows: list[dict[str, Any]] = []
     infos = rpc(topology).supervisor.getAllProcessInfo() if is_running(topology) else []

@@ -1,0 +1,11 @@
+"""Process control: everything that starts, watches and stops stage processes.
+
+    cli, clibase, commands   the ``arroyo`` and ``arroyo-stage`` commands
+    render                   a topology's supervisord.conf
+    supervise                supervisord over XML-RPC: up, down, status, scale
+    rpcext                   the supervisord rpcinterface that adds and removes workers
+    metrics                  the Prometheus text endpoint
+    demo                     ``scripts/demo``
+
+Control may use every other part of Arroyo; nothing else imports it.
+"""

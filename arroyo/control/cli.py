@@ -1,0 +1,59 @@
+"""Command line: ``arroyo`` (drive a topology) and ``arroyo-stage`` (run one stage process).
+
+Every user mistake ends in one line on stderr per problem and exit code 2, never a
+traceback. Every option has an ``ARROYO_*`` environment fallback. The group and its
+helpers live in ``clibase``; the supervisor-facing commands in ``commands``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from arroyo.control import commands
+from arroyo.control.clibase import CONTEXT, TOPOLOGY, main, setup_logging, user_errors
+
+__all__ = ["commands", "main", "stage_main"]
+
+
+@main.command()
+@TOPOLOGY
+@user_errors
+def check(topology: str) -> None:
+    """Validate TOPOLOGY and print its graph; exit 2 listing every problem."""
+    from arroyo.topology import describe, load
+
+    click.echo(describe(load(topology)))
+
+
+@main.command()
+@TOPOLOGY
+@click.option("--inline", is_flag=True, required=True, help="Run every stage in this process.")
+@click.option("--log-level", default="INFO", show_envvar=True, help="Logging level.")
+@user_errors
+def run(topology: str, inline: bool, log_level: str) -> None:
+    """Run the whole graph of TOPOLOGY in one process with in-memory links."""
+    from arroyo.runtime.inline import run_inline
+    from arroyo.topology import load
+
+    setup_logging("inline", log_level)
+    run_inline(load(topology))
+
+
+@click.command(context_settings=CONTEXT)
+@TOPOLOGY
+@click.argument("stage")
+@click.option(
+    "--worker", type=int, default=0, show_envvar=True, help="Worker index of this process."
+)
+@click.option("--log-level", default="INFO", show_envvar=True, help="Logging level.")
+@user_errors
+def stage_main(topology: str, stage: str, worker: int, log_level: str) -> None:
+    """Run one worker process of STAGE from TOPOLOGY in the foreground."""
+    from arroyo.runtime.process import StageProcess
+    from arroyo.topology import load
+
+    setup_logging(f"{stage}[{worker}]", log_level)
+    topo = load(topology)
+    sys.exit(StageProcess(topo, stage, worker).run())

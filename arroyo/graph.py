@@ -1,0 +1,244 @@
+"""From stages as read to the graph: chains, inputs checked, cycles, binding sides,
+endpoints, forwarding devices between two scaled stages, and start order."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from arroyo import convert
+from arroyo.ini import Problems
+from arroyo.spec import MAX_IPC_PATH, Link, Pattern, Role, StageSpec, Supervision
+from arroyo.stage import PassThrough
+
+
+@dataclass
+class Draft:
+    """A stage as read, before links are resolved."""
+
+    name: str
+    section: str
+    role: Role
+    class_path: str
+    options: dict[str, Any]
+    inputs: list[tuple[str, Pattern, str | None]]
+    workers: int
+    scalable: bool
+    settings: dict[str, Any] = field(default_factory=dict)
+    device: bool = False
+
+
+def find_cycle(drafts: dict[str, Draft]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(name: str) -> list[str] | None:
+        state[name] = 1
+        stack.append(name)
+        for up, _, _ in drafts[name].inputs:
+            if up not in drafts or up == name:  # a self-loop is reported on its own
+                continue
+            if state.get(up) == 1:
+                return [*stack[stack.index(up) :], up]
+            if up not in state and (found := visit(up)):
+                return found
+        stack.pop()
+        state[name] = 2
+        return None
+
+    for name in drafts:
+        if name not in state and (found := visit(name)):
+            return found
+    return None
+
+
+def socket_dir_for(run_dir: Path) -> Path:
+    """Where ipc sockets go: ``run_dir/sock`` unless that path is too deep for the
+    kernel's unix socket limit; then a short per-run_dir folder under the temp dir."""
+    preferred = run_dir / "sock"
+    if len(str(preferred)) + 24 <= MAX_IPC_PATH:
+        return preferred
+    digest = hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"arroyo-{os.getuid()}" / digest
+
+
+def _endpoint(socket_dir: Path, source: str, target: str) -> str:
+    name = f"{source}.{target}"
+    if len(name) > 20:
+        name = hashlib.sha1(name.encode()).hexdigest()[:12]
+    return f"ipc://{socket_dir}/{name}.sk"
+
+
+def _levels(drafts: dict[str, Draft]) -> dict[str, int]:
+    """Longest distance from each stage to a sink (sinks are 0): sinks start first."""
+    downstream: dict[str, list[str]] = {n: [] for n in drafts}
+    for name, d in drafts.items():
+        for up, _, _ in d.inputs:
+            if up in downstream:
+                downstream[up].append(name)
+    memo: dict[str, int] = {}
+
+    def level(name: str) -> int:
+        if name not in memo:
+            memo[name] = 1 + max((level(d) for d in downstream[name]), default=-1)
+        return memo[name]
+
+    return {n: level(n) for n in drafts}
+
+
+def resolve_chains(
+    topo_name: str,
+    chain_values: dict[str, tuple[str, dict[str, str]]],
+    drafts: dict[str, Draft],
+    declared: set[str],
+    problems: Problems,
+) -> dict[str, str]:
+    """Map each stage to its chain; a topology without chains is one chain."""
+    if not chain_values:
+        return {s: topo_name for s in drafts}
+    owner: dict[str, str] = {}
+    for chain, (section, values) in chain_values.items():
+        members = convert.split_list(values.get("stages", ""))
+        if not members:
+            problems.add(section, "missing or empty (list the chain's stages)", "stages")
+        for member in members:
+            if member in owner:
+                problems.add(
+                    section, f"stage {member!r} is already in chain {owner[member]!r}", "stages"
+                )
+            elif member not in drafts:
+                if member not in declared:  # a declared but broken stage is reported already
+                    problems.add(
+                        section, f"unknown stage {member!r}", "stages", values.get("stages")
+                    )
+            else:
+                owner[member] = chain
+    for name, draft in drafts.items():
+        if name not in owner:
+            problems.add(
+                draft.section, "stage is in no [chain:NAME] (list it in one chain's stages)"
+            )
+    return owner
+
+
+def check_inputs(drafts: dict[str, Draft], declared: set[str], problems: Problems) -> None:
+    for draft in drafts.values():
+        seen: set[str] = set()
+        for up, pattern, _ in draft.inputs:
+            if up not in drafts:
+                if up not in declared:  # a declared but broken stage is reported already
+                    problems.add(draft.section, f"unknown stage {up!r}", "input")
+            elif up == draft.name:
+                problems.add(draft.section, "a stage cannot take its own output", "input")
+            elif drafts[up].role == "publisher":
+                problems.add(
+                    draft.section, f"{up!r} is a publisher: it has no output to take", "input"
+                )
+            if up in seen:
+                problems.add(draft.section, f"stage {up!r} is named twice", "input")
+            seen.add(up)
+            if pattern == "pub" and draft.scalable:
+                problems.add(
+                    draft.section,
+                    f"a PUB/SUB input ({up} (pub)) cannot feed a scalable stage: every worker "
+                    "would see every message; set workers = 1 and scalable = false",
+                    "input",
+                )
+
+
+def resolve_links(
+    drafts: dict[str, Draft],
+    chains: dict[str, str],
+    socket_dir: Path,
+    stopwaitsecs: int,
+    problems: Problems,
+) -> tuple[dict[str, StageSpec], list[Link]]:
+    """Choose binding sides and endpoints; insert a forwarding device between two
+    scalable stages."""
+    drafts = dict(drafts)
+    edges: list[tuple[str, str, Pattern, str | None]] = []
+    for draft in list(drafts.values()):
+        new_inputs = []
+        for up, pattern, endpoint in draft.inputs:
+            if drafts[up].scalable and draft.scalable:
+                device = f"{up}__{draft.name}"
+                if device in drafts:
+                    problems.add(
+                        draft.section,
+                        f"the forwarding device between {up} and {draft.name} needs the name "
+                        f"{device!r}, which a stage already has: rename that stage",
+                        "input",
+                    )
+                drafts[device] = Draft(
+                    device,
+                    draft.section,
+                    "operator",
+                    _class_path(PassThrough),
+                    {},
+                    [(up, "push", None)],
+                    1,
+                    False,
+                    device=True,
+                )
+                chains[device] = chains[draft.name]
+                edges.append((up, device, "push", None))
+                up = device
+            new_inputs.append((up, pattern, endpoint))
+            edges.append((up, draft.name, pattern, endpoint))
+        draft.inputs = new_inputs
+    levels = _levels(drafts)
+    links: list[Link] = []
+    used: dict[str, str] = {}
+    for up, down, pattern, endpoint in edges:
+        binder: Literal["source", "target"] = "target" if not drafts[down].scalable else "source"
+        ep = endpoint or _endpoint(socket_dir, up, down)
+        if ep.startswith("ipc://") and len(ep) - len("ipc://") > MAX_IPC_PATH:
+            problems.add(
+                drafts[down].section, f"ipc path longer than {MAX_IPC_PATH} bytes", "input", ep
+            )
+        if ep in used:
+            problems.add(
+                drafts[down].section, f"endpoint already used by link {used[ep]}", "input", ep
+            )
+        used[ep] = f"{up}->{down}"
+        links.append(Link(up, down, pattern, ep, binder))
+    stages = {
+        name: _spec(d, chains[name], levels[name], stopwaitsecs) for name, d in drafts.items()
+    }
+    return stages, links
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _spec(d: Draft, chain: str, level: int, stopwaitsecs: int) -> StageSpec:
+    s = d.settings
+    supervision = Supervision(
+        priority=s.get("priority", 100 + 10 * level),
+        stopwaitsecs=s.get("stopwaitsecs", stopwaitsecs),
+        startsecs=s.get("startsecs", 1),
+        autorestart=s.get("autorestart", "unexpected"),
+        environment=s.get("environment", ()),
+    )
+    return StageSpec(
+        name=d.name,
+        role=d.role,
+        class_path=d.class_path,
+        options=d.options,
+        inputs=tuple(up for up, _, _ in d.inputs),
+        workers=d.workers,
+        scalable=d.scalable,
+        chain=chain,
+        supervision=supervision,
+        on_error=s.get("on_error", "continue"),
+        hwm=s.get("hwm", 1000),
+        hwm_bytes=s.get("hwm_bytes", 256 << 20),
+        max_message_bytes=s.get("max_message_bytes", -1),
+        drain_timeout=s.get("drain_timeout", 20.0),
+        device=d.device,
+    )

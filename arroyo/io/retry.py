@@ -1,0 +1,80 @@
+"""What every end facing an outside system needs when that system fails: reconnect
+with backoff and readable logs, and a drop count by reason that does not flood."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+log = logging.getLogger("arroyo.redis")
+
+BACKOFF_FIRST = 0.1  # seconds before the first retry; doubles up to BACKOFF_CAP
+BACKOFF_CAP = 5.0
+STILL_DOWN_EVERY = 30.0  # seconds between "still unreachable" warnings
+
+
+class Backoff:
+    """Delays between reconnect attempts (0.1 s doubling to 5 s), and the log lines."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.delay = BACKOFF_FIRST
+        self.down_since: float | None = None
+        self.attempts = 0
+        self.warned_at = 0.0
+
+    def failed(self, error: Exception) -> float:
+        """Note a failure; return how long to wait before the next attempt."""
+        now = time.monotonic()
+        if self.down_since is None:
+            self.down_since = self.warned_at = now
+            self.delay = BACKOFF_FIRST
+            log.warning("%s: %s; retrying with backoff", self.what, describe_error(error))
+        elif now - self.warned_at >= STILL_DOWN_EVERY:
+            self.warned_at = now
+            log.warning(
+                "%s: still failing after %.0f s (%d attempts): %s",
+                self.what,
+                now - self.down_since,
+                self.attempts,
+                describe_error(error),
+            )
+        else:
+            self.delay = min(self.delay * 2, BACKOFF_CAP)
+        self.attempts += 1
+        return self.delay
+
+    def succeeded(self) -> None:
+        if self.down_since is not None:
+            log.warning(
+                "%s: connected again after %.1f s", self.what, time.monotonic() - self.down_since
+            )
+        self.down_since = None
+        self.attempts = 0
+        self.delay = BACKOFF_FIRST
+
+
+def worth_logging(before: int, after: int) -> bool:
+    """Log the first 10 drops, then one line per 1000 (a flood stays readable)."""
+    return before < 10 or before // 1000 != after // 1000
+
+
+class DropCount:
+    """What one end facing the outside world dropped: in all, and by reason for ``drops()``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.total = 0
+        self.by_reason: Counter[str] = Counter()
+
+    def add(self, n: int, reason: str, why: str) -> None:
+        before = self.total
+        self.total += n
+        self.by_reason[reason] += n
+        if worth_logging(before, self.total):
+            log.warning("%s: dropped %d: %s (%d dropped so far)", self.name, n, why, self.total)
+
+
+def describe_error(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"

@@ -1,0 +1,40 @@
+"""What each mode of the benchmark measures (``--full``, ``--quick``, ``--smoke``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from arroyo_bench.run import KIB, MIB, SIZE_100B
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of everything one mode measures."""
+
+    mode: str
+    sizes: tuple[int, ...]
+    transports: tuple[str, ...]
+    repeats: int
+    max_msgs: int  # messages per throughput run, at most...
+    byte_budget: int  # ...and about this many payload bytes
+    suites: tuple[str, ...]
+    latency_rate: float = 10_000.0
+    latency_count: int = 30_000
+    scale_events: int = 1_000
+    scale_rounds: int = 150  # Burn rounds over a 64 KiB frame: about 3 ms of CPU
+    counter_repeats: int = 5
+
+    def count(self, size: int) -> int:
+        return max(100, min(self.max_msgs, self.byte_budget // size))
+
+
+ALL_SUITES = ("one_hop", "chain", "scaling", "latency", "peer", "counters")
+PLANS = {
+    "full": Plan("full", (SIZE_100B, 64 * KIB, MIB, 4 * MIB), ("ipc", "tcp"), 5, 100_000,
+                 2_000 * MIB, ALL_SUITES),
+    "quick": Plan("quick", (SIZE_100B, 64 * KIB, MIB), ("ipc",), 2, 30_000, 300 * MIB,
+                  ALL_SUITES, latency_count=10_000, scale_events=400, counter_repeats=2),
+    "smoke": Plan("smoke", (SIZE_100B,), ("ipc",), 1, 2_000, 2_000 * SIZE_100B,
+                  ("one_hop", "chain", "scaling", "latency", "counters"), latency_count=2_000,
+                  scale_events=100, scale_rounds=20, counter_repeats=1),
+}  # fmt: skip
