@@ -86,7 +86,7 @@ class RunMerger:
         who = message.routing.get("s") or sender
         adopted: list[Item] = []
         if isinstance(message, Start | Stop):
-            origin = str(message.routing.get("o", ""))
+            origin = str(message.routing.get("o", "")) or self._known_origin(who, message.run)
             self.sender_origin[who] = origin
             adopted = self._adopt(origin, message.run)
         elif message.run == 0:
@@ -108,6 +108,12 @@ class RunMerger:
             self._note_stop(run, who, message)
         return adopted + self._advance()
 
+    def _known_origin(self, who: str, run_id: int) -> str:
+        """A boundary without an origin (a peer that does not set ``o``) from a sender
+        already in a run of that id belongs to that run, not to a run of its own."""
+        origin = self.sender_origin.get(who, "")
+        return origin if (origin, run_id) in self.runs else ""
+
     def _adopt(self, origin: str, run_id: int) -> list[Item]:
         """Merge a run filed without its origin into the run the origin now names."""
         orphan = ("", run_id)
@@ -125,6 +131,10 @@ class RunMerger:
         target.events += run.events
         target.started |= run.started
         target.senders |= run.senders
+        if self.current == key:
+            # what was held under the orphan key is the current run's: dispatch it now
+            # (held, it would never be dispatched nor credited, and the link would stall)
+            return [item for who, size, m in run.held for item in self._apply(target, who, size, m)]
         target.held.extend(run.held)
         if self.current == orphan:
             self.current = key

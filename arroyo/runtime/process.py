@@ -115,7 +115,8 @@ class StageProcess:
         else:
             inner = PassThrough()
             publishers = [user]
-        op = StageOperator(inner, self.counters, self.spec.on_error)
+        keep_runs = self.spec.role != "listener"  # a source makes the runs
+        op = StageOperator(inner, self.counters, self.spec.on_error, keep_runs)
         for p in publishers:
             op.add_publisher(p)
         return op

@@ -11,6 +11,7 @@ from typing import Any
 
 from arroyo.errors import ConfigError
 from arroyo.message import Event, Message, Start, Stop
+from arroyo.runtime.boundaries import keep_run
 from arroyo.runtime.credit import CreditSender
 from arroyo.runtime.pubsub import PubSender
 from arroyo.runtime.stats import StageCounters
@@ -50,15 +51,22 @@ class LinkPublisher(Publisher):
 
 
 class StageOperator(Operator):
-    """Wraps the user's operator: stamps runs at sources, counts, isolates errors."""
+    """Wraps the user's operator: stamps runs at sources, counts, isolates errors.
 
-    def __init__(self, inner: Operator, counters: StageCounters, on_error: str) -> None:
+    Below a source (``keep_runs``) the results go through ``keep_run``: an operator
+    can rebuild the boundaries it is given, never begin or end a run of its own."""
+
+    def __init__(
+        self, inner: Operator, counters: StageCounters, on_error: str, keep_runs: bool = True
+    ) -> None:
         self.inner = inner
         self.counters = counters
         self.on_error = on_error
+        self.keep_runs = keep_runs
         self.out_events: dict[int, int] = defaultdict(int)
         self.timed = stats_enabled()
         self._tick = 0
+        self._warned: dict[str, int] = {}  # reason -> the last run it was logged for
 
     def process(self, message: Message) -> Any:
         return self.inner.process(message)
@@ -69,13 +77,16 @@ class StageOperator(Operator):
         self._tick = (self._tick + 1) & 7
         timed = self.timed and self._tick == 0
         t0 = time.perf_counter_ns() if timed else 0
+        failed = False
         try:
             outputs = outputs_of(self.inner.process(message), message)
         except Exception as e:
             self._failed("process", "operator_error", message, e)
-            return []
-        if timed:
+            outputs, failed = [], True  # a boundary still goes out (below)
+        if timed and not failed:
             self.counters.process_ns.append(time.perf_counter_ns() - t0)
+        if self.keep_runs:
+            outputs = self._vet(message, outputs, warn_restored=not failed)
         for out in outputs:
             if isinstance(out, Start):
                 self.counters.current_run = out.run
@@ -86,6 +97,44 @@ class StageOperator(Operator):
                 except Exception as e:
                     self._failed("publish", "publish_error", out, e)
         return outputs
+
+    def _vet(self, message: Message, outputs: list[Message], warn_restored: bool) -> list[Message]:
+        """The outputs that keep the run whole; counts and logs what is refused. A run's
+        Start and Stop always go on, even when ``process()`` failed on them: a worker
+        whose share never ends would hold the fan-in downstream (and its credit) for
+        ever."""
+        vetted = keep_run(message, outputs)
+        for reason, out in vetted.refused:
+            self.counters.errors += 1
+            self.counters.drops[reason] += 1
+            self._warn_once(
+                reason,
+                message.run,
+                "refused a %s that process() returned for %s run %d seq %d: an operator "
+                "cannot begin or end a run, nor move an event to another (docs/stages.md); "
+                "counted as %s, further ones in this run silently",
+                type(out).__name__,
+                type(message).__name__,
+                message.run,
+                message.seq,
+                reason,
+            )
+        if vetted.restored and warn_restored:
+            self._warn_once(
+                "restored",
+                message.run,
+                "process() returned no %s for run %d: forwarding the one it was given "
+                "(a run's boundaries cannot be dropped)",
+                type(message).__name__,
+                message.run,
+            )
+        return vetted.outputs
+
+    def _warn_once(self, reason: str, run: int, text: str, *args: Any) -> None:
+        """One warning per reason and run: a refusal repeats on every run it happens."""
+        if self._warned.get(reason) != run:
+            self._warned[reason] = run
+            log.warning(text, *args)
 
     def _failed(self, call: str, reason: str, message: Message, error: Exception) -> None:
         """Count and log a user-code exception; fatal only with ``on_error = stop``."""

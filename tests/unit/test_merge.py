@@ -103,3 +103,33 @@ def test_a_start_of_the_next_run_ends_a_run_that_got_no_stop():
     # another origin's runs are left alone
     assert _push(merger, [("x/1", Start(run=7, routing={"o": "other"}))])[0].run == 7
     assert set(merger.open_runs) == {("det", 2), ("other", 7)}
+
+
+def test_a_boundary_without_origin_inside_a_run_stays_in_that_run():
+    reports: list[RunReport] = []
+    merger = RunMerger("w__sink", True, lambda _: True, reports.append)
+    pushes: list[tuple[str, Message]] = [("w/0", START)]
+    pushes += [("w/0", Event(run=1, seq=i)) for i in range(5)]
+    pushes += [("w/0", Start(run=1, seq=5))]  # a peer that sets no origin
+    pushes += [("w/0", Event(run=1, seq=i)) for i in range(5, 10)]
+    pushes += [("w/0", Stop(run=1, seq=10, routing={"o": "det", "w": ["w/0"], "n": 10}))]
+    out = _push(merger, pushes)
+    assert [type(m) for m in out] == [Start] + [Event] * 10 + [Stop]
+    (report,) = reports
+    assert report.complete and (report.received, report.expected) == (10, 10)
+
+
+def test_what_was_filed_without_origin_is_dispatched_when_its_run_is_current():
+    reports: list[RunReport] = []
+    merger = RunMerger("w__sink", True, lambda _: True, reports.append)
+    stop = Stop(run=1, seq=6, routing={"o": "det", "w": ["w/0", "w/1"], "n": 3})
+    pushes: list[tuple[str, Message]] = [("w/0", START)]
+    pushes += [("w/0", Event(run=1, seq=i)) for i in range(3)]
+    # w/1's first boundary names no origin: its share is filed under no origin...
+    pushes += [("w/1", Start(run=1))] + [("w/1", Event(run=1, seq=i)) for i in range(3, 6)]
+    # ...until its Stop names the run the share belongs to: the current one
+    pushes += [("w/1", stop), ("w/0", stop)]
+    out = _push(merger, pushes)
+    assert [type(m) for m in out] == [Start] + [Event] * 6 + [Stop]
+    (report,) = reports
+    assert report.complete and (report.received, report.expected) == (6, 6)
