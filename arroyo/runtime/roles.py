@@ -13,6 +13,7 @@ from arroyo.errors import ConfigError
 from arroyo.message import Event, Message, Start, Stop
 from arroyo.runtime.boundaries import keep_run
 from arroyo.runtime.credit import CreditSender
+from arroyo.runtime.merge import partial_stop
 from arroyo.runtime.pubsub import PubSender
 from arroyo.runtime.stats import StageCounters
 from arroyo.runtime.stats import enabled as stats_enabled
@@ -57,16 +58,35 @@ class StageOperator(Operator):
     can rebuild the boundaries it is given, never begin or end a run of its own."""
 
     def __init__(
-        self, inner: Operator, counters: StageCounters, on_error: str, keep_runs: bool = True
+        self,
+        inner: Operator,
+        counters: StageCounters,
+        on_error: str,
+        keep_runs: bool = True,
+        user_inner: bool = False,
     ) -> None:
         self.inner = inner
         self.counters = counters
         self.on_error = on_error
         self.keep_runs = keep_runs
+        self.user_inner = user_inner  # ``inner`` is the user's class
+        # True while the user's process() or publish() runs (a stop deadline may
+        # interrupt those, never the runtime's own sends: see ``drain.Deadline``)
+        self.in_user = False
+        self._targets: list[tuple[Publisher, bool]] = []  # (publisher, is the user's)
         self.out_events: dict[int, int] = defaultdict(int)
+        self.open_out: dict[int, Start] = {}  # runs whose Start went out and Stop not yet
         self.timed = stats_enabled()
         self._tick = 0
         self._warned: dict[str, int] = {}  # reason -> the last run it was logged for
+
+    def add_publisher(self, publisher: Publisher) -> None:
+        super().add_publisher(publisher)
+        self._targets.append((publisher, not isinstance(publisher, LinkPublisher)))
+
+    def remove_publisher(self, publisher: Publisher) -> None:
+        super().remove_publisher(publisher)
+        self._targets = [t for t in self._targets if t[0] is not publisher]
 
     def process(self, message: Message) -> Any:
         return self.inner.process(message)
@@ -78,11 +98,14 @@ class StageOperator(Operator):
         timed = self.timed and self._tick == 0
         t0 = time.perf_counter_ns() if timed else 0
         failed = False
+        self.in_user = self.user_inner
         try:
             outputs = outputs_of(self.inner.process(message), message)
         except Exception as e:
+            self.in_user = False
             self._failed("process", "operator_error", message, e)
             outputs, failed = [], True  # a boundary still goes out (below)
+        self.in_user = False
         if timed and not failed:
             self.counters.process_ns.append(time.perf_counter_ns() - t0)
         if self.keep_runs:
@@ -91,11 +114,14 @@ class StageOperator(Operator):
             if isinstance(out, Start):
                 self.counters.current_run = out.run
             self._account(out)
-            for publisher in self.publishers:
+            for publisher, user in self._targets:
+                self.in_user = user
                 try:
                     publisher.publish(out)
                 except Exception as e:
+                    self.in_user = False
                     self._failed("publish", "publish_error", out, e)
+            self.in_user = False
         return outputs
 
     def _vet(self, message: Message, outputs: list[Message], warn_restored: bool) -> list[Message]:
@@ -158,6 +184,19 @@ class StageOperator(Operator):
             self.out_events[out.run] += 1
         elif isinstance(out, Stop):
             out.routing = {**out.routing, "n": self.out_events.pop(out.run, 0)}
+            self.open_out.pop(out.run, None)
+        elif isinstance(out, Start):
+            self.open_out[out.run] = out
+
+    def end_open_runs(self, cut: str) -> None:
+        """End this worker's share of every run it began forwarding, without calling
+        user code (it is stuck): a partial Stop marked ``cut`` to the link ends."""
+        for start in list(self.open_out.values()):
+            stop = partial_stop(start, cut)
+            self._account(stop)
+            for publisher, user in self._targets:
+                if not user:
+                    publisher.publish(stop)
 
 
 class SourceOperator(Operator):

@@ -8,13 +8,14 @@ never stalls (held messages always give their credit back).
 from __future__ import annotations
 
 import json
+import subprocess
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Stages, read_jsonl, runs_of, wait_for
+from tests.conftest import Stages, arroyo_bin, read_jsonl, runs_of, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]
 
@@ -173,3 +174,20 @@ def test_every_event_is_delivered_counted_or_reported_over_mixed_runs(
             assert by_run[run]["data"] == {"rebuilt": True}
         if mode in ("swallow", "raise"):
             assert starts[run]["data"]["frames"] == 100  # the source's own Start
+
+
+def test_inline_mode_keeps_runs_the_same_way(topo, tmp_path):
+    (tmp_path / "runops.py").write_text(OPS)
+    modes = ("start", "stop", "both", "swallow")
+    path = topo(GRAPH.format(frames=20, runs=8, modes=", ".join(modes), workers=1, tmp="{tmp}"))
+    result = subprocess.run(
+        [arroyo_bin("arroyo"), "run", str(path), "--inline"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    whole = runs_of(read_jsonl(tmp_path / "out.jsonl"))
+    assert [(run, n) for run, n, _ in whole] == [(run, 20) for run in range(1, 9)]
+    assert result.stderr.count("refused a Start") == 4  # start and both, twice each

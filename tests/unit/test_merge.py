@@ -133,3 +133,39 @@ def test_what_was_filed_without_origin_is_dispatched_when_its_run_is_current():
     assert [type(m) for m in out] == [Start] + [Event] * 6 + [Stop]
     (report,) = reports
     assert report.complete and (report.received, report.expected) == (6, 6)
+
+
+def test_a_run_cut_by_this_stage_blames_its_stop_not_a_death():
+    reports: list[RunReport] = []
+    merger = RunMerger("w__sink", True, lambda _: True, reports.append)
+    _push(merger, [("w/0", START), ("w/0", Event(run=1, seq=0))])
+    (stop,) = [m for _, _, m in merger.flush("drain timeout") if m is not None]
+    assert stop.data["incomplete"] is True
+    assert reports[0].missing_workers == ["w/0 (stopped waiting: drain timeout)"]
+
+
+def test_a_source_that_stopped_cleanly_is_not_said_to_have_died():
+    reports: list[RunReport] = []
+    gone = {"det"}
+    merger = RunMerger(
+        "w__sink", True, lambda w: w not in gone, reports.append, lambda: True, lambda w: w in gone
+    )
+    _push(merger, [("w/0", START), ("w/0", Event(run=1, seq=0))])
+    merger._last_check = 0.0
+    assert [type(m) for _, _, m in merger.check_dead()] == [Stop]
+    assert reports[0].missing_workers == ["source (stopped)"]
+
+
+def test_a_share_cut_at_a_workers_drain_timeout_makes_the_run_incomplete():
+    reports: list[RunReport] = []
+    merger = RunMerger("w__sink", True, lambda _: True, reports.append)
+    stop = Stop(run=1, seq=3, routing={"o": "det", "w": ["w/0", "w/1"], "n": 2})
+    cut = Stop(run=1, routing={"o": "det", "partial": True, "cut": "drain timeout", "n": 1})
+    pushes: list[tuple[str, Message]] = [("w/0", START), ("w/1", START)]
+    pushes += [("w/0", Event(run=1, seq=0)), ("w/0", Event(run=1, seq=1))]
+    pushes += [("w/1", Event(run=1, seq=2)), ("w/0", stop), ("w/1", cut)]
+    (merged,) = [m for m in _push(merger, pushes) if isinstance(m, Stop)]
+    assert merged.data["incomplete"] is True
+    (report,) = reports
+    assert report.missing_workers == ["w/1 (left at drain timeout)"]
+    assert (report.received, report.emitted) == (3, 3)
