@@ -83,7 +83,12 @@ class Operator(ABC):
         long as it needs (the input link holds further messages meanwhile). Returned
         messages without a run id inherit the input's run and sequence number.
         ``Start`` and ``Stop`` pass through here too: return them (the default for
-        a subclass that only cares about events is to return them unchanged).
+        a subclass that only cares about events is to return them unchanged), or a
+        rebuilt one with new ``data``. Runs belong to the listener that makes them: in
+        a stage process a Start or Stop returned for anything but that same boundary,
+        or an event of another run, is refused and counted (``built_boundary``,
+        ``foreign_run``), and a boundary not returned is forwarded anyway
+        (docs/stages.md, "What Operator.process may return").
         """
 
     def close(self) -> None:  # noqa: B027  (optional hook)

@@ -15,8 +15,9 @@ from dataclasses import replace
 from typing import Any
 
 from arroyo.message import SHARES, Message, Stop, add_up_shares
+from arroyo.runtime.boundaries import keep_run
 from arroyo.runtime.roles import SourceOperator, build_user_object
-from arroyo.stage import Listener, Operator, PassThrough, Publisher
+from arroyo.stage import Listener, Operator, PassThrough, Publisher, Result, outputs_of
 from arroyo.topology import Topology
 
 log = logging.getLogger("arroyo.inline")
@@ -36,6 +37,27 @@ class InMemoryLink(Publisher):
             message = replace(message, data=add_up_shares(message.data, [message]))
         with self.lock:
             self.target.handle(message)
+
+
+class KeptRuns(Operator):
+    """The user's operator under the same run rules as in a stage process
+    (``boundaries.keep_run``): what it may not return is logged and left out."""
+
+    def __init__(self, inner: Operator) -> None:
+        self.inner = inner
+
+    def process(self, message: Message) -> Result:
+        vetted = keep_run(message, outputs_of(self.inner.process(message), message))
+        for reason, out in vetted.refused:
+            log.warning(
+                "refused a %s returned for %s run %d seq %d (%s)",
+                type(out).__name__,
+                type(message).__name__,
+                message.run,
+                message.seq,
+                reason,
+            )
+        return vetted.outputs
 
 
 def _order(topology: Topology) -> list[str]:
@@ -63,7 +85,7 @@ def run_inline(topology: Topology) -> None:
         user = build_user_object(spec)
         users[name] = user
         if spec.role == "operator":
-            op: Operator = user
+            op: Operator = KeptRuns(user)
         elif spec.role == "listener":
             op = SourceOperator(f"{name}/0/inline")
             listeners.append(user)

@@ -25,10 +25,13 @@ from arroyo.runtime.stats import RunReport
 log = logging.getLogger("arroyo.merge")
 
 
-def partial_stop(start: Start) -> Stop:
-    """The Stop a worker sends for its share of a run it leaves before the run's end."""
+def partial_stop(start: Start, cut: str = "") -> Stop:
+    """The Stop a worker sends for its share of a run it leaves before the run's end;
+    ``cut`` says why it left part of its share behind (``drain timeout``), if it did."""
     stop = Stop(data={"interrupted": True}, run=start.run, seq=0)
     stop.routing = {**start.routing, "partial": True}
+    if cut:
+        stop.routing["cut"] = cut
     return stop
 
 
@@ -52,6 +55,8 @@ class _Run:
     expected_events: int = 0
     held: list[tuple[str, int, Message]] = field(default_factory=list)
     origin_dead: bool = False
+    origin_fate: str = "died"  # or "stopped": it exited cleanly, its Stop went missing
+    cut: str = ""  # why this stage closed the run as it stood ("stage stopped", "drain timeout")
     prev: Any = _UNSET  # the run id its source emitted before it (None: the first)
 
 
@@ -65,9 +70,11 @@ class RunMerger:
         alive: Callable[[str], bool],
         on_report: Callable[[RunReport], None],
         upstream_done: Callable[[], bool] = lambda: False,
+        stopped: Callable[[str], bool] = lambda _: False,
     ) -> None:
         self.link_name = link_name
         self.upstream_done = upstream_done
+        self.stopped = stopped  # this process identity exited cleanly (not alive)
         self.fan_in = fan_in
         self.alive = alive
         self.on_report = on_report
@@ -86,7 +93,7 @@ class RunMerger:
         who = message.routing.get("s") or sender
         adopted: list[Item] = []
         if isinstance(message, Start | Stop):
-            origin = str(message.routing.get("o", ""))
+            origin = str(message.routing.get("o", "")) or self._known_origin(who, message.run)
             self.sender_origin[who] = origin
             adopted = self._adopt(origin, message.run)
         elif message.run == 0:
@@ -108,6 +115,12 @@ class RunMerger:
             self._note_stop(run, who, message)
         return adopted + self._advance()
 
+    def _known_origin(self, who: str, run_id: int) -> str:
+        """A boundary without an origin (a peer that does not set ``o``) from a sender
+        already in a run of that id belongs to that run, not to a run of its own."""
+        origin = self.sender_origin.get(who, "")
+        return origin if (origin, run_id) in self.runs else ""
+
     def _adopt(self, origin: str, run_id: int) -> list[Item]:
         """Merge a run filed without its origin into the run the origin now names."""
         orphan = ("", run_id)
@@ -125,6 +138,10 @@ class RunMerger:
         target.events += run.events
         target.started |= run.started
         target.senders |= run.senders
+        if self.current == key:
+            # what was held under the orphan key is the current run's: dispatch it now
+            # (held, it would never be dispatched nor credited, and the link would stall)
+            return [item for who, size, m in run.held for item in self._apply(target, who, size, m)]
         target.held.extend(run.held)
         if self.current == orphan:
             self.current = key
@@ -187,7 +204,7 @@ class RunMerger:
         return [(who, size, None)]
 
     def _done(self, run: _Run) -> bool:
-        if run.origin_dead:
+        if run.origin_dead or run.cut:
             return True
         if not run.expected:
             return False
@@ -244,13 +261,23 @@ class RunMerger:
         report = RunReport(
             origin=key[0],
             run=key[1],
-            emitted=last.seq if last else run.events,
+            emitted=stops[-1].seq if stops else run.events,  # (a partial Stop's seq is 0)
             received=run.events,
             expected=run.expected_events,
             missing_workers=missing,
         )
-        if run.origin_dead and not run.stops:
-            report.missing_workers = ["source (died)"]
+        if run.cut:
+            # it is this stage that stopped waiting: say so, and blame no one's death
+            owing = missing or ([] if run.stops else ["source"])
+            report.missing_workers = [f"{who} (stopped waiting: {run.cut})" for who in owing]
+        elif run.origin_dead and not run.stops:
+            report.missing_workers = [f"source ({run.origin_fate})"]
+        # a worker that left at its drain timeout left part of its share unsent
+        report.missing_workers += [
+            f"{who} (left at {stop.routing['cut']})"
+            for who, stop in run.stops.items()
+            if stop.routing.get("cut")
+        ]
         self.on_report(report)
         stops_seen = list(run.stops.values())
         data = add_up_shares(dict(last.data), stops_seen) if last else {"interrupted": True}
@@ -278,8 +305,13 @@ class RunMerger:
         run.dead |= {w for w in owing if not self.alive(w)}
         if key[0] and not run.expected and not self.alive(key[0]) and self._orphaned(key):
             run.origin_dead = True
+            run.origin_fate = "stopped" if self.stopped(key[0]) else "died"
             log.warning(
-                "link %s: source %s of run %d died; closing the run", self.link_name, key[0], key[1]
+                "link %s: source %s of run %d %s without its Stop arriving; closing the run",
+                self.link_name,
+                key[0],
+                key[1],
+                run.origin_fate,
             )
         return self._advance()
 
@@ -291,13 +323,14 @@ class RunMerger:
         successor = any(r.prev == key[1] for k, r in self.runs.items() if k != key)
         return successor or self.upstream_done()
 
-    def flush(self) -> list[Item]:
-        """At shutdown: close every open run as it stands."""
+    def flush(self, cause: str = "stage stopped") -> list[Item]:
+        """At shutdown: close every open run as it stands; ``cause`` (``stage stopped``,
+        ``drain timeout``) is why, for the reports."""
         out: list[Item] = []
         while self.runs:
             if self.current is None:
                 self.current = next(iter(self.runs))
                 out.extend(self._replay(self.current))
-            self.runs[self.current].origin_dead = True
+            self.runs[self.current].cut = cause
             out.extend(self._advance())
         return out

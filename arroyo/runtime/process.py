@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,17 @@ from arroyo import wire
 from arroyo.errors import ConfigError, WireError
 from arroyo.message import Event, Message
 from arroyo.runtime.credit import CreditReceiver, CreditSender
+from arroyo.runtime.drain import (
+    DRAIN_TIMEOUT,
+    Deadline,
+    StuckAtStop,
+    count_left,
+    count_unread,
+    leave_stuck,
+    received,
+)
 from arroyo.runtime.link import CREDIT_IDLE_DELAY, identity, peer_alive
-from arroyo.runtime.merge import RunMerger, partial_stop
+from arroyo.runtime.merge import Item, RunMerger, partial_stop
 from arroyo.runtime.pubsub import PubSender, SubReceiver
 from arroyo.runtime.roles import (
     LinkPublisher,
@@ -33,7 +43,7 @@ from arroyo.runtime.roles import (
     StageOperator,
     build_user_object,
 )
-from arroyo.runtime.stats import RunReport, StageCounters, StatsWriter, stats_path
+from arroyo.runtime.stats import RunReport, StageCounters, StatsWriter, stats_path, stopped_cleanly
 from arroyo.stage import Listener, Operator, PassThrough, Publisher
 from arroyo.topology import Topology
 
@@ -64,6 +74,8 @@ class StageProcess:
         self.outputs: list[CreditSender | PubSender] = []
         self.listener: Listener | None = None
         self.outside_end: Listener | Publisher | None = None  # the user's, if it is one
+        self.op: StageOperator | None = None
+        self.deadline = Deadline(lambda: self.op is not None and self.op.in_user)
 
     # -- set-up --------------------------------------------------------------------
 
@@ -91,7 +103,8 @@ class StageProcess:
                     spec.max_message_bytes,
                 )
             fan_in = self.topology.stages[link.source].scalable
-            merger = RunMerger(link.name, fan_in, peer_alive, self._report, end.finished)
+            stopped = partial(stopped_cleanly, self.topology)
+            merger = RunMerger(link.name, fan_in, peer_alive, self._report, end.finished, stopped)
             self.inputs.append((end, merger))
 
     def _report(self, report: RunReport) -> None:
@@ -115,7 +128,9 @@ class StageProcess:
         else:
             inner = PassThrough()
             publishers = [user]
-        op = StageOperator(inner, self.counters, self.spec.on_error)
+        keep_runs = self.spec.role != "listener"  # a source makes the runs
+        user_inner = self.spec.role == "operator"
+        op = StageOperator(inner, self.counters, self.spec.on_error, keep_runs, user_inner)
         for p in publishers:
             op.add_publisher(p)
         return op
@@ -171,8 +186,10 @@ class StageProcess:
             target=self._watch_signal, args=(read_fd,), daemon=True, name="arroyo-signal"
         )
         watcher.start()
+        undo_deadline = self.deadline.install()
 
         def undo() -> None:
+            undo_deadline()
             signal.set_wakeup_fd(previous)
             os.close(write_fd)  # the watcher reads end-of-file and closes its end
 
@@ -186,6 +203,8 @@ class StageProcess:
                 end.stopping = True
             if self.listener is not None:
                 self.listener.stop()
+            else:
+                self.deadline.arm(self.spec.drain_timeout)
 
     # -- running -------------------------------------------------------------------
 
@@ -204,7 +223,7 @@ class StageProcess:
             except OSError as e:
                 msg = f"stage {self.spec.name}: {e}"
                 raise ConfigError(msg) from e
-            op = self._chain(user)
+            op = self.op = self._chain(user)
             for p in op.publishers:
                 p.setup()
             if self.spec.role == "operator":
@@ -212,12 +231,16 @@ class StageProcess:
             log.info("started as %s", self.me)
             if self.spec.role == "listener":
                 self._run_source(user, op)
-            else:
-                self._run_loop(op)
+            elif not self._run_stage(op):
+                # the user's object never returned: closing it could hang as well
+                log.warning("stopped at drain timeout, leaving %s unclosed", self.spec.class_path)
+                stats.exit = "stopped"
+                return 0
             if self.spec.role == "operator":
                 user.close()
             for p in op.publishers:
                 p.close()
+            stats.exit = "stopped"
         except StageFailed as e:
             log.error("stopping: %s", e)
             return 1
@@ -227,6 +250,16 @@ class StageProcess:
             release_signals()
         log.info("stopped cleanly")
         return 0
+
+    def _run_stage(self, op: StageOperator) -> bool:
+        """The stage loop; False if the user's code was stuck at the stop deadline."""
+        try:
+            self._run_loop(op)
+        except StuckAtStop:
+            leave_stuck(self.inputs, self.spec.drain_timeout, self.spec.role)
+            op.end_open_runs(cut="drain timeout")
+            return False
+        return True
 
     def _run_source(self, listener: Listener, op: StageOperator) -> None:
         self.listener = listener
@@ -269,14 +302,14 @@ class StageProcess:
                 poller.register(s, zmq.POLLIN)
         leaving = False
         owed = False
+        cause = "stage stopped"  # why open runs are closed as they stand at the end
         while True:
             # credit owed to a sender goes back within CREDIT_IDLE_DELAY even when idle
             poller.poll(int(CREDIT_IDLE_DELAY * 1000) + 1 if owed else 100)
             busy = False
             for end, merger in self.inputs:
                 busy |= self._drain_input(end, merger, op)
-                for sender, size, msg in merger.check_dead():
-                    self._dispatch(end, op, sender, size, msg)
+                self._dispatch_all(end, op, merger.check_dead())
             for out in self.outputs:
                 out.service()
             if not busy:
@@ -292,23 +325,21 @@ class StageProcess:
                 if all(end.finished() for end, _ in self.inputs) and not busy:
                     break
                 if time.monotonic() - self.stop_since > self.spec.drain_timeout:
-                    log.warning(
-                        "drain timeout (%.0fs): leaving with input pending", self.spec.drain_timeout
-                    )
+                    count_unread(self.inputs, self.spec.drain_timeout)
+                    cause = "drain timeout"
                     break
         for end, merger in self.inputs:
-            for sender, size, msg in merger.flush():
-                self._dispatch(end, op, sender, size, msg)
+            self._dispatch_all(end, op, merger.flush(cause))
             for key, start in list(merger.open_runs.items()):
                 # This worker leaves mid-run: its share of the run ends here.
                 merger.open_runs.pop(key)
-                op.handle(partial_stop(start))
+                op.handle(partial_stop(start, cut="" if cause == "stage stopped" else cause))
 
     def _drain_input(
         self, end: CreditReceiver | SubReceiver, merger: RunMerger, op: StageOperator
     ) -> bool:
         items = end.receive()
-        for sender, frames in items:
+        for i, (sender, frames) in enumerate(items):
             size = wire.frames_nbytes(frames)
             try:
                 message = wire.decode(frames)
@@ -320,9 +351,23 @@ class StageProcess:
                 end.consumed(sender, size)
                 continue
             end.counters.count(size, isinstance(message, Event))
-            for who, sz, msg in merger.push(sender, message, size):
-                self._dispatch(end, op, who, sz, msg)
+            try:
+                self._dispatch_all(end, op, merger.push(sender, message, size))
+            except StuckAtStop:
+                count_left(end.counters, (frames for _, frames in items[i + 1 :]))
+                raise
         return bool(items)
+
+    def _dispatch_all(
+        self, end: CreditReceiver | SubReceiver, op: StageOperator, items: list[Item]
+    ) -> None:
+        for i, (sender, size, msg) in enumerate(items):
+            try:
+                self._dispatch(end, op, sender, size, msg)
+            except StuckAtStop:
+                # this message and those after it were received and never delivered
+                end.counters.drop(DRAIN_TIMEOUT, received(items[i:]))
+                raise
 
     def _dispatch(
         self,

@@ -11,7 +11,9 @@ from typing import Any
 
 from arroyo.errors import ConfigError
 from arroyo.message import Event, Message, Start, Stop
+from arroyo.runtime.boundaries import keep_run
 from arroyo.runtime.credit import CreditSender
+from arroyo.runtime.merge import partial_stop
 from arroyo.runtime.pubsub import PubSender
 from arroyo.runtime.stats import StageCounters
 from arroyo.runtime.stats import enabled as stats_enabled
@@ -50,15 +52,41 @@ class LinkPublisher(Publisher):
 
 
 class StageOperator(Operator):
-    """Wraps the user's operator: stamps runs at sources, counts, isolates errors."""
+    """Wraps the user's operator: stamps runs at sources, counts, isolates errors.
 
-    def __init__(self, inner: Operator, counters: StageCounters, on_error: str) -> None:
+    Below a source (``keep_runs``) the results go through ``keep_run``: an operator
+    can rebuild the boundaries it is given, never begin or end a run of its own."""
+
+    def __init__(
+        self,
+        inner: Operator,
+        counters: StageCounters,
+        on_error: str,
+        keep_runs: bool = True,
+        user_inner: bool = False,
+    ) -> None:
         self.inner = inner
         self.counters = counters
         self.on_error = on_error
+        self.keep_runs = keep_runs
+        self.user_inner = user_inner  # ``inner`` is the user's class
+        # True while the user's process() or publish() runs (a stop deadline may
+        # interrupt those, never the runtime's own sends: see ``drain.Deadline``)
+        self.in_user = False
+        self._targets: list[tuple[Publisher, bool]] = []  # (publisher, is the user's)
         self.out_events: dict[int, int] = defaultdict(int)
+        self.open_out: dict[int, Start] = {}  # runs whose Start went out and Stop not yet
         self.timed = stats_enabled()
         self._tick = 0
+        self._warned: dict[str, int] = {}  # reason -> the last run it was logged for
+
+    def add_publisher(self, publisher: Publisher) -> None:
+        super().add_publisher(publisher)
+        self._targets.append((publisher, not isinstance(publisher, LinkPublisher)))
+
+    def remove_publisher(self, publisher: Publisher) -> None:
+        super().remove_publisher(publisher)
+        self._targets = [t for t in self._targets if t[0] is not publisher]
 
     def process(self, message: Message) -> Any:
         return self.inner.process(message)
@@ -69,23 +97,70 @@ class StageOperator(Operator):
         self._tick = (self._tick + 1) & 7
         timed = self.timed and self._tick == 0
         t0 = time.perf_counter_ns() if timed else 0
+        failed = False
+        self.in_user = self.user_inner
         try:
             outputs = outputs_of(self.inner.process(message), message)
         except Exception as e:
+            self.in_user = False
             self._failed("process", "operator_error", message, e)
-            return []
-        if timed:
+            outputs, failed = [], True  # a boundary still goes out (below)
+        self.in_user = False
+        if timed and not failed:
             self.counters.process_ns.append(time.perf_counter_ns() - t0)
+        if self.keep_runs:
+            outputs = self._vet(message, outputs, warn_restored=not failed)
         for out in outputs:
             if isinstance(out, Start):
                 self.counters.current_run = out.run
             self._account(out)
-            for publisher in self.publishers:
+            for publisher, user in self._targets:
+                self.in_user = user
                 try:
                     publisher.publish(out)
                 except Exception as e:
+                    self.in_user = False
                     self._failed("publish", "publish_error", out, e)
+            self.in_user = False
         return outputs
+
+    def _vet(self, message: Message, outputs: list[Message], warn_restored: bool) -> list[Message]:
+        """The outputs that keep the run whole; counts and logs what is refused. A run's
+        Start and Stop always go on, even when ``process()`` failed on them: a worker
+        whose share never ends would hold the fan-in downstream (and its credit) for
+        ever."""
+        vetted = keep_run(message, outputs)
+        for reason, out in vetted.refused:
+            self.counters.errors += 1
+            self.counters.drops[reason] += 1
+            self._warn_once(
+                reason,
+                message.run,
+                "refused a %s that process() returned for %s run %d seq %d: an operator "
+                "cannot begin or end a run, nor move an event to another (docs/stages.md); "
+                "counted as %s, further ones in this run silently",
+                type(out).__name__,
+                type(message).__name__,
+                message.run,
+                message.seq,
+                reason,
+            )
+        if vetted.restored and warn_restored:
+            self._warn_once(
+                "restored",
+                message.run,
+                "process() returned no %s for run %d: forwarding the one it was given "
+                "(a run's boundaries cannot be dropped)",
+                type(message).__name__,
+                message.run,
+            )
+        return vetted.outputs
+
+    def _warn_once(self, reason: str, run: int, text: str, *args: Any) -> None:
+        """One warning per reason and run: a refusal repeats on every run it happens."""
+        if self._warned.get(reason) != run:
+            self._warned[reason] = run
+            log.warning(text, *args)
 
     def _failed(self, call: str, reason: str, message: Message, error: Exception) -> None:
         """Count and log a user-code exception; fatal only with ``on_error = stop``."""
@@ -109,6 +184,19 @@ class StageOperator(Operator):
             self.out_events[out.run] += 1
         elif isinstance(out, Stop):
             out.routing = {**out.routing, "n": self.out_events.pop(out.run, 0)}
+            self.open_out.pop(out.run, None)
+        elif isinstance(out, Start):
+            self.open_out[out.run] = out
+
+    def end_open_runs(self, cut: str) -> None:
+        """End this worker's share of every run it began forwarding, without calling
+        user code (it is stuck): a partial Stop marked ``cut`` to the link ends."""
+        for start in list(self.open_out.values()):
+            stop = partial_stop(start, cut)
+            self._account(stop)
+            for publisher, user in self._targets:
+                if not user:
+                    publisher.publish(stop)
 
 
 class SourceOperator(Operator):

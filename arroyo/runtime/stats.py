@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections import Counter, deque
@@ -193,6 +194,7 @@ class StatsWriter(threading.Thread):
         self.interval = interval
         self.done = threading.Event()
         self._last: tuple[float, int, int] | None = None
+        self.exit = ""  # set before the last write: "stopped" when the stop was clean
 
     def run(self) -> None:
         while not self.done.wait(self.interval):
@@ -201,6 +203,8 @@ class StatsWriter(threading.Thread):
     def write(self) -> None:
         snap = self.snapshot()
         snap["pid"] = os.getpid()
+        if self.exit:
+            snap["exit"] = self.exit
         now = time.monotonic()
         if self._last is not None:
             t0, rx, tx = self._last
@@ -224,3 +228,18 @@ class StatsWriter(threading.Thread):
 def stats_path(topology: Topology, stage: str, worker: int) -> Path:
     """Where one worker's stats file is: RUN_DIR/stats/STAGE.WORKER.json."""
     return topology.run_dir / "stats" / f"{stage}.{worker}.json"
+
+
+def stopped_cleanly(topology: Topology, peer_id: str) -> bool:
+    """The process ``stage/worker/pid@host`` (of this host) wrote, as its last stats,
+    that it stopped cleanly. False when that cannot be told (another host, a file
+    since rewritten by a restart, a process that was killed)."""
+    try:
+        rest, host = peer_id.rsplit("@", 1)
+        stage, worker, pid = rest.rsplit("/", 2)
+        if host != socket.gethostname():
+            return False
+        last = json.loads(stats_path(topology, stage, int(worker)).read_text())
+    except (ValueError, OSError):
+        return False
+    return bool(last.get("pid") == int(pid) and last.get("exit") == "stopped")

@@ -103,3 +103,69 @@ def test_a_start_of_the_next_run_ends_a_run_that_got_no_stop():
     # another origin's runs are left alone
     assert _push(merger, [("x/1", Start(run=7, routing={"o": "other"}))])[0].run == 7
     assert set(merger.open_runs) == {("det", 2), ("other", 7)}
+
+
+def test_a_boundary_without_origin_inside_a_run_stays_in_that_run():
+    reports: list[RunReport] = []
+    merger = RunMerger("w__sink", True, lambda _: True, reports.append)
+    pushes: list[tuple[str, Message]] = [("w/0", START)]
+    pushes += [("w/0", Event(run=1, seq=i)) for i in range(5)]
+    pushes += [("w/0", Start(run=1, seq=5))]  # a peer that sets no origin
+    pushes += [("w/0", Event(run=1, seq=i)) for i in range(5, 10)]
+    pushes += [("w/0", Stop(run=1, seq=10, routing={"o": "det", "w": ["w/0"], "n": 10}))]
+    out = _push(merger, pushes)
+    assert [type(m) for m in out] == [Start] + [Event] * 10 + [Stop]
+    (report,) = reports
+    assert report.complete and (report.received, report.expected) == (10, 10)
+
+
+def test_what_was_filed_without_origin_is_dispatched_when_its_run_is_current():
+    reports: list[RunReport] = []
+    merger = RunMerger("w__sink", True, lambda _: True, reports.append)
+    stop = Stop(run=1, seq=6, routing={"o": "det", "w": ["w/0", "w/1"], "n": 3})
+    pushes: list[tuple[str, Message]] = [("w/0", START)]
+    pushes += [("w/0", Event(run=1, seq=i)) for i in range(3)]
+    # w/1's first boundary names no origin: its share is filed under no origin...
+    pushes += [("w/1", Start(run=1))] + [("w/1", Event(run=1, seq=i)) for i in range(3, 6)]
+    # ...until its Stop names the run the share belongs to: the current one
+    pushes += [("w/1", stop), ("w/0", stop)]
+    out = _push(merger, pushes)
+    assert [type(m) for m in out] == [Start] + [Event] * 6 + [Stop]
+    (report,) = reports
+    assert report.complete and (report.received, report.expected) == (6, 6)
+
+
+def test_a_run_cut_by_this_stage_blames_its_stop_not_a_death():
+    reports: list[RunReport] = []
+    merger = RunMerger("w__sink", True, lambda _: True, reports.append)
+    _push(merger, [("w/0", START), ("w/0", Event(run=1, seq=0))])
+    (stop,) = [m for _, _, m in merger.flush("drain timeout") if m is not None]
+    assert stop.data["incomplete"] is True
+    assert reports[0].missing_workers == ["w/0 (stopped waiting: drain timeout)"]
+
+
+def test_a_source_that_stopped_cleanly_is_not_said_to_have_died():
+    reports: list[RunReport] = []
+    gone = {"det"}
+    merger = RunMerger(
+        "w__sink", True, lambda w: w not in gone, reports.append, lambda: True, lambda w: w in gone
+    )
+    _push(merger, [("w/0", START), ("w/0", Event(run=1, seq=0))])
+    merger._last_check = 0.0
+    assert [type(m) for _, _, m in merger.check_dead()] == [Stop]
+    assert reports[0].missing_workers == ["source (stopped)"]
+
+
+def test_a_share_cut_at_a_workers_drain_timeout_makes_the_run_incomplete():
+    reports: list[RunReport] = []
+    merger = RunMerger("w__sink", True, lambda _: True, reports.append)
+    stop = Stop(run=1, seq=3, routing={"o": "det", "w": ["w/0", "w/1"], "n": 2})
+    cut = Stop(run=1, routing={"o": "det", "partial": True, "cut": "drain timeout", "n": 1})
+    pushes: list[tuple[str, Message]] = [("w/0", START), ("w/1", START)]
+    pushes += [("w/0", Event(run=1, seq=0)), ("w/0", Event(run=1, seq=1))]
+    pushes += [("w/1", Event(run=1, seq=2)), ("w/0", stop), ("w/1", cut)]
+    (merged,) = [m for m in _push(merger, pushes) if isinstance(m, Stop)]
+    assert merged.data["incomplete"] is True
+    (report,) = reports
+    assert report.missing_workers == ["w/1 (left at drain timeout)"]
+    assert (report.received, report.emitted) == (3, 3)
