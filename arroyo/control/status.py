@@ -20,7 +20,6 @@ import psutil
 
 from arroyo.control import strays
 from arroyo.control.render import split_process_name
-from arroyo.control.supervise import is_running, rpc, supervisord_pid
 from arroyo.runtime.stats import stats_path
 from arroyo.topology import Topology
 
@@ -38,8 +37,9 @@ class _Proc:
     started: float  # epoch seconds, 0 when not running
 
 
-def _processes(topology: Topology) -> list[_Proc]:
-    infos = rpc(topology).supervisor.getAllProcessInfo() if is_running(topology) else []
+def _processes(
+    topology: Topology, infos: list[dict[str, Any]], supervisor: int | None
+) -> list[_Proc]:
     procs = []
     for info in infos:
         stage, worker = split_process_name(info["name"])
@@ -49,7 +49,7 @@ def _processes(topology: Topology) -> list[_Proc]:
             _Proc(info["group"], stage, worker, info["statename"], info["pid"] or None, started)
         )
     known = {i["pid"] for i in infos if i["pid"]}
-    for s in strays.find_strays(topology, known, supervisord_pid(topology) if infos else None):
+    for s in strays.find_strays(topology, known, supervisor):
         chain = topology.stages[s.stage].chain
         procs.append(_Proc(chain, s.stage, s.worker, strays.STATE, s.pid, s.started))
     return procs
@@ -125,9 +125,12 @@ def _row(topology: Topology, proc: _Proc, cpu: dict[int, float], now: float) -> 
     return row
 
 
-def status_rows(topology: Topology) -> list[dict[str, Any]]:
-    """One row per process known to supervisord or running outside it."""
-    procs = _processes(topology)
+def status_rows(
+    topology: Topology, infos: list[dict[str, Any]], supervisor: int | None
+) -> list[dict[str, Any]]:
+    """One row per process supervisord reports (``infos``, from getAllProcessInfo)
+    and per stage process of the topology outside it (``supervisor``: its pid)."""
+    procs = _processes(topology, infos, supervisor)
     cpu = _cpu_percent([p.pid for p in procs if p.pid])
     now = time.time()
     return [_row(topology, p, cpu, now) for p in procs]

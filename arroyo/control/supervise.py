@@ -30,6 +30,7 @@ from arroyo.control.render import (
     worker_count,
     write_config,
 )
+from arroyo.control.status import status_rows as rows_of
 from arroyo.control.strays import Stray, describe, find_strays, stop_strays
 from arroyo.errors import ConfigError
 from arroyo.topology import Topology
@@ -343,10 +344,9 @@ def _wait_gone(pid: int | None, timeout: float) -> None:
 
 
 def status_rows(topology: Topology) -> list[dict[str, Any]]:
-    """One row per process of the topology (see ``arroyo.control.status``)."""
-    from arroyo.control.status import status_rows as rows
-
-    return rows(topology)
+    """One row per process of the topology, supervised or not (``arroyo.control.status``)."""
+    infos = rpc(topology).supervisor.getAllProcessInfo() if is_running(topology) else []
+    return rows_of(topology, infos, supervisord_pid(topology) if infos else None)
 
 
 def scale(topology: Topology, stage: str, count: int, timeout: float = 120.0) -> tuple[int, int]:
