@@ -11,6 +11,7 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from arroyo.control import supervise
@@ -125,6 +126,34 @@ def test_stages_end_with_a_killed_supervisord_and_lose_nothing(chain, tmp_path):
     assert stop["data"].get("interrupted") is True, stop
     assert "incomplete" not in stop["data"], stop
     assert n == stop["seq"]
+
+
+def test_a_supervised_stage_whose_parent_is_gone_ends_on_its_own(chain, tmp_path):
+    path = chain(workers=1)
+    log = tmp_path / "orphan.log"
+    # The parent (sh) exits at once: before the stage can ask to follow it, or soon after.
+    started = subprocess.run(
+        ["sh", "-c", '"$0" "$1" sink > "$2" 2>&1 & echo $!', arroyo_bin("arroyo-stage"), path, log],
+        env={**os.environ, "SUPERVISOR_ENABLED": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    pid = int(started.stdout)
+
+    def gone() -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    try:
+        wait_for(gone, timeout=30)
+    finally:
+        if not gone():
+            os.kill(pid, signal.SIGKILL)
+    assert "Traceback" not in log.read_text()
 
 
 def test_a_stage_outside_supervisord_is_shown_refused_and_stopped(chain, tmp_path):
