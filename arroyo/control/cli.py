@@ -7,6 +7,7 @@ helpers live in ``clibase``; the supervisor-facing commands in ``commands``.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -51,9 +52,14 @@ def run(topology: str, inline: bool, log_level: str) -> None:
 @user_errors
 def stage_main(topology: str, stage: str, worker: int, log_level: str) -> None:
     """Run one worker process of STAGE from TOPOLOGY in the foreground."""
+    from arroyo.runtime.parent import follow_parent
     from arroyo.runtime.process import StageProcess
     from arroyo.topology import load
 
     setup_logging(f"{stage}[{worker}]", log_level)
+    # Under supervisord (which sets SUPERVISOR_ENABLED), a stage ends with it.
+    if os.environ.get("SUPERVISOR_ENABLED") and not follow_parent():
+        click.echo("the supervisord that started this stage is gone: not starting", err=True)
+        sys.exit(0)
     topo = load(topology)
     sys.exit(StageProcess(topo, stage, worker).run())

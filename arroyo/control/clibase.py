@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import xmlrpc.client
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
@@ -28,7 +29,8 @@ TOPOLOGY = click.argument("topology", type=click.Path(dir_okay=False), envvar="A
 
 
 def user_errors(func: F) -> F:
-    """Turn configuration mistakes into one line per problem and exit code 2."""
+    """Turn configuration mistakes into one line per problem and exit code 2, and a
+    supervisord that refuses a request or stops answering into one line and exit 1."""
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -41,6 +43,12 @@ def user_errors(func: F) -> F:
         except ConfigError as e:
             click.echo(str(e), err=True)
             sys.exit(2)
+        except xmlrpc.client.Fault as e:
+            click.echo(f"supervisord refused the request: {e.faultString}", err=True)
+            sys.exit(1)
+        except xmlrpc.client.ProtocolError as e:
+            click.echo(f"supervisord did not answer: {e.errmsg}", err=True)
+            sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
 

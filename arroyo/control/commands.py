@@ -55,9 +55,13 @@ def up(topology: str, chains: tuple[str, ...]) -> None:
 @user_errors
 def down(topology: str, chains: tuple[str, ...]) -> None:
     """Stop CHAINS (default all) sources first; supervisord exits when nothing runs."""
+    from arroyo.control.strays import describe
     from arroyo.control.supervise import down as do_down
 
-    do_down(_load(topology), chains)
+    strays = do_down(_load(topology), chains)
+    if strays:
+        n = len(strays)
+        click.echo(f"stopped {n} process{'es' * (n > 1)} outside supervisord: {describe(strays)}")
     click.echo("stopped")
 
 
@@ -72,6 +76,16 @@ def _fmt_uptime(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s else "-"
 
 
+def _rates(
+    row: dict[str, Any], rates: dict[tuple[str, int], tuple[float, float]]
+) -> tuple[str, str]:
+    """IN/s and OUT/s as shown: ``stale`` when the figures stopped coming."""
+    if row.get("stale"):
+        return "stale", "stale"
+    rin, rout = rates.get((row["stage"], row["worker"]), (row["rate_in"], row["rate_out"]))
+    return f"{rin or 0:.0f}", f"{rout or 0:.0f}"
+
+
 def status_table(
     rows: list[dict[str, Any]], rates: dict[tuple[str, int], tuple[float, float]]
 ) -> str:
@@ -82,14 +96,24 @@ def status_table(
     )
     lines = [head]
     for r in rows:
-        rin, rout = rates.get((r["stage"], r["worker"]), (r["rate_in"], r["rate_out"]))
+        rin, rout = _rates(r, rates)
         flag = " !" if (r["errors"] or r["dropped"]) else ""
+        if r.get("stale"):
+            age = r.get("stats_age")
+            flag += f" (stats {age:.0f}s old)" if age is not None else " (no stats yet)"
         cpu = f"{r['cpu_percent']:.0f}" if r["cpu_percent"] is not None else "-"
         lines.append(
             f"{r['chain']:<10} {r['stage']:<16} {r['worker']:>2} {r['state']:<9} "
             f"{r['pid'] or '-':>7} {_fmt_uptime(r['uptime']):>8} {cpu:>5} "
-            f"{_fmt_bytes(r['rss_bytes']):>6} {rin:>8.0f} {rout:>8.0f} {r['received']:>9} "
+            f"{_fmt_bytes(r['rss_bytes']):>6} {rin:>8} {rout:>8} {r['received']:>9} "
             f"{r['sent']:>9} {r['errors']:>5} {r['dropped']:>5} {r['current_run'] or '-'}{flag}"
+        )
+    unmanaged = [r for r in rows if r["state"] == "UNMANAGED"]
+    if unmanaged:
+        lines.append(
+            f"{len(unmanaged)} UNMANAGED: stage processes of this topology that no "
+            "supervisord knows (left by a killed supervisord, or started by hand); "
+            "`arroyo down` stops them"
         )
     totals = link_totals(rows)
     if totals:

@@ -6,6 +6,12 @@ process alone, so this extension (loaded by the rendered config's
 ``[rpcinterface:arroyo]``) clones a worker's process config for a new index, or drops
 a stopped worker, inside the running group. Called as ``arroyo.addWorker`` and
 ``arroyo.removeWorker`` over the same unix socket as supervisor's own interface.
+
+Loading it also makes a configuration error final: a worker that exits with status 2
+(``arroyo-stage``'s "configuration error": bad topology, class that cannot be built)
+is put in FATAL instead of being restarted. supervisord only gives up on a process
+that fails within ``startsecs`` of its spawn; a stage whose imports and ``__init__``
+take longer than that would otherwise be restarted for ever, failing the same way.
 """
 
 from __future__ import annotations
@@ -14,10 +20,12 @@ import copy
 import re
 from typing import Any
 
-from supervisor.states import STOPPED_STATES
+from supervisor import events
+from supervisor.states import STOPPED_STATES, ProcessStates
 from supervisor.xmlrpc import Faults, RPCError
 
 API_VERSION = "1.0"
+CONFIG_ERROR = 2  # arroyo-stage's exit status for a configuration error
 
 
 def _worker_index(name: str, program: str) -> int | None:
@@ -78,5 +86,19 @@ class ArroyoNamespace:
         return True
 
 
+def _config_error_is_final(event: Any) -> None:
+    """On a RUNNING -> EXITED transition (supervisord calls this before it decides on
+    a restart): a configuration error goes to FATAL, which is never restarted."""
+    process = event.process
+    if process.exitstatus != CONFIG_ERROR:
+        return
+    process.spawnerr = "configuration error (exit status 2, see its log): not restarted"
+    process.config.options.logger.warn(f"{process.config.name}: {process.spawnerr}")
+    process.change_state(ProcessStates.FATAL)
+
+
 def make_interface(supervisord: Any, **config: Any) -> ArroyoNamespace:
+    # supervisord clears its subscribers at each (re)start, before it builds the
+    # rpcinterfaces: subscribing here holds for this run of supervisord.
+    events.subscribe(events.ProcessStateExitedEvent, _config_error_is_final)
     return ArroyoNamespace(supervisord)

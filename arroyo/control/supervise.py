@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from supervisor.xmlrpc import SupervisorTransport
+from supervisor.xmlrpc import Faults, SupervisorTransport
 
 from arroyo.control.render import (
     fingerprint,
@@ -30,16 +30,32 @@ from arroyo.control.render import (
     worker_count,
     write_config,
 )
+from arroyo.control.status import status_rows as rows_of
+from arroyo.control.strays import Stray, describe, find_strays, stop_strays
 from arroyo.errors import ConfigError
 from arroyo.topology import MAX_WORKERS, Topology
 
 RUNNING_STATES = {"RUNNING"}
 STOPPED_STATES = {"STOPPED", "EXITED", "FATAL", "UNKNOWN"}
+DOWN_PASSES = 3  # a worker that ``scale`` adds while ``down`` runs is stopped by the next
+
+
+class _Transport(SupervisorTransport):
+    """supervisor's unix-socket transport, whose socket errors (supervisord gone in
+    the middle of a command) are raised as ``xmlrpc.client.ProtocolError``: every
+    RPC failure is then an ``xmlrpc.client.Error``, which the CLI prints as one line."""
+
+    def request(self, host: Any, handler: Any, request_body: Any, verbose: Any = 0) -> Any:
+        try:
+            return super().request(host, handler, request_body, verbose)
+        except OSError as e:
+            self.close()
+            raise xmlrpc.client.ProtocolError(self.serverurl, 0, str(e), {}) from e
 
 
 def rpc(topology: Topology) -> Any:
     sock = paths(topology).socket
-    transport = SupervisorTransport(None, None, f"unix://{sock}")
+    transport = _Transport(None, None, f"unix://{sock}")
     return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
 
 
@@ -103,12 +119,16 @@ def up(
     say: Callable[[str], None] = lambda _: None,
 ) -> list[str]:
     """Start supervisord if needed and every process of ``chains`` (sinks first);
-    wait until all are RUNNING. Returns problem lines (empty when everything runs).
+    wait until each is RUNNING and has said it is ready (links open, user object
+    built). Returns problem lines (empty when everything runs).
 
-    A topology edited since supervisord started is re-rendered when nothing runs, and
-    refused (ConfigError) while its stages run: they keep the settings they started
-    with, and starting more next to them would mix two versions of the graph."""
+    Refused (ConfigError) while stage processes of the topology run outside
+    supervisord (a second set would fight them for their endpoints), and while its
+    stages run on a topology edited since supervisord started: they keep the settings
+    they started with, and starting more next to them would mix two versions of the
+    graph. An edited topology with nothing running is simply rendered again."""
     targets = chains_to_act_on(topology, chains)
+    _refuse_strays(topology)
     if is_running(topology) and _config_is_stale(topology):
         _restart_idle_supervisord(topology)
         say(f"{topology.path} changed since supervisord started: config rendered again")
@@ -119,6 +139,24 @@ def up(
         for stage in _by_priority(topology, chain):
             started += _start_stage(server, chain, stage)
     return _wait_running(topology, server, started, timeout)
+
+
+def strays(topology: Topology) -> list[Stray]:
+    """Stage processes of ``topology`` that its supervisord (if any) does not know."""
+    if not is_running(topology):
+        return find_strays(topology)
+    infos = rpc(topology).supervisor.getAllProcessInfo()
+    return find_strays(topology, {i["pid"] for i in infos if i["pid"]}, supervisord_pid(topology))
+
+
+def _refuse_strays(topology: Topology) -> None:
+    found = strays(topology)
+    if found:
+        msg = (
+            f"{topology.path}: {len(found)} stage process(es) of this topology run outside "
+            f"supervisord: {describe(found)}; `arroyo down {topology.path}` stops them"
+        )
+        raise ConfigError(msg)
 
 
 def _config_is_stale(topology: Topology) -> bool:
@@ -177,61 +215,123 @@ def _start_stage(server: Any, chain: str, stage: str) -> list[str]:
     return names
 
 
+def _ready(topology: Topology, stage: str, worker: int, pid: int) -> bool:
+    """Has process ``pid`` of this worker said it is ready (in its stats file)?"""
+    from arroyo.runtime.stats import stats_path
+
+    try:
+        stats = json.loads(stats_path(topology, stage, worker).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(stats.get("ready")) and stats.get("pid") == pid
+
+
+def _failure(topology: Topology, name: str, info: dict[str, Any]) -> str:
+    stage = split_process_name(info["name"])[0]
+    state = info["statename"]
+    if info.get("exitstatus") and state != "BACKOFF":
+        state += f", exit status {info['exitstatus']}"
+    if info.get("description") and info["statename"] in {"FATAL", "BACKOFF"}:
+        state += f": {info['description']}"
+    tail = log_tail(topology, info["name"])
+    return f"stage {stage} ({name}) failed to start ({state}):\n{tail}"
+
+
 def _wait_running(topology: Topology, server: Any, names: list[str], timeout: float) -> list[str]:
+    """Wait until every process of ``names`` is RUNNING and ready; stop and report
+    those that fail (FATAL, EXITED, BACKOFF) or are not ready within ``timeout``."""
     deadline = time.monotonic() + timeout
     pending = list(names)
     problems = []
     while pending:
+        infos = {f"{i['group']}:{i['name']}": i for i in server.supervisor.getAllProcessInfo()}
         for name in list(pending):
-            info = server.supervisor.getProcessInfo(name)
-            state = info["statename"]
-            if state == "RUNNING" and time.time() - info["start"] >= 1.0:
+            info = infos.get(name)
+            if info is None:  # removed meanwhile (scale): nothing to wait for
                 pending.remove(name)
-            elif state in {"FATAL", "EXITED", "BACKOFF"}:
-                stage = split_process_name(info["name"])[0]
-                tail = log_tail(topology, info["name"])
-                problems.append(f"stage {stage} ({name}) failed to start ({state}):\n{tail}")
+                continue
+            stage, worker = split_process_name(info["name"])
+            if info["statename"] == "RUNNING" and _ready(topology, stage, worker, info["pid"]):
+                pending.remove(name)
+            elif info["statename"] in {"FATAL", "EXITED", "BACKOFF"}:
+                problems.append(_failure(topology, name, info))
                 with contextlib.suppress(xmlrpc.client.Fault):
                     server.supervisor.stopProcess(name, False)
                 pending.remove(name)
         if time.monotonic() > deadline:
-            problems += [f"{n}: not RUNNING after {timeout:.0f}s" for n in pending]
+            problems += [
+                f"{n}: not ready after {timeout:.0f}s ({infos[n]['statename']}):\n"
+                f"{log_tail(topology, n.split(':', 1)[1])}"
+                for n in pending
+            ]
             break
-        time.sleep(0.1)
+        if pending:
+            time.sleep(0.1)
     return problems
 
 
-def down(topology: Topology, chains: tuple[str, ...] = (), timeout: float = 120.0) -> None:
+def down(topology: Topology, chains: tuple[str, ...] = (), timeout: float = 120.0) -> list[Stray]:
     """Stop chains sources first, each program drained before the next; shut
-    supervisord down once nothing is running."""
-    if not is_running(topology):
-        return
+    supervisord down once nothing is running; stop the chains' stage processes that
+    run outside supervisord. Returns those strays.
+
+    Safe to repeat, and to run while ``scale`` adds or removes workers: a worker that
+    vanishes counts as stopped, and one added meanwhile is stopped by another pass."""
     targets = chains_to_act_on(topology, chains)
-    server = rpc(topology)
-    for chain in targets:
-        for stage in _by_priority(topology, chain, reverse=True):
-            _stop_stage(server, chain, stage, timeout)
-    if not any(i["statename"] not in STOPPED_STATES for i in server.supervisor.getAllProcessInfo()):
-        _shutdown(topology, server)
+    if is_running(topology):
+        server = rpc(topology)
+        for _ in range(DOWN_PASSES):
+            for chain in targets:
+                for stage in _by_priority(topology, chain, reverse=True):
+                    _stop_stage(server, chain, stage, timeout)
+            if not _live_names(server, targets):
+                break
+        if not _live_names(server, None):
+            _shutdown(topology, server)
+    else:
+        _wait_gone(_live_supervisord(topology), timeout=30)  # one already shutting down
+    found = [s for s in strays(topology) if topology.stages[s.stage].chain in targets]
+    stop_strays(found, timeout)
+    return found
+
+
+def _live_names(server: Any, chains: list[str] | None) -> set[str]:
+    """``group:name`` of every process of ``chains`` (None: all) not yet stopped."""
+    return {
+        f"{i['group']}:{i['name']}"
+        for i in server.supervisor.getAllProcessInfo()
+        if i["statename"] not in STOPPED_STATES and (chains is None or i["group"] in chains)
+    }
 
 
 def _stop_stage(server: Any, chain: str, stage: str, timeout: float) -> None:
-    names = [
+    names = {
         f"{chain}:{i['name']}"
         for i in _processes_of(server, chain, stage)
         if i["statename"] not in STOPPED_STATES
-    ]
+    }
     for name in names:
-        with contextlib.suppress(xmlrpc.client.Fault):
+        with contextlib.suppress(xmlrpc.client.Fault):  # stopped, or removed by scale
             server.supervisor.stopProcess(name, False)
     deadline = time.monotonic() + timeout
     while names and time.monotonic() < deadline:
-        names = [
-            n
-            for n in names
-            if server.supervisor.getProcessInfo(n)["statename"] not in STOPPED_STATES
-        ]
         time.sleep(0.1)
+        names &= _live_names(server, [chain])
+
+
+def _live_supervisord(topology: Topology) -> int | None:
+    """The pid in supervisord.pid if that process still is this run_dir's supervisord
+    (the file outlives a killed supervisord, and its pid may be reused)."""
+    import psutil
+
+    pid = supervisord_pid(topology)
+    if pid is None:
+        return None
+    try:
+        cmdline = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return None
+    return pid if str(paths(topology).conf) in cmdline else None
 
 
 def _wait_gone(pid: int | None, timeout: float) -> None:
@@ -243,74 +343,10 @@ def _wait_gone(pid: int | None, timeout: float) -> None:
         psutil.Process(pid).wait(timeout)
 
 
-def _cpu_percent(pids: list[int], interval: float = 0.1) -> dict[int, float]:
-    """CPU % of every pid over one shared interval (not one interval per process)."""
-    import psutil
-
-    procs = {}
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            procs[pid] = psutil.Process(pid)
-            procs[pid].cpu_percent(None)
-    if procs:
-        time.sleep(interval)
-    out = {}
-    for pid, proc in procs.items():
-        with contextlib.suppress(psutil.Error):
-            out[pid] = proc.cpu_percent(None)
-    return out
-
-
 def status_rows(topology: Topology) -> list[dict[str, Any]]:
-    """One row per process known to supervisord (or per stage when it is not running)."""
-    import psutil
-
-    from arroyo.runtime.stats import stats_path
-
-    rows: list[dict[str, Any]] = []
+    """One row per process of the topology, supervised or not (``arroyo.control.status``)."""
     infos = rpc(topology).supervisor.getAllProcessInfo() if is_running(topology) else []
-    cpu = _cpu_percent([i["pid"] for i in infos if i["pid"]])
-    now = time.time()
-    for info in infos:
-        stage, worker = split_process_name(info["name"])
-        row: dict[str, Any] = {
-            "chain": info["group"],
-            "stage": stage,
-            "worker": worker,
-            "state": info["statename"],
-            "pid": info["pid"] or None,
-            "uptime": (now - info["start"]) if info["statename"] == "RUNNING" else 0.0,
-            "cpu_percent": None,
-            "rss_bytes": None,
-        }
-        if info["pid"]:
-            with contextlib.suppress(psutil.Error):
-                row["cpu_percent"] = cpu.get(info["pid"])
-                row["rss_bytes"] = psutil.Process(info["pid"]).memory_info().rss
-        try:
-            stats = json.loads(stats_path(topology, stage, worker).read_text())
-        except (OSError, ValueError):
-            stats = {}
-        if stats.get("pid") not in (None, info["pid"]) and info["statename"] == "RUNNING":
-            stats = {**stats, "stale": True}
-        row.update(
-            {
-                "received": stats.get("received", 0),
-                "sent": stats.get("sent", 0),
-                "errors": stats.get("errors", 0),
-                "dropped": stats.get("dropped", 0),
-                "current_run": stats.get("current_run"),
-                "rate_in": stats.get("rate_in", 0.0) if info["statename"] == "RUNNING" else 0.0,
-                "rate_out": stats.get("rate_out", 0.0) if info["statename"] == "RUNNING" else 0.0,
-                "drops": stats.get("drops", {}),
-                "process_ms_mean": stats.get("process_ms_mean", 0.0),
-                "process_ms_p99": stats.get("process_ms_p99", 0.0),
-                "links": stats.get("links", []),
-                "runs": stats.get("runs", []),
-            }
-        )
-        rows.append(row)
-    return rows
+    return rows_of(topology, infos, supervisord_pid(topology) if infos else None)
 
 
 def scale(topology: Topology, stage: str, count: int, timeout: float = 120.0) -> tuple[int, int]:
@@ -344,8 +380,20 @@ def scale(topology: Topology, stage: str, count: int, timeout: float = 120.0) ->
             name = server.arroyo.addWorker(chain, stage, index)
             server.supervisor.startProcess(f"{chain}:{name}", True)
     for index in [i for i in current if i >= count]:
-        name = f"{chain}:{process_name(stage, index)}"
-        with contextlib.suppress(xmlrpc.client.Fault):  # already stopped
-            server.supervisor.stopProcess(name, True)
-        server.arroyo.removeWorker(chain, process_name(stage, index))
+        _remove_worker(server, chain, process_name(stage, index), timeout)
     return old, count
+
+
+def _remove_worker(server: Any, chain: str, name: str, timeout: float) -> None:
+    """Stop one worker, wait until it has drained and exited, and forget it. It may
+    already be stopping (``down`` runs too) or gone (another ``scale``)."""
+    with contextlib.suppress(xmlrpc.client.Fault):  # stopping or stopped already
+        server.supervisor.stopProcess(f"{chain}:{name}", True)
+    deadline = time.monotonic() + timeout
+    while f"{chain}:{name}" in _live_names(server, [chain]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        server.arroyo.removeWorker(chain, name)
+    except xmlrpc.client.Fault as e:
+        if e.faultCode != Faults.BAD_NAME:
+            raise

@@ -35,6 +35,14 @@ def partial_stop(start: Start, cut: str = "") -> Stop:
     return stop
 
 
+def _restarted(origin: str, other: str) -> bool:
+    """Is ``other`` another process of the same stage worker on the same host as
+    ``origin``? (identities are ``stage/worker/pid@host``, see ``link.identity``)"""
+    a, _, host_a = origin.rpartition("@")
+    b, _, host_b = other.rpartition("@")
+    return host_a == host_b and a != b and a.rsplit("/", 1)[0] == b.rsplit("/", 1)[0]
+
+
 # (sender, size, message or None): None means "consumed, nothing to dispatch".
 Item = tuple[str, int, Message | None]
 RunKey = tuple[str, int]
@@ -318,9 +326,13 @@ class RunMerger:
     def _orphaned(self, key: RunKey) -> bool:
         """A run whose source is gone gets no Stop only if the source died: a source
         that exited cleanly may have its Stop still on the way. It died if its restart
-        already began the next run (Start names this run as ``p``), or if nothing more
-        can arrive on this link."""
-        successor = any(r.prev == key[1] for k, r in self.runs.items() if k != key)
+        already began a run: one whose Start names this run as ``p``, or any run from
+        a later process of the same stage worker (its ``p`` comes from the run id the
+        source last managed to record, which a full disk can leave behind). Or if
+        nothing more can arrive on this link."""
+        successor = any(
+            r.prev == key[1] or _restarted(key[0], k[0]) for k, r in self.runs.items() if k != key
+        )
         return successor or self.upstream_done()
 
     def flush(self, cause: str = "stage stopped") -> list[Item]:

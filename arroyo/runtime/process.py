@@ -43,7 +43,14 @@ from arroyo.runtime.roles import (
     StageOperator,
     build_user_object,
 )
-from arroyo.runtime.stats import RunReport, StageCounters, StatsWriter, stats_path, stopped_cleanly
+from arroyo.runtime.stats import (
+    RunReport,
+    StageCounters,
+    StatsWriter,
+    replace_file,
+    stats_path,
+    stopped_cleanly,
+)
 from arroyo.stage import Listener, Operator, PassThrough, Publisher
 from arroyo.topology import Topology
 
@@ -76,6 +83,8 @@ class StageProcess:
         self.outside_end: Listener | Publisher | None = None  # the user's, if it is one
         self.op: StageOperator | None = None
         self.deadline = Deadline(lambda: self.op is not None and self.op.in_user)
+        self.ready = False
+        self.stats: StatsWriter | None = None
 
     # -- set-up --------------------------------------------------------------------
 
@@ -141,19 +150,32 @@ class StageProcess:
     def _last_run(self) -> int:
         """The run id this source used last, so that run ids keep counting up across
         restarts instead of starting at 1 again."""
+        path = self._run_file()
         try:
-            return int(self._run_file().read_text())
-        except (OSError, ValueError):
+            return int(path.read_text())
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as e:
+            log.warning("%s unreadable (%s): run ids start again at 1", path, e)
             return 0
 
     def _save_run(self, run: int) -> None:
-        # one small write per run, before the Start leaves: a crash cannot reuse the id
+        # One small write per run, before the Start leaves, so that a crash cannot
+        # reuse the id. Replaced whole and fsynced: a write that fails (a full disk)
+        # keeps the last id recorded, where an in-place write would leave nothing.
         try:
             path = self._run_file()
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(str(run))
+            replace_file(path, str(run).encode(), durable=True)
         except OSError as e:
             log.warning("cannot record run id %d: %s", run, e)
+
+    def _mark_ready(self) -> None:
+        """Links open, the user's object built and set up: say so in the stats file at
+        once (``arroyo up`` waits for it; a stage that fails before it never started)."""
+        self.ready = True
+        if self.stats is not None:
+            self.stats.write()
 
     def _on_signal(self, *_: Any) -> None:
         """Nothing to do here: installing a handler is what makes Python write the
@@ -216,6 +238,7 @@ class StageProcess:
         stats = StatsWriter(
             stats_path(self.topology, self.spec.name, self.worker), self._stats_snapshot
         )
+        self.stats = stats
         stats.start()
         try:
             try:
@@ -231,11 +254,15 @@ class StageProcess:
             log.info("started as %s", self.me)
             if self.spec.role == "listener":
                 self._run_source(user, op)
-            elif not self._run_stage(op):
-                # the user's object never returned: closing it could hang as well
-                log.warning("stopped at drain timeout, leaving %s unclosed", self.spec.class_path)
-                stats.exit = "stopped"
-                return 0
+            else:
+                self._mark_ready()
+                if not self._run_stage(op):
+                    # the user's object never returned: closing it could hang as well
+                    log.warning(
+                        "stopped at drain timeout, leaving %s unclosed", self.spec.class_path
+                    )
+                    stats.exit = "stopped"
+                    return 0
             if self.spec.role == "operator":
                 user.close()
             for p in op.publishers:
@@ -265,6 +292,7 @@ class StageProcess:
         self.listener = listener
         listener.set_operator(op)
         listener.setup()
+        self._mark_ready()
         try:
             if not self.stop_requested.is_set():
                 listener.start()
@@ -392,6 +420,7 @@ class StageProcess:
     def _stats_snapshot(self) -> dict[str, Any]:
         snap = self.counters.snapshot(self._outside_drops())
         snap["id"] = self.me
+        snap["ready"] = self.ready
         return snap
 
     def _outside_drops(self) -> dict[str, int]:

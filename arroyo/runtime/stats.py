@@ -11,6 +11,7 @@ Counting is a few integer additions on the hot path; a reader thread snapshots t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -178,12 +179,40 @@ def link_totals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(totals.values())
 
 
+def replace_file(path: Path, data: bytes, durable: bool = False) -> None:
+    """Give ``path`` the content ``data`` all at once: written beside it, then renamed
+    over it. A write that fails (a full disk) leaves the old content as it was, and
+    removes its partial copy. ``durable``: fsync the data before the rename, so that
+    after a power loss the file holds the old content or the new, never nothing."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 class StatsWriter(threading.Thread):
     """Writes the process's counters to RUN_DIR/stats/STAGE.WORKER.json once a second.
 
     A file per process is the stats channel: atomic to replace, readable by any
-    reader at any time, and a restarted process simply overwrites its own.
+    reader at any time, and a restarted process simply overwrites its own. A write
+    that fails (full disk, unwritable run_dir) is logged at once, then at most every
+    ``LOG_EVERY`` seconds, and once more when writing works again; readers see the
+    file's age grow (``arroyo status`` marks such figures stale).
     """
+
+    LOG_EVERY = 60.0  # s
 
     def __init__(
         self, path: Path, snapshot: Callable[[], dict[str, Any]], interval: float = 1.0
@@ -195,30 +224,49 @@ class StatsWriter(threading.Thread):
         self.done = threading.Event()
         self._last: tuple[float, int, int] | None = None
         self.exit = ""  # set before the last write: "stopped" when the stop was clean
+        self._lock = threading.Lock()  # the stage's own thread writes too (ready, stop)
+        self._failures = 0
+        self._logged = 0.0
 
     def run(self) -> None:
         while not self.done.wait(self.interval):
             self.write()
 
     def write(self) -> None:
-        snap = self.snapshot()
-        snap["pid"] = os.getpid()
-        if self.exit:
-            snap["exit"] = self.exit
-        now = time.monotonic()
-        if self._last is not None:
-            t0, rx, tx = self._last
-            dt = max(now - t0, 1e-6)
-            snap["rate_in"] = (snap["received"] - rx) / dt
-            snap["rate_out"] = (snap["sent"] - tx) / dt
-        self._last = (now, snap["received"], snap["sent"])
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(snap))
-            os.replace(tmp, self.path)
-        except OSError as e:
-            log.debug("stats not written: %s", e)
+        with self._lock:
+            snap = self.snapshot()
+            snap["pid"] = os.getpid()
+            if self.exit:
+                snap["exit"] = self.exit
+            now = time.monotonic()
+            if self._last is not None:
+                t0, rx, tx = self._last
+                dt = max(now - t0, 1e-6)
+                snap["rate_in"] = (snap["received"] - rx) / dt
+                snap["rate_out"] = (snap["sent"] - tx) / dt
+            self._last = (now, snap["received"], snap["sent"])
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                replace_file(self.path, json.dumps(snap).encode())
+            except OSError as e:
+                self._failed(e, now)
+                return
+            if self._failures:
+                log.warning("stats written again after %d failed attempts", self._failures)
+                self._failures, self._logged = 0, 0.0
+
+    def _failed(self, error: OSError, now: float) -> None:
+        self._failures += 1
+        if self._failures == 1 or now - self._logged >= self.LOG_EVERY:
+            self._logged = now
+            log.warning(
+                "stats not written to %s (%d failed attempts so far; logged again in %.0fs "
+                "at most): %s",
+                self.path,
+                self._failures,
+                self.LOG_EVERY,
+                error,
+            )
 
     def stop(self) -> None:
         self.done.set()

@@ -1,0 +1,136 @@
+"""The rows of ``arroyo status``: supervisor state, psutil figures and each process's
+stats file, joined per process.
+
+Rows cover every process supervisord knows and every stage process of the topology
+running outside it (state ``UNMANAGED``, see ``strays``). The figures are what each
+process last wrote to its stats file, once a second. A live process whose file is
+older than ``STALE_AFTER`` (its disk is full, it is frozen or hung) is marked
+``stale``: its counters are the last ones written, and it has no live rates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+from arroyo.control import strays
+from arroyo.control.render import split_process_name
+from arroyo.runtime.stats import stats_path
+from arroyo.topology import Topology
+
+STALE_AFTER = 5.0  # s: five missed rewrites of a file written once a second
+LIVE_STATES = {"RUNNING", strays.STATE}
+
+
+@dataclass(frozen=True)
+class _Proc:
+    chain: str
+    stage: str
+    worker: int
+    state: str
+    pid: int | None
+    started: float  # epoch seconds, 0 when not running
+
+
+def _processes(
+    topology: Topology, infos: list[dict[str, Any]], supervisor: int | None
+) -> list[_Proc]:
+    procs = []
+    for info in infos:
+        stage, worker = split_process_name(info["name"])
+        running = info["statename"] == "RUNNING"
+        started = float(info["start"]) if running else 0.0
+        procs.append(
+            _Proc(info["group"], stage, worker, info["statename"], info["pid"] or None, started)
+        )
+    known = {i["pid"] for i in infos if i["pid"]}
+    for s in strays.find_strays(topology, known, supervisor):
+        chain = topology.stages[s.stage].chain
+        procs.append(_Proc(chain, s.stage, s.worker, strays.STATE, s.pid, s.started))
+    return procs
+
+
+def _cpu_percent(pids: list[int], interval: float = 0.1) -> dict[int, float]:
+    """CPU % of every pid over one shared interval (not one interval per process)."""
+    procs = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            procs[pid] = psutil.Process(pid)
+            procs[pid].cpu_percent(None)
+    if procs:
+        time.sleep(interval)
+    out = {}
+    for pid, proc in procs.items():
+        with contextlib.suppress(psutil.Error):
+            out[pid] = proc.cpu_percent(None)
+    return out
+
+
+def _staleness(proc: _Proc, stats: dict[str, Any], now: float) -> tuple[bool, float | None]:
+    """(stale, age of the figures in s). Figures of a live process are stale when its
+    last write is older than STALE_AFTER, or when it has written nothing although
+    it has been up that long (the file then holds an earlier process's figures)."""
+    if proc.state not in LIVE_STATES:
+        return False, None
+    if stats.get("pid") == proc.pid and "time" in stats:
+        age = max(0.0, now - float(stats["time"]))
+        return age > STALE_AFTER, age
+    return now - proc.started > STALE_AFTER, None
+
+
+def _row(topology: Topology, proc: _Proc, cpu: dict[int, float], now: float) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "chain": proc.chain,
+        "stage": proc.stage,
+        "worker": proc.worker,
+        "state": proc.state,
+        "pid": proc.pid,
+        "uptime": (now - proc.started) if proc.started else 0.0,
+        "cpu_percent": None,
+        "rss_bytes": None,
+    }
+    if proc.pid:
+        with contextlib.suppress(psutil.Error):
+            row["cpu_percent"] = cpu.get(proc.pid)
+            row["rss_bytes"] = psutil.Process(proc.pid).memory_info().rss
+    try:
+        stats = json.loads(stats_path(topology, proc.stage, proc.worker).read_text())
+    except (OSError, ValueError):
+        stats = {}
+    stale, age = _staleness(proc, stats, now)
+    live = proc.state in LIVE_STATES and not stale
+    row.update(
+        {
+            "received": stats.get("received", 0),
+            "sent": stats.get("sent", 0),
+            "errors": stats.get("errors", 0),
+            "dropped": stats.get("dropped", 0),
+            "current_run": stats.get("current_run"),
+            "rate_in": stats.get("rate_in", 0.0) if live else (None if stale else 0.0),
+            "rate_out": stats.get("rate_out", 0.0) if live else (None if stale else 0.0),
+            "stale": stale,
+            "stats_age": age,
+            "drops": stats.get("drops", {}),
+            "process_ms_mean": stats.get("process_ms_mean", 0.0),
+            "process_ms_p99": stats.get("process_ms_p99", 0.0),
+            "links": stats.get("links", []),
+            "runs": stats.get("runs", []),
+        }
+    )
+    return row
+
+
+def status_rows(
+    topology: Topology, infos: list[dict[str, Any]], supervisor: int | None
+) -> list[dict[str, Any]]:
+    """One row per process supervisord reports (``infos``, from getAllProcessInfo)
+    and per stage process of the topology outside it (``supervisor``: its pid)."""
+    procs = _processes(topology, infos, supervisor)
+    cpu = _cpu_percent([p.pid for p in procs if p.pid])
+    now = time.time()
+    return [_row(topology, p, cpu, now) for p in procs]
