@@ -79,6 +79,7 @@ class StageOperator(Operator):
         for out in outputs:
             if isinstance(out, Start):
                 self.counters.current_run = out.run
+                self.counters.mark_run_start()
             self._account(out)
             for publisher in self.publishers:
                 try:
