@@ -22,8 +22,8 @@ import zmq
 from arroyo import wire
 from arroyo.errors import ConfigError, WireError
 from arroyo.message import Event, Message
-from arroyo.runtime.credit import CreditReceiver, CreditSender
 from arroyo.runtime import malloc
+from arroyo.runtime.credit import CreditReceiver, CreditSender
 from arroyo.runtime.link import CREDIT_IDLE_DELAY, identity, peer_alive
 from arroyo.runtime.merge import RunMerger, partial_stop
 from arroyo.runtime.pubsub import PubSender, SubReceiver
