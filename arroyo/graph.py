@@ -241,6 +241,7 @@ def _spec(d: Draft, chain: str, level: int, stopwaitsecs: int) -> StageSpec:
         hwm_bytes=s.get("hwm_bytes", 256 << 20),
         max_message_bytes=s.get("max_message_bytes", -1),
         drain_timeout=s.get("drain_timeout", 20.0),
+        tune_malloc=s.get("tune_malloc", True),
         device=d.device,
     )
 

@@ -61,6 +61,7 @@ class StageSpec:
     hwm_bytes: int = 256 << 20
     max_message_bytes: int = -1
     drain_timeout: float = 20.0
+    tune_malloc: bool = True  # fixed glibc malloc thresholds (arroyo.runtime.malloc)
     device: bool = False  # a forwarding stage Arroyo inserted between two scaled stages
 
     def load_class(self) -> type:

@@ -6,8 +6,9 @@ table shows medians. Receivers time a stream from its first to its last message.
 
     one hop   raw PUSH -> PULL            vs  source stage -> sink stage
     chain     raw PUSH -> relay -> PULL   vs  source -> PassThrough operator -> sink
-    scaling   source -> Burn operator at 1 and 2 workers -> sink, beside the machine's
-              ceiling: the Burn operator in a loop in 1 and 2 plain processes
+    scaling   source -> numpy operator at 1 and 2 workers -> sink, beside the true
+              ceiling: the same numpy work in 1 and 2 plain processes that import
+              neither zmq nor arroyo (arroyo_bench.plain)
     latency   paced 100 B stream: receive time - send time, both sides
     peer      raw PUSH -> arroyopy's ZMQ listener (when it installs) vs raw PULL
     counters  the one-hop 100 B case with ARROYO_STATS=1 and =0

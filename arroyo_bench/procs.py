@@ -8,8 +8,8 @@ Two kinds of peers, measured the same way:
 * Plain pyzmq processes, the reference: ``raw-send`` (PUSH), ``raw-recv`` (PULL),
   ``raw-relay`` (PULL -> PUSH) and ``peer-recv`` (the same PULL stream received by the
   ``arroyopy`` package's ZMQ listener, when it is installed).
-* ``bare-burn``: the scaling suite's operator called in a plain loop, no sockets: what
-  one or two processes doing only that work reach on this machine.
+(The compute ceiling, the stage's operator in a plain loop, is ``arroyo_bench.plain``:
+it must not import zmq or arroyo, and this module imports both.)
 
 Every receiver times the stream from its first to its last message with its own
 monotonic clock; latency is receive time minus the send time stamped by the sender,
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import struct
@@ -35,25 +34,11 @@ import zmq
 
 from arroyo.message import Event, Message, Start, Stop
 from arroyo.stage import Listener, Publisher
+from arroyo_bench.plain import SMALL, make_payload
+from arroyo_bench.plain import write_json as _write_json
 
 STAMP = struct.Struct("<q")  # send time (ns) in the first 8 bytes of a raw latency message
 WARMUP_FRACTION = 0.05  # latency samples left out at the start (connection warm-up)
-SMALL = 1024  # payloads below this are bytes with metadata, larger ones numpy arrays
-
-
-def make_payload(size: int) -> bytes | np.ndarray:
-    """The payload of every benchmark message of ``size`` bytes."""
-    rng = np.random.default_rng(size)
-    if size < SMALL:
-        return rng.integers(0, 256, size, dtype=np.uint8).tobytes()
-    return rng.integers(0, 4096, size // 2, dtype=np.uint16)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Whole or not at all: the bench polls for the file and reads it at once."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 class Recorder:
@@ -285,41 +270,24 @@ def peer_recv(args: argparse.Namespace) -> None:
     _idle_until_signalled()
 
 
-def bare_burn(args: argparse.Namespace) -> None:
-    """``count`` events through the Burn operator itself, from ``--at`` (a wall-clock
-    time shared by the processes started together) to the last one."""
-    from stages.basic import Burn
-
-    burn = Burn(args.rounds)
-    payload = make_payload(args.size)
-    time.sleep(max(0.0, args.at - time.time()))
-    began = time.time()
-    for i in range(args.count):
-        burn.process(Event(metadata={"frame": i}, payload=payload))
-    _write_json(Path(args.out), {"began": began, "ended": time.time(), "count": args.count})
-
-
 ROLES = {
     "raw-send": raw_send,
     "raw-recv": raw_recv,
     "raw-relay": raw_relay,
     "peer-recv": peer_recv,
-    "bare-burn": bare_burn,
 }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m arroyo_bench.procs")
     parser.add_argument("role", choices=sorted(ROLES))
-    parser.add_argument("--endpoint", default="", help="where to bind or connect (not bare-burn)")
+    parser.add_argument("--endpoint", default="", help="where to bind or connect")
     parser.add_argument("--forward", default="", help="raw-relay: where to push to")
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--size", type=int, default=100)
     parser.add_argument("--rate", type=float, default=0.0)
     parser.add_argument("--settle", type=float, default=0.3)
     parser.add_argument("--latency", action="store_true")
-    parser.add_argument("--rounds", type=int, default=0, help="bare-burn: Burn rounds")
-    parser.add_argument("--at", type=float, default=0.0, help="bare-burn: start time (epoch s)")
     parser.add_argument("--out", default="result.json")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))

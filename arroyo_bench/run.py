@@ -22,6 +22,8 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+from arroyo.runtime import malloc
+
 KIB, MIB = 1024, 1024 * 1024
 SIZE_100B = 100
 
@@ -185,18 +187,20 @@ class Runner:
 
         return self._measure(start, self.timeout)
 
-    def bare_burn(self, size: int, count: int, rounds: int, processes: int) -> dict[str, Any]:
-        """``count`` events of Burn work split over ``processes`` plain processes that
-        start together; timed from the first one's start to the last one's end."""
+    def plain(self, size: int, count: int, rounds: int, processes: int) -> dict[str, Any]:
+        """``count`` events of the stage's numpy work split over ``processes`` plain
+        processes (``arroyo_bench.plain``: no zmq, no arroyo) that start together;
+        timed from the first one's start to the last one's end."""
         case = self._case_dir()
-        outs = [case / f"burn{i}.json" for i in range(processes)]
+        outs = [case / f"plain{i}.json" for i in range(processes)]
         at = time.time() + 1.0  # every process has imported numpy by then
         try:
             for i, out in enumerate(outs):
                 share = count // processes + (1 if i < count % processes else 0)
-                self._raw(case, "bare-burn", f"burn{i}", False, "--size", str(size),
-                          "--count", str(share), "--rounds", str(rounds), "--at", str(at),
-                          "--out", str(out))  # fmt: skip
+                cmd = [sys.executable, "-m", "arroyo_bench.plain", "--size", str(size),
+                       "--count", str(share), "--rounds", str(rounds), "--at", str(at),
+                       "--out", str(out)]  # fmt: skip
+                self.children.start(cmd, case / f"plain{i}.log", dict(malloc.ENVIRONMENT))
             parts = [self._await_result(out, self.timeout) for out in outs]
         finally:
             self.children.kill_all()

@@ -11,10 +11,11 @@ from collections.abc import Callable
 from typing import Any
 
 from arroyo_bench.plans import Plan
-from arroyo_bench.run import KIB, MIB, SIZE_100B, BenchError, Runner, median_of, size_label
+from arroyo_bench.run import MIB, SIZE_100B, BenchError, Runner, median_of, size_label
 from arroyo_bench.run import throughput as rates
 
 Measure = Callable[[], dict[str, Any]]
+FRAME_BYTES = 256 * 256 * 2  # the compute suite's frame: 256 x 256 uint16
 
 
 def _log(text: str) -> None:
@@ -78,11 +79,14 @@ def one_hop(runner: Runner, plan: Plan, hops: int) -> list[dict[str, Any]]:
 
 
 def scaling(runner: Runner, plan: Plan) -> dict[str, Any]:
-    size, n = 64 * KIB, plan.scale_events
+    """Compute in a stage and its scaling, beside the true ceiling: the same numpy work
+    (``stages.basic:Temporaries`` on a 256 x 256 uint16 frame) in 1 and 2 plain
+    processes that import neither zmq nor arroyo."""
+    size, n = FRAME_BYTES, plan.scale_events
     # A small window, so events go to whichever worker is free rather than being
     # dealt out ahead (the default window holds seconds of this work per worker).
     hwm = 8
-    op = f"stages.basic:Burn rounds={plan.scale_rounds} hwm={hwm}"
+    op = f"stages.basic:Temporaries rounds={plan.scale_rounds} hwm={hwm}"
     row: dict[str, Any] = {
         "suite": "scaling",
         "transport": "ipc",
@@ -93,16 +97,17 @@ def scaling(runner: Runner, plan: Plan) -> dict[str, Any]:
     }
 
     def run(row: dict[str, Any], side: str) -> Measure:
-        k = int(side[-1] if side.startswith("bare") else side[0])
-        if side.startswith("bare"):
-            # The machine's own ceiling: the same work in k plain processes, no links.
-            return lambda: runner.bare_burn(size, n, plan.scale_rounds, k)
+        k = int(side[-1] if side.startswith("plain") else side[0])
+        if side.startswith("plain"):
+            return lambda: runner.plain(size, n, plan.scale_rounds, k)
         return lambda: runner.arroyo("ipc", size, n, operator=op, workers=k)
 
-    sides = ["bare 1", "bare 2", "1 worker", "2 workers"]
+    sides = ["plain 1", "plain 2", "1 worker", "2 workers"]
     (row,) = interleaved([row], sides, max(1, plan.repeats - 1), run)
     row["ratio"] = _speedup(row, "1 worker", "2 workers")
-    row["bare_speedup"] = _speedup(row, "bare 1", "bare 2")
+    row["plain_speedup"] = _speedup(row, "plain 1", "plain 2")
+    # compute in a stage / the same code in a plain process
+    row["compute_ratio"] = _speedup(row, "plain 1", "1 worker")
     return row
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from arroyo.convert import Bounds
 from arroyo.message import Event, Message
 from arroyo.stage import Operator, Result
+from stages.kernels import temporaries
 
 
 class Delay(Operator):
@@ -72,4 +73,20 @@ class Burn(Operator):
             for _ in range(self.rounds):
                 a = np.sqrt(a * a + 1.0)
             return Event(metadata={**message.metadata, "sum": float(a.sum())}, payload=None)
+        return message
+
+
+class Temporaries(Operator):
+    """``rounds`` of ``np.sqrt(a * a + 1.0).sum()`` over a float64 copy of each event's
+    array (``stages.kernels.temporaries``): numpy work with large temporaries, for the
+    compute benchmark and the page-fault test. Emits the event's metadata plus ``sum``,
+    without the payload."""
+
+    def __init__(self, rounds: int = 12) -> None:
+        self.rounds = rounds
+
+    def process(self, message: Message) -> Result:
+        if isinstance(message, Event) and isinstance(message.payload, np.ndarray):
+            total = temporaries(message.payload, self.rounds)
+            return Event(metadata={**message.metadata, "sum": total}, payload=None)
         return message

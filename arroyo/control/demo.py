@@ -18,7 +18,7 @@ from arroyo.control.commands import status_table
 from arroyo.errors import ArroyoError
 from arroyo.topology import load
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: arroyo/control/demo.py
 DEMO = ROOT / "deploy" / "demo.ini"
 
 

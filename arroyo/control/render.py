@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from arroyo.errors import ConfigError
+from arroyo.runtime import malloc
 from arroyo.topology import MAX_IPC_PATH, StageSpec, Topology
 
 
@@ -80,7 +81,9 @@ def _stage_command() -> str:
 
 def _program(topology: Topology, spec: StageSpec, logs: Path) -> str:
     sup = spec.supervision
-    env = {"PYTHONUNBUFFERED": "1", **dict(sup.environment)}
+    # the malloc thresholds reach code that runs before the stage sets them itself
+    tuned = malloc.ENVIRONMENT if spec.tune_malloc else {}
+    env = {"PYTHONUNBUFFERED": "1", **tuned, **dict(sup.environment)}
     env_text = ",".join(f'{k}="{v}"' for k, v in env.items())
     command = f"{_stage_command()} {topology.path} {spec.name} --worker %(process_num)d"
     return "\n".join(

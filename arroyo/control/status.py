@@ -118,6 +118,8 @@ def _row(topology: Topology, proc: _Proc, cpu: dict[int, float], now: float) -> 
             "drops": stats.get("drops", {}),
             "process_ms_mean": stats.get("process_ms_mean", 0.0),
             "process_ms_p99": stats.get("process_ms_p99", 0.0),
+            "minor_faults": stats.get("minor_faults"),
+            "faults_per_event": stats.get("faults_per_event"),
             "links": stats.get("links", []),
             "runs": stats.get("runs", []),
         }

@@ -23,6 +23,7 @@ import zmq
 from arroyo import wire
 from arroyo.errors import ConfigError, WireError
 from arroyo.message import Event, Message
+from arroyo.runtime import malloc
 from arroyo.runtime.credit import CreditReceiver, CreditSender
 from arroyo.runtime.drain import (
     DRAIN_TIMEOUT,
@@ -71,6 +72,11 @@ class StageProcess:
     def __init__(self, topology: Topology, stage: str, worker: int = 0) -> None:
         self.topology = topology
         self.spec = topology.stage(stage)
+        if self.spec.tune_malloc:
+            # before the user's object exists: its first frame-sized buffers and every
+            # temporary after them stay on the heap (arroyo.runtime.malloc)
+            tuned = malloc.tune()
+            log.debug("malloc thresholds set: %s", tuned or "none (not glibc, or from env)")
         self.worker = worker
         self.me = identity(stage, worker)
         self.counters = StageCounters(stage, worker)

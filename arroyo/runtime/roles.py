@@ -113,6 +113,7 @@ class StageOperator(Operator):
         for out in outputs:
             if isinstance(out, Start):
                 self.counters.current_run = out.run
+                self.counters.mark_run_start()
             self._account(out)
             for publisher, user in self._targets:
                 self.in_user = user

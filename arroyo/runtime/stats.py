@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import socket
 import threading
 import time
@@ -121,16 +122,38 @@ class StageCounters:
     runs: deque[RunReport] = field(default_factory=lambda: deque(maxlen=50))
     process_ns: deque[int] = field(default_factory=lambda: deque(maxlen=1000))
     started: float = field(default_factory=time.time)
+    # (minor faults, events) when the current run started: faults per event since then
+    fault_mark: tuple[int, int] | None = None
 
     def link(self, name: str, direction: str) -> LinkCounters:
         counters = LinkCounters(name, direction) if enabled() else NullLinkCounters(name, direction)
         self.links.append(counters)
         return counters
 
+    def events(self) -> int:
+        """Events this process handled: received, or sent for a source."""
+        received = sum(c.events for c in self.links if c.direction == "in")
+        return received or sum(c.events for c in self.links if c.direction == "out")
+
+    def mark_run_start(self) -> None:
+        """Called at each Start (one ``getrusage`` per run, nothing per message)."""
+        self.fault_mark = (minor_faults(), self.events())
+
+    def faults_per_event(self, faults: int) -> float | None:
+        """Minor page faults of the whole process per event since the current run
+        began (None before its first event). Thousands mean the allocator hands large
+        temporaries back to the kernel and faults them in again (docs/operations.md)."""
+        if self.fault_mark is None:
+            return None
+        base_faults, base_events = self.fault_mark
+        events = self.events() - base_events
+        return (faults - base_faults) / events if events > 0 else None
+
     def snapshot(self, outside: Mapping[str, int] | None = None) -> dict[str, Any]:
         """Everything counted, plus ``outside``: the drops the stage's own listener or
         publisher reports (``drops()``), which the runtime cannot see itself."""
         times = sorted(self.process_ns)
+        faults = minor_faults()
         drops = Counter(self.drops)
         drops.update(outside or {})
         return {
@@ -149,7 +172,14 @@ class StageCounters:
             "process_ms_mean": (sum(times) / len(times) / 1e6) if times else 0.0,
             "process_ms_p99": (times[int(len(times) * 0.99)] / 1e6) if times else 0.0,
             "runs": [r.snapshot() for r in self.runs],
+            "minor_faults": faults,
+            "faults_per_event": self.faults_per_event(faults),
         }
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far, every thread included."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 class NullLinkCounters(LinkCounters):

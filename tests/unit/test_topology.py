@@ -323,6 +323,7 @@ def test_stage_settings_and_options_are_typed(tmp_path: Path) -> None:
         hwm_bytes = 1024
         max_message_bytes = 4096
         drain_timeout = 1.5
+        tune_malloc = no
         priority = 7
         stopwaitsecs = 3
         startsecs = 0
@@ -351,6 +352,7 @@ def test_stage_settings_and_options_are_typed(tmp_path: Path) -> None:
     assert (fail.scalable, fail.workers) == (False, 1)
     assert (fail.on_error, fail.hwm, fail.hwm_bytes) == ("stop", 10, 1024)
     assert (fail.max_message_bytes, fail.drain_timeout) == (4096, 1.5)
+    assert (fail.tune_malloc, topo.stages["det"].tune_malloc) == (False, True)
     sup = fail.supervision
     assert (sup.priority, sup.stopwaitsecs, sup.startsecs, sup.autorestart) == (7, 3, 0, "true")
     assert sup.environment == (("OMP_NUM_THREADS", "1"), ("FOO", "a=b"))
@@ -358,6 +360,40 @@ def test_stage_settings_and_options_are_typed(tmp_path: Path) -> None:
     # A non-scalable operator binds its input and, fed to one process, is bound to.
     assert link(topo, "det", "fail").binder == "target"
     assert link(topo, "fail", "sink").pattern == "pub"
+
+
+def test_rendered_programs_get_the_malloc_thresholds_unless_turned_off(tmp_path: Path) -> None:
+    from arroyo.control.render import render
+
+    path = write(
+        tmp_path,
+        """
+        [topology]
+        name = env
+        [stage:det]
+        role = listener
+        class = stages.synthetic:DetectorSimulator
+        frames = 1
+        shape = 2
+        [stage:op]
+        role = operator
+        class = stages.basic:Scale
+        input = det
+        environment = MALLOC_TRIM_THRESHOLD_=0
+        [stage:sink]
+        role = publisher
+        class = stages.sinks:Discard
+        input = op
+        tune_malloc = false
+        """,
+    )
+    programs = {
+        block.split("]", 1)[0]: block for block in render(load(path)).split("[program:")[1:]
+    }
+    assert 'MALLOC_MMAP_THRESHOLD_="33554432",MALLOC_TRIM_THRESHOLD_="134217728"' in programs["det"]
+    # the stage's own environment wins over Arroyo's default
+    assert 'MALLOC_MMAP_THRESHOLD_="33554432",MALLOC_TRIM_THRESHOLD_="0"' in programs["op"]
+    assert "MALLOC_" not in programs["sink"]
 
 
 def test_deep_run_dir_falls_back_to_a_short_socket_dir(tmp_path: Path) -> None:
