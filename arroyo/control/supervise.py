@@ -31,6 +31,7 @@ from arroyo.control.render import (
     write_config,
 )
 from arroyo.errors import ConfigError
+from arroyo.runtime.live import forget_live
 from arroyo.topology import MAX_WORKERS, Topology
 
 RUNNING_STATES = {"RUNNING"}
@@ -211,6 +212,7 @@ def down(topology: Topology, chains: tuple[str, ...] = (), timeout: float = 120.
     for chain in targets:
         for stage in _by_priority(topology, chain, reverse=True):
             _stop_stage(server, chain, stage, timeout)
+        forget_live(topology.run_dir, list(topology.chains[chain]))  # `arroyo set`'s
     if not any(i["statename"] not in STOPPED_STATES for i in server.supervisor.getAllProcessInfo()):
         _shutdown(topology, server)
 
@@ -307,6 +309,8 @@ def status_rows(topology: Topology) -> list[dict[str, Any]]:
                 "process_ms_p99": stats.get("process_ms_p99", 0.0),
                 "links": stats.get("links", []),
                 "runs": stats.get("runs", []),
+                "live": stats.get("live"),
+                "extra": stats.get("extra", {}),
             }
         )
         rows.append(row)

@@ -24,6 +24,7 @@ from arroyo.errors import ConfigError, WireError
 from arroyo.message import Event, Message
 from arroyo.runtime.credit import CreditReceiver, CreditSender
 from arroyo.runtime.link import CREDIT_IDLE_DELAY, identity, peer_alive
+from arroyo.runtime.live import Live, live_options
 from arroyo.runtime.merge import RunMerger, partial_stop
 from arroyo.runtime.pubsub import PubSender, SubReceiver
 from arroyo.runtime.roles import (
@@ -64,6 +65,8 @@ class StageProcess:
         self.outputs: list[CreditSender | PubSender] = []
         self.listener: Listener | None = None
         self.outside_end: Listener | Publisher | None = None  # the user's, if it is one
+        self.user: Any = None
+        self.live: Live | None = None  # when the class has live options
 
     # -- set-up --------------------------------------------------------------------
 
@@ -116,6 +119,7 @@ class StageProcess:
             inner = PassThrough()
             publishers = [user]
         op = StageOperator(inner, self.counters, self.spec.on_error)
+        op.live, op.live_target = self.live, user
         for p in publishers:
             op.add_publisher(p)
         return op
@@ -189,8 +193,29 @@ class StageProcess:
 
     # -- running -------------------------------------------------------------------
 
+    def _make_user_object(self) -> Any:
+        """The user's object, built with the live values kept in run_dir, if any."""
+        try:
+            cls = self.spec.load_class()
+        except Exception:  # build_user_object reports it
+            return build_user_object(self.spec)
+        if live_options(cls):
+            self.live = Live(self.topology.run_dir, self.spec.name, cls)
+            if self.live.values:
+                log.info("live values kept in run_dir: %s", self.live.describe())
+        self.user = build_user_object(self.spec, self.live.values if self.live else None)
+        if self.live is not None:
+            self.live.start()
+        return self.user
+
+    def _idle(self) -> None:
+        """Nothing to do between two messages: a live change applies now."""
+        live = self.live
+        if live is not None and live.pending is not None:
+            live.apply_pending(self.user, None, self.counters.current_run)
+
     def run(self) -> int:
-        user = build_user_object(self.spec)
+        user = self._make_user_object()
         if isinstance(user, Listener | Publisher):
             self.outside_end = user
         release_signals = self._catch_signals()
@@ -222,6 +247,8 @@ class StageProcess:
             log.error("stopping: %s", e)
             return 1
         finally:
+            if self.live is not None:
+                self.live.stop()
             self._close_links()
             stats.stop()
             release_signals()
@@ -246,6 +273,7 @@ class StageProcess:
             log.info("source finished; idle until stopped")
         while not self.stop_requested.is_set():
             self._service_outputs(200)
+            self._idle()
 
     def _service_outputs(self, timeout_ms: int) -> None:
         poller = zmq.Poller()
@@ -282,6 +310,7 @@ class StageProcess:
             if not busy:
                 for end, _ in self.inputs:
                     end.flush_credit()
+                self._idle()
             owed = any(end.credit_pending() for end, _ in self.inputs)
             if self.stop_requested.is_set():
                 waited = time.monotonic() - self.stop_since
@@ -347,7 +376,20 @@ class StageProcess:
     def _stats_snapshot(self) -> dict[str, Any]:
         snap = self.counters.snapshot(self._outside_drops())
         snap["id"] = self.me
+        if self.live is not None:
+            snap["live"] = self.live.state()
+        snap["extra"] = self._outside_stats()
         return snap
+
+    def _outside_stats(self) -> dict[str, Any]:
+        end = self.outside_end
+        if end is None:
+            return {}
+        try:
+            return dict(end.stats())
+        except Exception as e:  # user code: a broken figure must not stop the stats
+            log.debug("%s.stats() failed: %s", type(end).__name__, e)
+            return {}
 
     def _outside_drops(self) -> dict[str, int]:
         end = self.outside_end
