@@ -143,6 +143,12 @@ class Fanout:
         return ws
 
     async def _read(self, ws: web.WebSocketResponse, client: Client) -> None:
+        try:
+            await self._read_messages(ws, client)
+        finally:
+            client.ready.set()  # a closed socket: the sender wakes up and ends
+
+    async def _read_messages(self, ws: web.WebSocketResponse, client: Client) -> None:
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
                 continue

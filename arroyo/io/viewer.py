@@ -57,7 +57,7 @@ class ViewerState:
     def run_entry(self, run: int) -> dict[str, Any]:
         entry = self.runs.get(run)
         if entry is None:
-            entry = {"run": run, "events": 0, "state": "open", "missing": 0}
+            entry = {"run": run, "events": 0, "frames": 0, "state": "open", "missing": 0}
             self.runs[run] = entry
             while len(self.runs) > 50:
                 self.runs.popitem(last=False)
@@ -184,6 +184,7 @@ class LiveViewer(Publisher):
         frame = self._frame_of(arrays)
         state = self.state
         if frame is not None:
+            state.run_entry(event.run)["frames"] += 1
             state.frames += 1
             state.frame = (state.frames, event.run, event.seq, event.timestamp_ns, frame)
         lines = {k: v for k, v in arrays.items() if v.ndim == 1 and v.size}
@@ -220,7 +221,8 @@ class LiveViewer(Publisher):
     def _end_run(self, stop: Stop) -> None:
         entry = self.state.run_entry(stop.run)
         if stop.data.get("incomplete") or stop.data.get("interrupted"):
-            entry["missing"] = max(0, stop.seq - entry["events"])
+            seen = max(entry["frames"], entry["events"] - entry["frames"])
+            entry["missing"] = max(0, stop.seq - seen)
             entry["state"] = "incomplete"
         else:
             entry["state"] = "complete"

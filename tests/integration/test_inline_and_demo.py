@@ -110,7 +110,7 @@ def test_demo_topology_under_supervisor_writes_correct_values(tmp_path):
             r for r in records if r["kind"] == "Event" and r["run"] == run and r["seq"] == 0
         )
         np.testing.assert_allclose(seq0, expected[first["metadata"]["pool"]]["I"])
-    # the live viewer saw every frame and every profile of each run
+    # the live viewer got whole runs (its run reports: where the profile workers merge)
     viewer = json.loads((tmp_path / "demo" / "stats" / "viewer.0.json").read_text())
-    seen = sorted((r["run"], r["received"], r["complete"]) for r in viewer["runs"])
-    assert seen == [(run, 200, True) for run in (1, 2, 3) for _ in range(2)]
+    seen = {(r["run"], r["received"], r["complete"]) for r in viewer["runs"]}
+    assert seen == {(1, 200, True), (2, 200, True), (3, 200, True)}
