@@ -2,8 +2,9 @@
 
 Starts the chain and the dashboard, prints the viewer's and the dashboard's URLs and
 the status table while the detector streams, waits until every run reached the sink,
-prints a summary, then keeps the viewer and the dashboard serving until Ctrl-C
-(``--once``: stop after the summary, as the tests do). Always brings everything down.
+prints a summary, then keeps the viewer and the dashboard serving until Ctrl-C, the
+detector sending the same runs again every ``AGAIN_EVERY`` seconds (``--once``: stop
+after the summary, as the tests do). Always brings everything down.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from arroyo.topology import load
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "deploy" / "demo.ini"
+AGAIN_EVERY = 10.0  # seconds between two rounds of runs while the pages are served
 
 
 def _runs(path: Path) -> list[dict]:
@@ -99,9 +101,9 @@ def main(topology_path: Path = DEMO, timeout: float = 50.0, serve: bool = False)
         _summary(sink, expected_runs, reports, elapsed)
         summarised = True
         if pages is not None:
-            print("serving the viewer and the dashboard until Ctrl-C")
-            while True:
-                time.sleep(3600)
+            again = f"{expected_runs} more runs every {AGAIN_EVERY:.0f}s"
+            print(f"serving the viewer and the dashboard until Ctrl-C ({again})")
+            _keep_streaming(topology, sink, expected_runs)
     except KeyboardInterrupt:
         if not summarised:
             print("interrupted")
@@ -116,6 +118,23 @@ def main(topology_path: Path = DEMO, timeout: float = 50.0, serve: bool = False)
         finally:
             signal.signal(signal.SIGINT, previous)
     return 0 if _complete(sink) == expected_runs else 1
+
+
+def _keep_streaming(topology: Any, sink: Path, runs: int) -> None:
+    """While the pages are served: start the detector again every ``AGAIN_EVERY``
+    seconds once its runs have reached the sink, so there is always something new to
+    look at (run ids keep counting up across its restarts). Returns on Ctrl-C only."""
+    server = supervise.rpc(topology)
+    spec = topology.stages["detector"]
+    name = f"{spec.chain}:{supervise.process_name(spec.name, 0)}"
+    while True:
+        seen = len(_runs(sink))
+        time.sleep(AGAIN_EVERY)
+        server.supervisor.stopProcess(name, True)
+        server.supervisor.startProcess(name, True)
+        deadline = time.monotonic() + 60
+        while len(_runs(sink)) < seen + runs and time.monotonic() < deadline:
+            time.sleep(0.5)
 
 
 def _complete(sink: Path) -> int:

@@ -83,6 +83,8 @@ class Live:
         self.run_dir = run_dir
         self.stage = stage
         self.cls = cls
+        # stat before reading: a change in between is seen by the first poll
+        self._stat: tuple[int, int, int] | None = self._stat_now()
         self.version, raw = read_live(run_dir, stage)
         self.values, problems = convert_live(cls, raw)
         for p in problems:
@@ -93,7 +95,6 @@ class Live:
         # (version, raw, converted) seen by the watcher, not yet applied; the main
         # thread reads this one attribute per message.
         self.pending: tuple[int, dict[str, str], dict[str, Any]] | None = None
-        self._stat: tuple[int, int, int] | None = self._stat_now()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
 

@@ -80,4 +80,17 @@ def test_the_dashboard_lists_every_worker_and_scales_only_with_the_token(
     page.wait_for_function("arroyo.lastAction && arroyo.lastAction.ok", timeout=60_000)
     assert _hits_workers(path) == 2
     page.wait_for_selector("#workers tr[data-stage=hits][data-worker='1']", timeout=30_000)
+
+    # a live option, set from the page: the same path as `arroyo set`
+    live_row = page.locator("#stages tr[data-stage=viewer]")
+    live_row.locator("select.key").select_option("scale")
+    live_row.locator("input.value").fill("sideways")
+    live_row.locator("button.set").click()
+    page.wait_for_function("arroyo.lastAction && arroyo.lastAction.status === 400", timeout=30_000)
+    assert "expected one of 'linear', 'log'" in page.locator("#message").inner_text()
+    live_row.locator("input.value").fill("log")
+    live_row.locator("button.set").click()
+    page.wait_for_function("arroyo.lastAction && arroyo.lastAction.ok", timeout=30_000)
+    assert "viewer[0]: applied" in page.locator("#message").inner_text()
+    page.wait_for_selector("#workers tr[data-stage=viewer] >> text=scale=log (v1)", timeout=30_000)
     page.screenshot(path=str(tmp_path / "dashboard-scaled.png"), full_page=True)
