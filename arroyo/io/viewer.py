@@ -122,9 +122,10 @@ class LiveViewer(Publisher):
     # -- Publisher -------------------------------------------------------------------
 
     def setup(self) -> None:
-        from arroyo.io import _viewer_app, _webserve
+        from arroyo.io import _webserve
 
-        _webserve.require_web()
+        _webserve.require_web()  # before the module that imports aiohttp
+        from arroyo.io import _viewer_app
         self.fanout = _viewer_app.Fanout(self)
         self.server = _webserve.BackgroundServer(
             self.fanout.make_app, self.host, self.port, "arroyo-viewer"

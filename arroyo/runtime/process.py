@@ -374,29 +374,20 @@ class StageProcess:
         self.ctx.term()
 
     def _stats_snapshot(self) -> dict[str, Any]:
-        snap = self.counters.snapshot(self._outside_drops())
+        snap = self.counters.snapshot(self._outside("drops"))
         snap["id"] = self.me
         if self.live is not None:
             snap["live"] = self.live.state()
-        snap["extra"] = self._outside_stats()
+        snap["extra"] = self._outside("stats")
         return snap
 
-    def _outside_stats(self) -> dict[str, Any]:
+    def _outside(self, what: str) -> dict[str, Any]:
+        """What the user's own outside end reports of itself (``drops``, ``stats``)."""
         end = self.outside_end
         if end is None:
             return {}
         try:
-            return dict(end.stats())
-        except Exception as e:  # user code: a broken figure must not stop the stats
-            log.debug("%s.stats() failed: %s", type(end).__name__, e)
-            return {}
-
-    def _outside_drops(self) -> dict[str, int]:
-        end = self.outside_end
-        if end is None:
-            return {}
-        try:
-            return dict(end.drops())
+            return dict(getattr(end, what)())
         except Exception as e:  # user code: a broken count must not stop the stats
-            log.debug("%s.drops() failed: %s", type(end).__name__, e)
+            log.debug("%s.%s() failed: %s", type(end).__name__, what, e)
             return {}
