@@ -126,6 +126,7 @@ class LiveViewer(Publisher):
 
         _webserve.require_web()  # before the module that imports aiohttp
         from arroyo.io import _viewer_app
+
         self.fanout = _viewer_app.Fanout(self)
         self.server = _webserve.BackgroundServer(
             self.fanout.make_app, self.host, self.port, "arroyo-viewer"
