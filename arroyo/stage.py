@@ -14,15 +14,40 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from typing import TypeAlias
+from typing import Any, ClassVar, TypeAlias
 
 from arroyo.message import Message
 
 Result: TypeAlias = Message | Iterable[Message] | None
 
 
-class _OutsideEnd:
+class _Live:
+    """What every stage class shares: options that may change while it runs."""
+
+    #: Names of ``__init__`` options that ``arroyo set`` may change while the stage
+    #: runs; their values are converted like the INI's. Empty: none.
+    live_options: ClassVar[tuple[str, ...]] = ()
+
+    def apply_live(self, changes: dict[str, Any]) -> None:
+        """Take new values of live options (``{name: converted value}``, names from
+        ``live_options``). Called from the stage's main thread between two messages,
+        on every worker, never during ``process``, ``publish`` or ``deliver``; a
+        worker that starts later gets the values as ``__init__`` arguments instead.
+        Default: set the attributes of the same names. Raise ``ValueError`` to refuse
+        a change: it is logged and shown in ``arroyo status``, and nothing changes."""
+        for name, value in changes.items():
+            setattr(self, name, value)
+
+
+class _OutsideEnd(_Live):
     """What the two ends that face the outside world share."""
+
+    def stats(self) -> dict[str, Any]:
+        """Figures of this end's own, shown beside the stage's counters in ``arroyo
+        status`` (a viewer's browsers and skipped frames, say): numbers or short
+        strings by name. Read about once a second from the stats thread, like
+        ``drops``: keep it cheap and return a new dict. Default: none."""
+        return {}
 
     def drops(self) -> dict[str, int]:
         """Messages this end lost on the outside world's side, by reason (a value it
@@ -55,7 +80,7 @@ class Publisher(_OutsideEnd, ABC):
         """Flush and release resources. Called once, after the last publish."""
 
 
-class Operator(ABC):
+class Operator(_Live, ABC):
     """Processes messages and hands the results to its publishers."""
 
     @property
@@ -71,7 +96,7 @@ class Operator(ABC):
     def remove_publisher(self, publisher: Publisher) -> None:
         self.publishers.remove(publisher)
 
-    def setup(self) -> None:  # noqa: B027  (optional hook)
+    def setup(self) -> None:  # an optional hook
         """Acquire resources. Called once, before the first message."""
 
     @abstractmethod
@@ -91,7 +116,7 @@ class Operator(ABC):
         (docs/stages.md, "What Operator.process may return").
         """
 
-    def close(self) -> None:  # noqa: B027  (optional hook)
+    def close(self) -> None:  # an optional hook
         """Release resources. Called once, after the last message."""
 
     def handle(self, message: Message) -> list[Message]:

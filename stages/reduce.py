@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 
@@ -101,12 +101,16 @@ class DarkFlatCorrection(FrameOperator):
       the following events are corrected with it. With several workers, each worker
       averages the first N events *it* receives, so use one worker when the dark
       frames must be exactly the run's first N. A run shorter than N emits nothing.
+    - ``scale`` multiplies the corrected frame (a gain, 1 by default). It is live:
+      ``arroyo set TOPOLOGY STAGE scale=2`` changes it between two events.
     - Corrected events get metadata ``dark`` = ``"value"``, ``"file"`` or ``"first"``.
     - Files are read at ``setup()`` (or the first event when ``setup`` was not called):
       a missing or unreadable file raises ``ValueError`` naming it, so the stage fails
       at start-up. A dark or flat whose shape does not fit a frame raises
       ``ValueError`` for that event (the runtime counts it and goes on).
     """
+
+    live_options: ClassVar[tuple[str, ...]] = ("scale",)
 
     def __init__(
         self,
@@ -116,6 +120,7 @@ class DarkFlatCorrection(FrameOperator):
         min_flat: Annotated[float, Bounds(gt=0)] = 1e-3,
         dark_from_first: int = 0,
         array: str = "",
+        scale: float = 1.0,
     ) -> None:
         if dark_from_first < 0:
             msg = f"dark_from_first must be >= 0, got {dark_from_first}"
@@ -126,6 +131,7 @@ class DarkFlatCorrection(FrameOperator):
         self.min_flat = min_flat
         self.dark_from_first = dark_from_first
         self.array = array
+        self.scale = scale
         self._loaded = False
         self._dark: np.ndarray | np.float32 = np.float32(dark_value)
         self._gain: np.ndarray | None = None  # 1 / flat, 0 at dead pixels
@@ -163,6 +169,8 @@ class DarkFlatCorrection(FrameOperator):
         if self._gain is not None:
             self._check_shape("flat", self._gain, frame)
             out *= self._gain
+        if self.scale != 1.0:
+            out *= np.float32(self.scale)
         source = "first" if self._run_dark is not None else "file" if self.dark_file else "value"
         return derive(event, self.with_frame(event.payload, out), dark=source)
 
@@ -388,7 +396,12 @@ class ThresholdFilter(FrameOperator):
     counted. With several workers each worker counts its own share and marks the two
     keys as shares (``summed``); where the workers' Stops merge downstream they are
     added up, so the Stop that reaches the sink carries the run's totals.
+
+    ``threshold`` and ``min_pixels`` are live: ``arroyo set TOPOLOGY STAGE
+    threshold=120`` changes them between two events on every worker.
     """
+
+    live_options: ClassVar[tuple[str, ...]] = ("threshold", "min_pixels")
 
     def __init__(
         self, threshold: float, min_pixels: Annotated[int, Bounds(ge=1)] = 1, array: str = ""
@@ -416,6 +429,12 @@ class ThresholdFilter(FrameOperator):
                 routing=dict(message.routing),
             )
         return message
+
+    def apply_live(self, changes: dict[str, Any]) -> None:
+        if changes.get("min_pixels", 0) < 0:
+            msg = f"min_pixels must be >= 0, got {changes['min_pixels']}"
+            raise ValueError(msg)
+        super().apply_live(changes)
 
     def on_frame(self, event: Event, frame: np.ndarray) -> Result:
         bright = int(np.count_nonzero(frame > self.threshold))

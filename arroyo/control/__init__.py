@@ -5,6 +5,8 @@
     supervise                supervisord over XML-RPC: up, down, status, scale
     rpcext                   the supervisord rpcinterface that adds and removes workers
     metrics                  the Prometheus text endpoint
+    live                     ``arroyo set``: live options of a running stage
+    web                      ``arroyo web``: the dashboard in the browser
     demo                     ``scripts/demo``
 
 Control may use every other part of Arroyo; nothing else imports it.

@@ -19,6 +19,26 @@ def _load(path: str) -> Topology:
     return load(path)
 
 
+def _live_and_extra(rows: list[dict[str, Any]]) -> list[str]:
+    """Lines for the live values (``arroyo set``) and a stage's own figures."""
+    out: list[str] = []
+    for r in rows:
+        who = f"{r['stage']}[{r['worker']}]"
+        live = r.get("live") or {}
+        if live.get("version"):
+            values = ", ".join(f"{k}={v}" for k, v in live["values"].items())
+            where = live.get("where") or {}
+            at = ""
+            if where.get("seq") is not None:
+                at = f", from run {where['run']} seq {where['seq']}"
+            error = f"; {live['error']}" if live.get("error") else ""
+            out.append(f"{who}: live {values} (version {live['version']}{at}{error})")
+        extra = {k: v for k, v in (r.get("extra") or {}).items() if not isinstance(v, dict | list)}
+        if extra:
+            out.append(f"{who}: " + ", ".join(f"{k}={v}" for k, v in extra.items()))
+    return ["", *out] if out else []
+
+
 @main.command()
 @TOPOLOGY
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead.")
@@ -124,6 +144,7 @@ def status_table(
             lines.append(
                 f"{t['link']:<32} {t['sent']:>10} {t['received']:>10} {t['difference']:>8} {drops}"
             )
+    lines += _live_and_extra(rows)
     runs = [(r["stage"], run) for r in rows for run in r["runs"][-3:]]
     if runs:
         lines.append("")

@@ -122,6 +122,8 @@ def _row(topology: Topology, proc: _Proc, cpu: dict[int, float], now: float) -> 
             "faults_per_event": stats.get("faults_per_event"),
             "links": stats.get("links", []),
             "runs": stats.get("runs", []),
+            "live": stats.get("live"),
+            "extra": stats.get("extra", {}),
         }
     )
     return row

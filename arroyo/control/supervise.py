@@ -33,6 +33,7 @@ from arroyo.control.render import (
 from arroyo.control.status import status_rows as rows_of
 from arroyo.control.strays import Stray, describe, find_strays, stop_strays
 from arroyo.errors import ConfigError
+from arroyo.runtime.live import forget_live
 from arroyo.topology import MAX_WORKERS, Topology
 
 RUNNING_STATES = {"RUNNING"}
@@ -290,6 +291,8 @@ def down(topology: Topology, chains: tuple[str, ...] = (), timeout: float = 120.
             _shutdown(topology, server)
     else:
         _wait_gone(_live_supervisord(topology), timeout=30)  # one already shutting down
+    for chain in targets:
+        forget_live(topology.run_dir, list(topology.chains[chain]))  # `arroyo set`'s
     found = [s for s in strays(topology) if topology.stages[s.stage].chain in targets]
     stop_strays(found, timeout)
     return found

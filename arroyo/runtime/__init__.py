@@ -7,6 +7,7 @@
     pubsub    PUB links: XPUB/SUB that waits for declared subscribers
     merge     run boundaries where scaled workers fan back in
     stats     counters and the per-process stats file
+    live      live options: watched in run_dir, applied between two messages
     inline    the whole graph in one process with in-memory links
 
 It imports the core API and nothing of ``arroyo.control``: a stage never drives

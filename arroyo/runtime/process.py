@@ -35,6 +35,7 @@ from arroyo.runtime.drain import (
     received,
 )
 from arroyo.runtime.link import CREDIT_IDLE_DELAY, identity, peer_alive
+from arroyo.runtime.live import Live, live_options
 from arroyo.runtime.merge import Item, RunMerger, partial_stop
 from arroyo.runtime.pubsub import PubSender, SubReceiver
 from arroyo.runtime.roles import (
@@ -91,6 +92,8 @@ class StageProcess:
         self.deadline = Deadline(lambda: self.op is not None and self.op.in_user)
         self.ready = False
         self.stats: StatsWriter | None = None
+        self.user: Any = None
+        self.live: Live | None = None  # when the class has live options
 
     # -- set-up --------------------------------------------------------------------
 
@@ -146,6 +149,7 @@ class StageProcess:
         keep_runs = self.spec.role != "listener"  # a source makes the runs
         user_inner = self.spec.role == "operator"
         op = StageOperator(inner, self.counters, self.spec.on_error, keep_runs, user_inner)
+        op.live, op.live_target = self.live, user
         for p in publishers:
             op.add_publisher(p)
         return op
@@ -236,8 +240,29 @@ class StageProcess:
 
     # -- running -------------------------------------------------------------------
 
+    def _make_user_object(self) -> Any:
+        """The user's object, built with the live values kept in run_dir, if any."""
+        try:
+            cls = self.spec.load_class()
+        except Exception:  # build_user_object reports it
+            return build_user_object(self.spec)
+        if live_options(cls):
+            self.live = Live(self.topology.run_dir, self.spec.name, cls)
+            if self.live.values:
+                log.info("live values kept in run_dir: %s", self.live.describe())
+        self.user = build_user_object(self.spec, self.live.values if self.live else None)
+        if self.live is not None:
+            self.live.start()
+        return self.user
+
+    def _idle(self) -> None:
+        """Nothing to do between two messages: a live change applies now."""
+        live = self.live
+        if live is not None and live.pending is not None:
+            live.apply_pending(self.user, None, self.counters.current_run)
+
     def run(self) -> int:
-        user = build_user_object(self.spec)
+        user = self._make_user_object()
         if isinstance(user, Listener | Publisher):
             self.outside_end = user
         release_signals = self._catch_signals()
@@ -278,6 +303,8 @@ class StageProcess:
             log.error("stopping: %s", e)
             return 1
         finally:
+            if self.live is not None:
+                self.live.stop()
             self._close_links()
             stats.stop()
             release_signals()
@@ -313,6 +340,7 @@ class StageProcess:
             log.info("source finished; idle until stopped")
         while not self.stop_requested.is_set():
             self._service_outputs(200)
+            self._idle()
 
     def _service_outputs(self, timeout_ms: int) -> None:
         poller = zmq.Poller()
@@ -349,6 +377,7 @@ class StageProcess:
             if not busy:
                 for end, _ in self.inputs:
                     end.flush_credit()
+                self._idle()
             owed = any(end.credit_pending() for end, _ in self.inputs)
             if self.stop_requested.is_set():
                 waited = time.monotonic() - self.stop_since
@@ -424,17 +453,21 @@ class StageProcess:
         self.ctx.term()
 
     def _stats_snapshot(self) -> dict[str, Any]:
-        snap = self.counters.snapshot(self._outside_drops())
+        snap = self.counters.snapshot(self._outside("drops"))
         snap["id"] = self.me
         snap["ready"] = self.ready
+        if self.live is not None:
+            snap["live"] = self.live.state()
+        snap["extra"] = self._outside("stats")
         return snap
 
-    def _outside_drops(self) -> dict[str, int]:
+    def _outside(self, what: str) -> dict[str, Any]:
+        """What the user's own outside end reports of itself (``drops``, ``stats``)."""
         end = self.outside_end
         if end is None:
             return {}
         try:
-            return dict(end.drops())
+            return dict(getattr(end, what)())
         except Exception as e:  # user code: a broken count must not stop the stats
-            log.debug("%s.drops() failed: %s", type(end).__name__, e)
+            log.debug("%s.%s() failed: %s", type(end).__name__, what, e)
             return {}

@@ -13,6 +13,7 @@ from arroyo.errors import ConfigError
 from arroyo.message import Event, Message, Start, Stop
 from arroyo.runtime.boundaries import keep_run
 from arroyo.runtime.credit import CreditSender
+from arroyo.runtime.live import Live
 from arroyo.runtime.merge import partial_stop
 from arroyo.runtime.pubsub import PubSender
 from arroyo.runtime.stats import StageCounters
@@ -27,11 +28,12 @@ class StageFailed(Exception):
     """``on_error = stop`` and an operator raised: the process exits non-zero."""
 
 
-def build_user_object(spec: StageSpec) -> Any:
-    """Instantiate the stage's class with its converted options (ConfigError on failure)."""
+def build_user_object(spec: StageSpec, live: dict[str, Any] | None = None) -> Any:
+    """Instantiate the stage's class with its converted options, the ``live`` values
+    stored by ``arroyo set`` overriding them (ConfigError on failure)."""
     try:
         cls = spec.load_class()
-        return cls(**spec.options)
+        return cls(**{**spec.options, **(live or {})})
     except Exception as e:
         msg = f"stage {spec.name}: cannot create {spec.class_path}: {type(e).__name__}: {e}"
         raise ConfigError(msg) from e
@@ -78,6 +80,9 @@ class StageOperator(Operator):
         self.open_out: dict[int, Start] = {}  # runs whose Start went out and Stop not yet
         self.timed = stats_enabled()
         self._tick = 0
+        # Live options (``arroyo set``): the process sets both when the class has any.
+        self.live: Live | None = None
+        self.live_target: Any = None
         self._warned: dict[str, int] = {}  # reason -> the last run it was logged for
 
     def add_publisher(self, publisher: Publisher) -> None:
@@ -92,6 +97,9 @@ class StageOperator(Operator):
         return self.inner.process(message)
 
     def handle(self, message: Message) -> list[Message]:
+        live = self.live
+        if live is not None and live.pending is not None:  # between two messages
+            live.apply_pending(self.live_target, message)
         # Time one message in eight: the mean and p99 stay representative, and two
         # clock reads per message are a measurable share of a 100-byte hop.
         self._tick = (self._tick + 1) & 7

@@ -193,7 +193,7 @@ def test_demo_topology_resolves() -> None:
     assert stages["correct"].options == {"dark_value": 100.0}
     assert stages["profile"].options == {"bins": 128}
     assert stages["sink"].options["path"] == Path("../.arroyo/demo/out/events.jsonl")
-    assert isinstance(stages["viewer"].options["path"], Path)
+    assert stages["viewer"].options == {"port": 8765, "scale": "log"}
 
     # The single-process side binds; scaled workers connect; two scaled stages in a
     # row get a forwarding device that binds on both of its sides.
@@ -205,11 +205,13 @@ def test_demo_topology_resolves() -> None:
     assert (fan_in.pattern, fan_in.binder) == ("push", "target")
     tap = link(topo, "detector", "viewer")
     assert (tap.pattern, tap.binder) == ("pub", "target")
-    assert len(topo.links) == 6
+    profiles = link(topo, "profile", "viewer")
+    assert (profiles.pattern, profiles.binder) == ("pub", "target")
+    assert len(topo.links) == 7
     assert topo.socket_dir == topo.run_dir / "sock"
     for x in topo.links:
         assert x.endpoint.startswith(f"ipc://{topo.socket_dir}/")
-    assert len({x.endpoint for x in topo.links}) == 6
+    assert len({x.endpoint for x in topo.links}) == 7
     assert topo.inputs_of("sink") == [fan_in]
     assert set(topo.outputs_of("detector")) == {fan_out, tap}
 
