@@ -8,6 +8,7 @@ stages' hot loops.
 from __future__ import annotations
 
 import logging
+import xmlrpc.client
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -71,7 +72,12 @@ def serve(topology: Topology, host: str = "127.0.0.1", port: int = 9464) -> Thre
             if self.path.rstrip("/") != "/metrics":
                 self.send_error(404, "try /metrics")
                 return
-            body = render_metrics(topology, status_rows(topology)).encode()
+            try:
+                body = render_metrics(topology, status_rows(topology)).encode()
+            except xmlrpc.client.Error as e:  # supervisord shutting down, say: one line
+                log.warning("scrape not answered: supervisord: %s", e)
+                self.send_error(503, "supervisord did not answer")
+                return
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
             self.send_header("Content-Length", str(len(body)))

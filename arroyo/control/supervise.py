@@ -230,10 +230,10 @@ def _ready(topology: Topology, stage: str, worker: int, pid: int) -> bool:
 def _failure(topology: Topology, name: str, info: dict[str, Any]) -> str:
     stage = split_process_name(info["name"])[0]
     state = info["statename"]
-    if info.get("exitstatus") and state != "BACKOFF":
+    if state in {"FATAL", "BACKOFF"} and info.get("description"):
+        state += f": {info['description']}"  # supervisord's reason (spawnerr)
+    elif info.get("exitstatus"):
         state += f", exit status {info['exitstatus']}"
-    if info.get("description") and info["statename"] in {"FATAL", "BACKOFF"}:
-        state += f": {info['description']}"
     tail = log_tail(topology, info["name"])
     return f"stage {stage} ({name}) failed to start ({state}):\n{tail}"
 

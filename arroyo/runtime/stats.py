@@ -282,7 +282,7 @@ class StatsWriter(threading.Thread):
                 self._failed(e, now)
                 return
             if self._failures:
-                log.warning("stats written again after %d failed attempts", self._failures)
+                log.warning("stats written again after %d failed attempt(s)", self._failures)
                 self._failures, self._logged = 0, 0.0
 
     def _failed(self, error: OSError, now: float) -> None:
@@ -290,12 +290,12 @@ class StatsWriter(threading.Thread):
         if self._failures == 1 or now - self._logged >= self.LOG_EVERY:
             self._logged = now
             log.warning(
-                "stats not written to %s (%d failed attempts so far; logged again in %.0fs "
-                "at most): %s",
+                "stats not written to %s: %s (%d failed attempt(s) so far; said again in "
+                "%.0fs at most while it lasts)",
                 self.path,
+                error,
                 self._failures,
                 self.LOG_EVERY,
-                error,
             )
 
     def stop(self) -> None:
