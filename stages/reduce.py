@@ -430,12 +430,6 @@ class ThresholdFilter(FrameOperator):
             )
         return message
 
-    def apply_live(self, changes: dict[str, Any]) -> None:
-        if changes.get("min_pixels", 0) < 0:
-            msg = f"min_pixels must be >= 0, got {changes['min_pixels']}"
-            raise ValueError(msg)
-        super().apply_live(changes)
-
     def on_frame(self, event: Event, frame: np.ndarray) -> Result:
         bright = int(np.count_nonzero(frame > self.threshold))
         if bright < self.min_pixels:

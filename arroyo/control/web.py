@@ -9,20 +9,20 @@ actions call the very functions the CLI calls (``supervise.scale``, ``up``, ``do
 
 from __future__ import annotations
 
-import asyncio
-import hmac
 import logging
 import os
-import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from arroyo.control.clibase import TOPOLOGY, main, user_errors
 from arroyo.errors import ArroyoError
 from arroyo.topology import Topology, load
+
+if TYPE_CHECKING:  # asyncio and the rest load with the server, not with every command
+    import asyncio
 
 log = logging.getLogger("arroyo.web")
 
@@ -35,6 +35,8 @@ def token_path(topology: Topology) -> Path:
 
 
 def make_token(topology: Topology) -> str:
+    import secrets
+
     token = secrets.token_urlsafe(18)
     path = token_path(topology)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +110,8 @@ class Dashboard:
         return web.Response(text=text, content_type="text/html")
 
     async def state(self, request: Any) -> Any:
+        import asyncio
+
         from aiohttp import web
 
         if self._state_lock is None:
@@ -140,10 +144,14 @@ class Dashboard:
     # -- actions (token required) ----------------------------------------------------
 
     def _allowed(self, request: Any) -> bool:
+        import hmac
+
         given = request.headers.get(TOKEN_HEADER, "")
         return bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
 
     async def _act(self, request: Any, action: Any) -> Any:
+        import asyncio
+
         from aiohttp import web
 
         if not self._allowed(request):

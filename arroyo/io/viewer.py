@@ -16,10 +16,11 @@ import logging
 import math
 import threading
 import time
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 
+from arroyo.convert import Bounds
 from arroyo.io import _render
 from arroyo.message import Event, Message, Start, Stop
 from arroyo.stage import Publisher
@@ -84,16 +85,16 @@ class LiveViewer(Publisher):
     def __init__(
         self,
         host: str = "127.0.0.1",
-        port: int = 8765,
-        max_side: int = 1024,
+        port: Annotated[int, Bounds(ge=0, le=65535)] = 8765,
+        max_side: Annotated[int, Bounds(ge=16)] = 1024,
         colormap: _render.Colormap = "viridis",
         scale: _render.Scale = "linear",
         vmin: float | None = None,
         vmax: float | None = None,
-        max_fps: float = 10.0,
+        max_fps: Annotated[float, Bounds(gt=0)] = 10.0,
         array: str = "",
         scalars: tuple[str, ...] = (),
-        history: int = 600,
+        history: Annotated[int, Bounds(ge=1)] = 600,
         title: str = "",
     ) -> None:
         if max_side < 16:

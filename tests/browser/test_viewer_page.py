@@ -88,6 +88,7 @@ def test_three_browsers_one_stalled_leave_the_chain_rate_alone(
     cdp.send("Debugger.enable")
     cdp.send("Debugger.pause")  # its script stops: it never reads another update
     before = wait_for(lambda: _skips(path, 3), timeout=20)
+    shown_before = [page.evaluate("window.arroyo.shown") for _, page in opened[:2]]
     watched = event_rate(path, "sink", 4.0)
     time.sleep(1.2)  # one more stats write
     extra = stats(path, "viewer")["extra"]
@@ -114,5 +115,6 @@ def test_three_browsers_one_stalled_leave_the_chain_rate_alone(
     )
     assert extra["clients"] == 3
     assert skipped["stalled"] > 0.8 * 200 * 4, skipped  # ~every frame of the window
-    assert all(n >= 10 for n in shown), shown
-    assert skipped["one"] < skipped["stalled"] and skipped["two"] < skipped["stalled"]
+    # the live pages kept drawing while the stalled one took nothing
+    assert all(n - n0 >= 2 for n, n0 in zip(shown, shown_before, strict=True)), shown
+    assert skipped["stalled"] >= max(skipped["one"], skipped["two"]), skipped

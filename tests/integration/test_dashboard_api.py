@@ -105,3 +105,26 @@ def test_the_page_is_served_with_plotly_from_the_package(dashboard) -> None:
     assert 'src="/static/plotly.min.js"' in page
     head = urllib.request.urlopen(url + "static/plotly.min.js", timeout=20).read(300)
     assert b"plotly.js" in head
+
+
+@pytest.mark.timeout(120)
+def test_chain_stop_and_start_go_through_down_and_up(sup) -> None:
+    from arroyo.control import supervise
+    from arroyo.control.web import serve
+
+    path = sup(frames=100_000, rate=100)
+    topology = load(path)
+    assert supervise.up(topology) == []
+    server, token = serve(topology, port=0)
+    try:
+        status, answer = _call(server.url + "api/chain", {"chain": "main", "action": "stop"}, token)
+        assert (status, answer["result"]) == (200, "main: stopped")
+        assert not supervise.is_running(topology), "down shut supervisord down"
+        status, answer = _call(
+            server.url + "api/chain", {"chain": "main", "action": "start"}, token
+        )
+        assert (status, answer["result"]) == (200, "main: running")
+        rows = supervise.status_rows(topology)
+        assert {r["stage"] for r in rows if r["state"] == "RUNNING"} == {"det", "work", "sink"}
+    finally:
+        server.stop()

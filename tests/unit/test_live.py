@@ -8,7 +8,16 @@ import pytest
 
 from arroyo.errors import TopologyError
 from arroyo.message import Event, Start
-from arroyo.runtime.live import Live, convert_live, forget_live, live_path, read_live, set_live
+from arroyo.runtime.live import (
+    Live,
+    convert_live,
+    forget_live,
+    live_path,
+    read_live,
+    set_live,
+    write_live,
+)
+from arroyo.stage import Operator
 from arroyo.topology import load
 from stages.reduce import DarkFlatCorrection, ThresholdFilter
 
@@ -59,7 +68,7 @@ def test_set_live_stores_versions_and_refuses_without_changing_anything(topo) ->
     assert set_live(t, "hits", {"min_pixels": " 2 "}) == 2
     assert read_live(t.run_dir, "hits") == (2, {"threshold": "5", "min_pixels": "2"})
     before = live_path(t.run_dir, "hits").read_bytes()
-    for bad in ({"threshold": "x"}, {"threshold": "6", "bins": "3"}, {}):
+    for bad in ({"threshold": "x"}, {"threshold": "6", "bins": "3"}, {"min_pixels": "0"}, {}):
         with pytest.raises(TopologyError) as e:
             set_live(t, "hits", bad)
         assert all("[stage:hits]" in line for line in e.value.problems)
@@ -92,14 +101,34 @@ def test_a_worker_applies_a_change_between_two_messages(tmp_path: Path, topo) ->
     assert Live(t.run_dir, "hits", ThresholdFilter).values == {"threshold": 1.5}
 
 
-def test_a_change_the_stage_refuses_keeps_the_old_values(topo) -> None:
-    t = load(topo(TOPO))
-    stage = ThresholdFilter(threshold=10)
-    live = Live(t.run_dir, "hits", ThresholdFilter)
-    set_live(t, "hits", {"min_pixels": "-1"})
+class Picky(Operator):
+    live_options = ("level",)
+
+    def __init__(self, level: float = 1.0) -> None:
+        self.level = level
+
+    def apply_live(self, changes: dict) -> None:
+        if changes.get("level", 0) > 10:
+            raise ValueError("level must be <= 10")
+        super().apply_live(changes)
+
+    def process(self, message):
+        return message
+
+
+def test_a_change_the_stage_refuses_keeps_the_old_values(tmp_path: Path) -> None:
+    stage = Picky()
+    live = Live(tmp_path, "picky", Picky)
+    write_live(tmp_path, "picky", 1, {"level": "11"})
     live.poll()
     live.apply_pending(stage, Start(run=1))
-    assert stage.min_pixels == 1 and "min_pixels must be >= 0" in live.error
+    assert stage.level == 1.0 and "level must be <= 10" in live.error
+    assert live.state()["version"] == 1 and live.state()["values"] == {}
+
+
+def test_bounds_of_an_option_hold_for_live_values_too() -> None:
+    _, problems = convert_live(ThresholdFilter, {"min_pixels": "0"})
+    assert problems == ["min_pixels = 0: expected a value >= 1 (int)"]
 
 
 def test_dark_flat_scale_is_live() -> None:
