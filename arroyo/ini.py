@@ -11,7 +11,8 @@ from pathlib import Path
 from arroyo.errors import TopologyError
 from arroyo.spec import Pattern
 
-SECTION_KINDS = ("topology", "chain", "stage")
+SECTION_KINDS = ("topology", "hosts", "chain", "stage")
+UNNAMED = ("topology", "hosts")  # sections without a :NAME
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 INPUT_RE = re.compile(r"^\s*([^\s(]+)\s*(?:\(([^)]*)\))?\s*$")
 
@@ -95,9 +96,10 @@ def sections(
 ) -> Iterator[tuple[str, str, str]]:
     for section in parser.sections():
         kind, _, name = section.partition(":")
-        if kind not in SECTION_KINDS or (kind == "topology") != (name == ""):
+        if kind not in SECTION_KINDS or (kind in UNNAMED) != (name == ""):
             problems.add(
-                section, "unknown section (expected [topology], [chain:NAME] or [stage:NAME])"
+                section,
+                "unknown section (expected [topology], [hosts], [chain:NAME] or [stage:NAME])",
             )
             continue
         if name and not NAME_RE.match(name):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,6 +11,9 @@ from arroyo.options import import_class
 
 Role = Literal["listener", "operator", "publisher"]
 Pattern = Literal["push", "pub"]
+Security = Literal["none", "curve"]
+# What Supvisors does with a stage whose host is lost (rules running_failure_strategy).
+HostLost = Literal["restart", "leave", "stop_chain"]
 # Kernels limit a unix socket path (sun_path) to 108 bytes including the NUL.
 MAX_IPC_PATH = 100
 
@@ -28,6 +31,7 @@ class Link:
     pattern: Pattern
     endpoint: str
     binder: Literal["source", "target"]
+    curve: bool = False  # CURVE-encrypted, peers admitted by the topology's public keys
 
     @property
     def name(self) -> str:
@@ -63,6 +67,13 @@ class StageSpec:
     drain_timeout: float = 20.0
     tune_malloc: bool = True  # fixed glibc malloc thresholds (arroyo.runtime.malloc)
     device: bool = False  # a forwarding stage Arroyo inserted between two scaled stages
+    hosts: tuple[str, ...] = ()  # where its workers may run ([hosts] names); () = anywhere
+    on_host_lost: HostLost = "restart"
+
+    @property
+    def pinned(self) -> str:
+        """The one host this stage runs on, or "" when it may run on several."""
+        return self.hosts[0] if len(self.hosts) == 1 else ""
 
     def load_class(self) -> type:
         return import_class(self.class_path)
@@ -78,6 +89,15 @@ class Topology:
     stages: dict[str, StageSpec]
     links: tuple[Link, ...]
     stopwaitsecs: int = 30
+    hosts: dict[str, str] = field(default_factory=dict)  # [hosts]: name -> address
+    security: Security = "none"
+    keys_dir: Path | None = None  # where ``arroyo keys`` puts the hosts' CURVE keys
+    peer_timeout: float = 3.0  # s: a silent remote peer is dead after this long
+    supervisor_port: int = 0  # multi-host: every host's supervisord inet port
+
+    @property
+    def multihost(self) -> bool:
+        return bool(self.hosts)
 
     def inputs_of(self, stage: str) -> list[Link]:
         return [link for link in self.links if link.target == stage]

@@ -23,6 +23,7 @@ from arroyo.graph import (
     resolve_links,
     socket_dir_for,
 )
+from arroyo.hosts import HOST_KEYS, MULTIHOST_TOPOLOGY_KEYS, place, read_net, read_placement
 from arroyo.ini import Problems, parse_inputs, read_ini, sections
 from arroyo.options import class_options, convert_options, import_class
 from arroyo.spec import MAX_IPC_PATH, Link, Pattern, Role, StageSpec, Supervision, Topology
@@ -50,7 +51,7 @@ ROLE_BASES: dict[str, type] = {"listener": Listener, "operator": Operator, "publ
 # More processes than this on one host is a typo, not a plan: rendering and starting
 # them would hang ``up`` for minutes. docs/topology.md gives the number.
 MAX_WORKERS = 256
-TOPOLOGY_KEYS = {"name", "run_dir", "stopwaitsecs"}
+TOPOLOGY_KEYS = {"name", "run_dir", "stopwaitsecs", *MULTIHOST_TOPOLOGY_KEYS}
 CHAIN_KEYS = {"stages"}
 # Keys of a [stage:NAME] section that Arroyo reads itself; every other key is a class option.
 STAGE_KEYS = {
@@ -70,6 +71,7 @@ STAGE_KEYS = {
     "startsecs",
     "autorestart",
     "environment",
+    *HOST_KEYS,
 }
 
 
@@ -181,6 +183,8 @@ def load(path: str | os.PathLike[str]) -> Topology:
     chain_values: dict[str, tuple[str, dict[str, str]]] = {}
     drafts: dict[str, Draft] = {}
     declared: set[str] = set()  # every [stage:NAME], also those too broken to draft
+    hosts_values: dict[str, str] | None = None
+    placement: dict[str, dict[str, Any]] = {}
     for section, kind, name in sections(parser, problems):
         values = dict(parser.items(section))
         known = {"topology": TOPOLOGY_KEYS, "chain": CHAIN_KEYS}.get(kind)
@@ -190,11 +194,14 @@ def load(path: str | os.PathLike[str]) -> Topology:
                     problems.add(section, f"unknown key (expected {', '.join(sorted(known))})", key)
         if kind == "topology":
             topo_values = values
+        elif kind == "hosts":
+            hosts_values = values
         elif kind == "chain":
             chain_values[name] = (section, values)
         else:
             declared.add(name)
             draft = _read_stage(section, name, values, problems)
+            placement[name] = read_placement(values, section, problems)
             if draft is not None:
                 drafts[name] = draft
 
@@ -208,6 +215,7 @@ def load(path: str | os.PathLike[str]) -> Topology:
             stopwaitsecs = convert.positive_int(topo_values["stopwaitsecs"])
         except ValueError as e:
             problems.add("topology", str(e), "stopwaitsecs", topo_values["stopwaitsecs"])
+    net = read_net(topo_values, hosts_values, base_dir, name, problems)
     if not parser.sections() or not [s for s in parser.sections() if s.startswith("stage:")]:
         problems.add("topology", "no [stage:NAME] sections: a topology needs at least one stage")
 
@@ -220,7 +228,13 @@ def load(path: str | os.PathLike[str]) -> Topology:
         raise TopologyError(problems.items)
 
     socket_dir = socket_dir_for(run_dir)
+    explicit = {ep for d in drafts.values() for _, _, ep in d.inputs if ep}
     stages, links = resolve_links(drafts, chains, socket_dir, stopwaitsecs, problems)
+    where = {n: f"stage:{n}" for n in stages}
+    for link in links:  # a device is reported under the stage it feeds
+        if stages[link.source].device:
+            where[link.source] = f"stage:{link.target}"
+    stages, links = place(stages, links, placement, explicit, where, net, problems)
     check_bound_endpoints(drafts, links, problems)
     if problems.items:
         raise TopologyError(problems.items)
@@ -236,21 +250,33 @@ def load(path: str | os.PathLike[str]) -> Topology:
         stages=stages,
         links=tuple(links),
         stopwaitsecs=stopwaitsecs,
+        hosts=net.hosts,
+        security=net.security,
+        keys_dir=net.keys_dir,
+        peer_timeout=net.peer_timeout,
+        supervisor_port=net.supervisor_port,
     )
 
 
 def describe(topology: Topology) -> str:
     """Human-readable summary for ``arroyo check``."""
     lines = [f"topology {topology.name} ({topology.path})", f"  run_dir {topology.run_dir}"]
+    if topology.hosts:
+        lines.append("  hosts:")
+        lines += [f"    {h:<20} {a}" for h, a in topology.hosts.items()]
     for chain, members in topology.chains.items():
         lines.append(f"  chain {chain}:")
         for name in members:
             s = topology.stages[name]
             extra = " scalable" if s.scalable else ""
             extra += " (forwarding device)" if s.device else ""
+            extra += f" hosts={','.join(s.hosts)}" if s.hosts else ""
             lines.append(f"    {name:<20} {s.role:<9} workers={s.workers}{extra}  {s.class_path}")
     lines.append("  links:")
     for link in topology.links:
         binder = link.source if link.binder == "source" else link.target
-        lines.append(f"    {link.name:<30} {link.pattern:<4} {link.endpoint}  (bound by {binder})")
+        curve = " curve" if link.curve else ""
+        lines.append(
+            f"    {link.name:<30} {link.pattern:<4} {link.endpoint}  (bound by {binder}){curve}"
+        )
     return "\n".join(lines)

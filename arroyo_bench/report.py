@@ -203,6 +203,15 @@ def markdown(results: dict[str, Any]) -> str:
             [["0", _n(off.get("msg_s")), _n(off.get("cpu_us"), 1), ""],
              ["1", _n(on.get("msg_s")), _n(on.get("cpu_us"), 1), _pct(c["cost"])]],
         )  # fmt: skip
+    if "curve" in results:
+        out += ["", "**CURVE** (one Arroyo hop over tcp, `security = curve` beside plain)", ""]
+        body = [
+            [_size(r["size"]), _n(r["plain"].get("msg_s")), _n(r["plain"].get("mb_s"), 1),
+             _n(r["curve"].get("msg_s")), _n(r["curve"].get("mb_s"), 1), _n(r["ratio"], 2)]
+            for r in results["curve"]
+        ]  # fmt: skip
+        head = ["payload", "plain msg/s", "plain MB/s", "curve msg/s", "curve MB/s", "curve/plain"]
+        out += _table(head, body)
     out += ["", "**Targets**", ""]
     rows = []
     for t in results["targets"]:

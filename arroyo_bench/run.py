@@ -219,11 +219,19 @@ class Runner:
         workers: int = 1,
         rate: float = 0.0,
         env: dict[str, str] | None = None,
+        curve: bool = False,
     ) -> dict[str, Any]:
         def start(case: Path, out: Path) -> None:
             path = case / "t.ini"
-            path.write_text(self._topology(case, out, transport, size, count, operator,
-                                           workers, rate))  # fmt: skip
+            text = self._topology(case, out, transport, size, count, operator, workers, rate)
+            if curve:  # every tcp link encrypted, with a key pair made for this case
+                text = text.replace("[topology]\n", "[topology]\nsecurity = curve\n", 1)
+            path.write_text(text)
+            if curve:
+                from arroyo.control.keys import make_keys
+                from arroyo.topology import load
+
+                make_keys(load(path))
             stages = [("sink", 0)] + [("op", w) for w in range(workers if operator else 0)]
             for name, worker in stages:
                 log = case / f"{name}{worker}.log"

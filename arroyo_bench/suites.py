@@ -179,6 +179,20 @@ def counters(runner: Runner, plan: Plan) -> dict[str, Any]:
     return row
 
 
+def curve(runner: Runner, plan: Plan) -> list[dict[str, Any]]:
+    """What ``security = curve`` costs: one Arroyo hop over tcp, plain beside CURVE."""
+    sizes = [s for s in (SIZE_100B, MIB) if s in plan.sizes] or [SIZE_100B]
+    rows = [
+        {"suite": "curve", "transport": "tcp", "size": s, "count": plan.count(s)} for s in sizes
+    ]
+
+    def run(row: dict[str, Any], side: str) -> Measure:
+        s, n = row["size"], row["count"]
+        return lambda: runner.arroyo("tcp", s, n, curve=side == "curve")
+
+    return interleaved(rows, ["plain", "curve"], plan.repeats, run)
+
+
 def run_suites(runner: Runner, plan: Plan, peer_check: Callable[[], str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     steps: dict[str, Callable[[], Any]] = {
@@ -188,6 +202,7 @@ def run_suites(runner: Runner, plan: Plan, peer_check: Callable[[], str]) -> dic
         "latency": lambda: latency(runner, plan),
         "peer": lambda: peer(runner, plan, peer_check),
         "counters": lambda: counters(runner, plan),
+        "curve": lambda: curve(runner, plan),
     }
     for name, step in steps.items():
         if name in plan.suites:

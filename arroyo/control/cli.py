@@ -30,6 +30,19 @@ def check(topology: str) -> None:
 
 @main.command()
 @TOPOLOGY
+@click.option("--force", is_flag=True, help="Replace existing keys (peers must get the new ones).")
+@user_errors
+def keys(topology: str, force: bool) -> None:
+    """Make a CURVE key pair per host of TOPOLOGY (secret keys mode 0600)."""
+    from arroyo.control.keys import make_keys
+    from arroyo.topology import load
+
+    for host, path, made in make_keys(load(topology), force):
+        click.echo(f"{host:<16} {path} {'(new)' if made else '(kept)'}")
+
+
+@main.command()
+@TOPOLOGY
 @click.option("--inline", is_flag=True, required=True, help="Run every stage in this process.")
 @click.option("--log-level", default="INFO", show_envvar=True, help="Logging level.")
 @user_errors

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from arroyo.control.clibase import TOPOLOGY, main, user_errors
+from arroyo.errors import ConfigError
 from arroyo.runtime.stats import link_totals
 from arroyo.topology import Topology, load
 
@@ -44,11 +45,35 @@ def _live_and_extra(rows: list[dict[str, Any]]) -> list[str]:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead.")
 @user_errors
 def render(topology: str, output: str | None) -> None:
-    """Write the supervisord.conf for TOPOLOGY (default RUN_DIR/supervisord.conf)."""
+    """Write the supervisord.conf for TOPOLOGY (default RUN_DIR/supervisord.conf); with
+    [hosts], one per host and the Supvisors rules file (RUN_DIR/hosts/HOST/)."""
     from arroyo.control.render import write_config
 
-    path = write_config(_load(topology), Path(output) if output else None)
+    topo = _load(topology)
+    if topo.multihost:
+        from arroyo.control.hostconf import write_host_configs
+
+        for path in write_host_configs(topo):
+            click.echo(str(path))
+        return
+    path = write_config(topo, Path(output) if output else None)
     click.echo(str(path))
+
+
+@main.command()
+@TOPOLOGY
+@click.argument("host", default="", envvar="ARROYO_HOST")
+@user_errors
+def host(topology: str, host: str) -> None:
+    """Start HOST's supervisord with Supvisors (run once on every host of TOPOLOGY);
+    HOST defaults to the [hosts] entry whose address is on this machine."""
+    from arroyo.control.cluster import start_host
+
+    topo = _load(topology)
+    if not topo.multihost:
+        msg = f"{topo.path}: no [hosts] section: `arroyo up` runs a one-host topology"
+        raise ConfigError(msg)
+    click.echo(str(start_host(topo, host)))
 
 
 @main.command()
@@ -61,6 +86,12 @@ def up(topology: str, chains: tuple[str, ...]) -> None:
     from arroyo.control.supervise import up as do_up
 
     topo = _load(topology)
+    if topo.multihost:
+        from arroyo.control import cluster
+
+        cluster.up(topo, chains, say=lambda line: click.echo(line, err=True))
+        click.echo(f"{topo.name}: running on {', '.join(topo.hosts)} (arroyo status)")
+        return
     problems = do_up(topo, chains, say=lambda line: click.echo(line, err=True))
     if problems:
         for p in problems:
@@ -78,10 +109,18 @@ def down(topology: str, chains: tuple[str, ...]) -> None:
     from arroyo.control.strays import describe
     from arroyo.control.supervise import down as do_down
 
-    strays = do_down(_load(topology), chains)
-    if strays:
-        n = len(strays)
-        click.echo(f"stopped {n} process{'es' * (n > 1)} outside supervisord: {describe(strays)}")
+    topo = _load(topology)
+    if topo.multihost:
+        from arroyo.control import cluster
+
+        cluster.down(topo, chains, say=lambda line: click.echo(line, err=True))
+    else:
+        strays = do_down(topo, chains)
+        if strays:
+            n = len(strays)
+            click.echo(
+                f"stopped {n} process{'es' * (n > 1)} outside supervisord: {describe(strays)}"
+            )
     click.echo("stopped")
 
 
@@ -140,7 +179,8 @@ def status_table(
         lines.append("")
         lines.append(f"{'LINK':<32} {'SENT':>10} {'RECEIVED':>10} {'DIFF':>8} DROPS")
         for t in totals:
-            drops = ", ".join(f"{k}={v}" for k, v in t["dropped"].items()) or "-"
+            counts = {**t["dropped"], "auth_refused": t.get("auth_refused", 0)}
+            drops = ", ".join(f"{k}={v}" for k, v in counts.items() if v) or "-"
             lines.append(
                 f"{t['link']:<32} {t['sent']:>10} {t['received']:>10} {t['difference']:>8} {drops}"
             )
@@ -156,6 +196,15 @@ def status_table(
     return "\n".join(lines)
 
 
+def host_table(rows: list[dict[str, Any]]) -> str:
+    """The multi-host status: one row per process with the host it runs on."""
+    lines = [f"{'CHAIN':<10} {'STAGE':<16} {'W':>2} {'STATE':<9} HOST"]
+    for r in rows:
+        where = ",".join(r["hosts"]) or "-"
+        lines.append(f"{r['chain']:<10} {r['stage']:<16} {r['worker']:>2} {r['state']:<9} {where}")
+    return "\n".join(lines)
+
+
 @main.command()
 @TOPOLOGY
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of process objects.")
@@ -164,7 +213,17 @@ def status(topology: str, as_json: bool) -> None:
     """One row per process: supervisor state, psutil figures and stage counters."""
     from arroyo.control.supervise import status_rows
 
-    rows = status_rows(_load(topology))
+    topo = _load(topology)
+    if topo.multihost:
+        from arroyo.control import cluster
+
+        host_rows = cluster.status_rows(topo)
+        if as_json:
+            click.echo(json.dumps(host_rows, indent=1))
+        else:
+            click.echo(host_table(host_rows))
+        return
+    rows = status_rows(topo)
     if as_json:
         click.echo(json.dumps(rows, indent=1, default=str))
     elif not rows:
@@ -227,7 +286,13 @@ def scale(topology: str, stage: str, workers: int) -> None:
     """Set STAGE's worker count while everything else keeps running."""
     from arroyo.control.supervise import scale as do_scale
 
-    old, new = do_scale(_load(topology), stage, workers)
+    topo = _load(topology)
+    if topo.multihost:
+        from arroyo.control import cluster
+
+        old, new = cluster.scale(topo, stage, workers)
+    else:
+        old, new = do_scale(topo, stage, workers)
     click.echo(f"{stage}: {old} -> {new} workers")
 
 
@@ -240,7 +305,6 @@ def scale(topology: str, stage: str, workers: int) -> None:
 def logs(topology: str, stage: str, worker: int, follow: bool) -> None:
     """Print the log of one worker of STAGE."""
     from arroyo.control.render import paths, process_name
-    from arroyo.errors import ConfigError
 
     topo = _load(topology)
     topo.stage(stage)

@@ -60,6 +60,13 @@ def render_metrics(topology: Topology, rows: list[dict[str, Any]]) -> str:
                 f'topology="{_label(topology.name)}",link="{_label(t["link"])}",reason="{reason}"'
             )
             lines.append(f"arroyo_link_dropped_total{{{labels}}} {n}")
+    lines += [
+        "# HELP arroyo_link_auth_refused_total CURVE handshakes refused on a link",
+        "# TYPE arroyo_link_auth_refused_total counter",
+    ]
+    for t in link_totals(rows):
+        labels = f'topology="{_label(topology.name)}",link="{_label(t["link"])}"'
+        lines.append(f"arroyo_link_auth_refused_total{{{labels}}} {t.get('auth_refused', 0)}")
     return "\n".join(lines) + "\n"
 
 

@@ -28,9 +28,10 @@ from arroyo.runtime.link import (
     control_payload,
     frame_bytes,
     is_control,
-    peer_alive,
     send_frames,
 )
+from arroyo.runtime.liveness import PING
+from arroyo.runtime.net import Net
 from arroyo.runtime.stats import LinkCounters
 from arroyo.topology import Link
 
@@ -40,9 +41,17 @@ log = logging.getLogger("arroyo.link")
 class CreditSender(LinkEnd):
     """Sending end of a PUSH-pattern link."""
 
-    def __init__(self, ctx: zmq.Context[Any], link: Link, me: str, counters: LinkCounters) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        link: Link,
+        me: str,
+        counters: LinkCounters,
+        net: Net | None = None,
+    ) -> None:
         bind = link.binder == "source"
-        super().__init__(ctx, link, me, bind, zmq.ROUTER if bind else zmq.DEALER, counters)
+        kind = zmq.ROUTER if bind else zmq.DEALER
+        super().__init__(ctx, link, me, bind, kind, counters, net=net)
         self.stopping = False  # while stopping, a BYE is not acknowledged: our EOS follows
         self.current_start: Message | None = None
         self.run_members: dict[tuple[str, int], set[str]] = {}  # who got each open run's Start
@@ -104,7 +113,7 @@ class CreditSender(LinkEnd):
             log.info("link %s: receiver %s left", self.link.name, key)
 
     def _forget_dead(self) -> None:
-        for key in [k for k in self.peers if not peer_alive(k)]:
+        for key in [k for k in self.peers if not self.alive(k)]:
             log.warning("link %s: receiver %s is gone", self.link.name, key)
             del self.peers[key]
 
@@ -218,11 +227,12 @@ class CreditReceiver(LinkEnd):
         window_msgs: int,
         window_bytes: int,
         max_message_bytes: int = -1,
+        net: Net | None = None,
     ) -> None:
         bind = link.binder == "target"
         limit = {zmq.MAXMSGSIZE: max_message_bytes} if max_message_bytes > 0 else {}
         kind = zmq.ROUTER if bind else zmq.DEALER
-        super().__init__(ctx, link, me, bind, kind, counters, limit)
+        super().__init__(ctx, link, me, bind, kind, counters, limit, net)
         self.window_msgs = window_msgs
         self.window_bytes = window_bytes
         self.leaving = False
@@ -269,6 +279,8 @@ class CreditReceiver(LinkEnd):
                     self._send_control(peer_id, BYE)
             log.info("link %s: sender %s joined", self.link.name, key)
             return
+        if verb == PING:
+            return  # a binder checking that we are still connected
         if verb not in (EOS, ACK):
             self.counters.drop("bad_control")  # a receiver is never sent anything else
             return
@@ -323,4 +335,4 @@ class CreditReceiver(LinkEnd):
 
     def finished(self) -> bool:
         """Every known sender has finished (EOS, or ACK after our BYE) or is gone."""
-        return all(p.eos or not peer_alive(p.id) for p in self.peers.values())
+        return all(p.eos or not self.alive(p.id) for p in self.peers.values())

@@ -39,12 +39,21 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from arroyo import wire
+from arroyo.runtime.liveness import Reach
+from arroyo.runtime.net import Net
 from arroyo.runtime.stats import LinkCounters
 from arroyo.topology import Link
 
 log = logging.getLogger("arroyo.link")
 
 HELLO, WELCOME, CREDIT, EOS, BYE, ACK = (b"\x00H", b"\x00W", b"\x00C", b"\x00E", b"\x00B", b"\x00A")
+# Handshakes a CURVE end refused or failed: a stranger's key (AUTH), a plain client or a
+# wrong server key (PROTOCOL: mechanism mismatch, cryptographic error).
+REFUSALS = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 SUB_PREFIX = b"\x00sub:"
 SERVICE_INTERVAL = 0.001  # s: how stale a sender's view of credit and peers may get
 # An idle receiver returns credit at most this often. A quarter window goes back at once
@@ -62,6 +71,11 @@ HOST = pysocket.gethostname()
 
 def identity(stage: str, worker: int) -> str:
     return f"{stage}/{worker}/{os.getpid()}@{HOST}"
+
+
+def peer_host(peer_id: str) -> str:
+    """The host part of an identity ``stage/worker/pid@host`` ("" if it has none)."""
+    return peer_id.rpartition("@")[2] if "@" in peer_id else ""
 
 
 def peer_alive(peer_id: str) -> bool:
@@ -162,8 +176,8 @@ def open_socket(
     bind: bool,
     name: str,
     routing_id: str = "",
-    monitor: bool = False,
-    options: Mapping[Any, int] | None = None,
+    monitor_events: int = 0,
+    options: Mapping[Any, Any] | None = None,
 ) -> tuple[zmq.Socket[Any], zmq.Socket[Any] | None]:
     """A bound or connected socket, and (if asked) a monitor attached *before* the
     connect so that no CONNECTED event can be missed. ``options`` are set before the
@@ -179,7 +193,7 @@ def open_socket(
         # HWM when they are made); a HWM here could only refuse a Start or Stop.
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
-    mon = sock.get_monitor_socket(zmq.EVENT_CONNECTED) if monitor else None
+    mon = sock.get_monitor_socket(monitor_events) if monitor_events else None
     try:
         if bind:
             _socket_path(endpoint)
@@ -227,13 +241,24 @@ class LinkEnd:
         bind: bool,
         kind: int,
         counters: LinkCounters,
-        options: Mapping[Any, int] | None = None,
+        options: Mapping[Any, Any] | None = None,
+        net: Net | None = None,
     ) -> None:
         self.link = link
         self.me = me
         self.bind = bind
         self.counters = counters
         routing_id = me if kind == zmq.DEALER else ""
+        tcp = link.endpoint.startswith("tcp://")
+        opts = {**(net.options(ctx, link, bind) if net is not None else {}), **(options or {})}
+        if kind == zmq.ROUTER and tcp:
+            # a peer back after a cut takes its routing id over from the dead connection
+            opts[zmq.ROUTER_HANDOVER] = 1
+        events = 0
+        if kind == zmq.DEALER:
+            events = int(zmq.EVENT_CONNECTED) | (int(zmq.EVENT_DISCONNECTED) if tcp else 0)
+        if link.curve:
+            events |= int(REFUSALS)
         self.monitor: zmq.Socket[Any] | None
         self.socket, self.monitor = open_socket(
             ctx,
@@ -242,11 +267,16 @@ class LinkEnd:
             bind,
             link.name,
             routing_id,
-            monitor=kind == zmq.DEALER,
-            options=options,
+            monitor_events=events,
+            options=opts,
         )
         if kind == zmq.ROUTER:
             self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        watched = tcp and net is not None and kind in (zmq.ROUTER, zmq.DEALER)
+        self.reach: Reach | None = None
+        if watched and net is not None:
+            self.reach = Reach(self.socket, kind == zmq.ROUTER, net.peer_timeout)
+        self._refusals_logged: set[int] = set()
 
         self._router = bind and kind == zmq.ROUTER
         self._ids: dict[bytes, str] = {}
@@ -283,10 +313,50 @@ class LinkEnd:
                 event = recv_monitor_message(self.monitor, flags=zmq.NOBLOCK)
             except zmq.Again:
                 return connected
-            if event["event"] == zmq.EVENT_CONNECTED:
+            kind = event["event"]
+            if kind == zmq.EVENT_CONNECTED:
                 connected = True
                 self.welcomed = False
                 self._hello_at = time.monotonic()
+                if self.reach is not None:
+                    self.reach.connected()
+            elif kind == zmq.EVENT_DISCONNECTED:
+                if self.reach is not None:
+                    self.reach.disconnected()
+            elif kind & REFUSALS:
+                self._refused(kind, event["value"])
+
+    def _refused(self, kind: int, value: int) -> None:
+        """A CURVE handshake refused (or, connecting, failed): counted; logged once per
+        kind of failure (libzmq names no peer address here; the ZAP handler logs the
+        address of a refused key)."""
+        self.counters.auth_refused += 1
+        if kind in self._refusals_logged:
+            return
+        self._refusals_logged.add(kind)
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            why = "its key is not one of the topology's"
+        elif value == getattr(zmq, "PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH", -1):
+            why = "the peer does not speak CURVE (a plain client)"
+        elif value == getattr(zmq, "PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC", -1):
+            why = "cryptographic error (a wrong server key, or not this topology's keys)"
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            why = f"the handshake broke off (errno {value}; a wrong server key?)"
+        else:
+            why = f"handshake error {value}"
+        log.warning(
+            "link %s: %s a CURVE handshake: %s (counted as auth_refused; logged once)",
+            self.link.name,
+            "refused" if self.bind else "failed",
+            why,
+        )
+
+    def alive(self, peer_id: str) -> bool:
+        """The peer is there: by pid on this host; on another host, by its connection
+        (``liveness.Reach``), which only tcp links watch. Unknown: assumed alive."""
+        if peer_host(peer_id) == HOST or self.reach is None:
+            return peer_alive(peer_id)
+        return self.reach.alive(peer_id)
 
     def _recv(self) -> tuple[str, list[Any]] | None:
         """One whole message as (sender id or "", frames), its first frame as bytes."""

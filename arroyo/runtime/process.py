@@ -34,9 +34,10 @@ from arroyo.runtime.drain import (
     leave_stuck,
     received,
 )
-from arroyo.runtime.link import CREDIT_IDLE_DELAY, identity, peer_alive
+from arroyo.runtime.link import CREDIT_IDLE_DELAY, identity
 from arroyo.runtime.live import Live, live_options
 from arroyo.runtime.merge import Item, RunMerger, partial_stop
+from arroyo.runtime.net import Net
 from arroyo.runtime.pubsub import PubSender, SubReceiver
 from arroyo.runtime.roles import (
     LinkPublisher,
@@ -94,22 +95,26 @@ class StageProcess:
         self.stats: StatsWriter | None = None
         self.user: Any = None
         self.live: Live | None = None  # when the class has live options
+        self.net: Net | None = None
 
     # -- set-up --------------------------------------------------------------------
 
     def _open_links(self) -> None:
         spec = self.spec
+        self.net = net = Net.for_stage(self.topology, spec)
         for link in self.topology.outputs_of(spec.name):
             counters = self.counters.link(link.name, "out")
             if link.pattern == "pub":
-                self.outputs.append(PubSender(self.ctx, link, self.me, counters, PUB_JOIN_TIMEOUT))
+                self.outputs.append(
+                    PubSender(self.ctx, link, self.me, counters, PUB_JOIN_TIMEOUT, net)
+                )
             else:
-                self.outputs.append(CreditSender(self.ctx, link, self.me, counters))
+                self.outputs.append(CreditSender(self.ctx, link, self.me, counters, net))
         for link in self.topology.inputs_of(spec.name):
             counters = self.counters.link(link.name, "in")
             end: CreditReceiver | SubReceiver
             if link.pattern == "pub":
-                end = SubReceiver(self.ctx, link, self.me, counters, spec.max_message_bytes)
+                end = SubReceiver(self.ctx, link, self.me, counters, spec.max_message_bytes, net)
             else:
                 end = CreditReceiver(
                     self.ctx,
@@ -119,10 +124,11 @@ class StageProcess:
                     spec.hwm,
                     spec.hwm_bytes,
                     spec.max_message_bytes,
+                    net,
                 )
             fan_in = self.topology.stages[link.source].scalable
             stopped = partial(stopped_cleanly, self.topology)
-            merger = RunMerger(link.name, fan_in, peer_alive, self._report, end.finished, stopped)
+            merger = RunMerger(link.name, fan_in, end.alive, self._report, end.finished, stopped)
             self.inputs.append((end, merger))
 
     def _report(self, report: RunReport) -> None:
@@ -450,6 +456,8 @@ class StageProcess:
             out.close()
         for end, _ in self.inputs:
             end.close(0)
+        if self.net is not None:
+            self.net.close()
         self.ctx.term()
 
     def _stats_snapshot(self) -> dict[str, Any]:

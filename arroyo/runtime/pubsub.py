@@ -23,6 +23,7 @@ from arroyo.runtime.link import (
     is_control,
     peer_alive,
 )
+from arroyo.runtime.net import Net
 from arroyo.runtime.stats import LinkCounters
 from arroyo.topology import Link
 
@@ -39,16 +40,18 @@ class PubSender(LinkEnd):
         me: str,
         counters: LinkCounters,
         join_timeout: float,
+        net: Net | None = None,
     ) -> None:
         bind = link.binder == "source"
         options = {zmq.XPUB_NODROP: 1, zmq.SNDHWM: 1000}
-        super().__init__(ctx, link, me, bind, zmq.XPUB, counters, options)
+        super().__init__(ctx, link, me, bind, zmq.XPUB, counters, options, net)
         self.subscribed = False
         self.join_timeout = join_timeout
         self._waited = False
         self.stopping = False
 
     def service(self) -> None:
+        self._poll_monitor()  # counts refused CURVE handshakes
         while True:
             try:
                 frame = self.socket.recv(flags=zmq.NOBLOCK)
@@ -104,18 +107,20 @@ class SubReceiver(LinkEnd):
         me: str,
         counters: LinkCounters,
         max_message_bytes: int = -1,
+        net: Net | None = None,
     ) -> None:
         bind = link.binder == "target"
         options = {zmq.RCVHWM: 1000}
         if max_message_bytes > 0:
             options[zmq.MAXMSGSIZE] = max_message_bytes
-        super().__init__(ctx, link, me, bind, zmq.SUB, counters, options)
+        super().__init__(ctx, link, me, bind, zmq.SUB, counters, options, net)
         self.socket.setsockopt(zmq.SUBSCRIBE, b"")
         # A topic unique to this stage tells the publisher that we are here.
         self.socket.setsockopt(zmq.SUBSCRIBE, SUB_PREFIX + link.target.encode())
         self.last_data = time.monotonic()
 
     def receive(self) -> list[tuple[str, list[Any]]]:
+        self._poll_monitor()  # counts refused CURVE handshakes
         out = []
         while (item := self._recv()) is not None:
             _, frames = item

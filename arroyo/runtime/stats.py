@@ -45,6 +45,7 @@ class LinkCounters:
     events: int = 0
     bytes: int = 0
     drops: Counter[str] = field(default_factory=Counter)
+    auth_refused: int = 0  # CURVE handshakes refused (stranger key, plain client, bad key)
 
     def count(self, size: int, event: bool = True) -> None:
         self.messages += 1
@@ -62,6 +63,7 @@ class LinkCounters:
             "events": self.events,
             "bytes": self.bytes,
             "dropped": dict(self.drops),
+            "auth_refused": self.auth_refused,
         }
 
 
@@ -191,13 +193,16 @@ class NullLinkCounters(LinkCounters):
 
 def link_totals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per link: events sent by the upstream processes, received by the downstream
-    ones, the difference, and drops by reason (from ``arroyo status`` rows)."""
+    ones, the difference, drops by reason, and refused CURVE handshakes (from
+    ``arroyo status`` rows)."""
     totals: dict[str, dict[str, Any]] = {}
     for row in rows:
         for link in row.get("links", []):
             t = totals.setdefault(
-                link["link"], {"link": link["link"], "sent": 0, "received": 0, "dropped": {}}
+                link["link"],
+                {"link": link["link"], "sent": 0, "received": 0, "dropped": {}, "auth_refused": 0},
             )
+            t["auth_refused"] += link.get("auth_refused", 0)
             if link["direction"] == "out":
                 t["sent"] += link.get("events", 0)
             else:
