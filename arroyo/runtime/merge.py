@@ -104,6 +104,8 @@ class RunMerger:
             origin = str(message.routing.get("o", "")) or self._known_origin(who, message.run)
             self.sender_origin[who] = origin
             adopted = self._adopt(origin, message.run)
+            if isinstance(message, Start):
+                self._shares_over(who, origin, message.run)
         elif message.run == 0:
             return [(sender, size, message)]  # events outside any run pass straight on
         elif who in self.sender_origin:
@@ -122,6 +124,15 @@ class RunMerger:
         if isinstance(message, Stop):
             self._note_stop(run, who, message)
         return adopted + self._advance()
+
+    def _shares_over(self, who: str, origin: str, run_id: int) -> None:
+        """A sender that begins a run has ended every earlier run of the same source
+        (it forwards in order): a Stop it still owes one of them was lost in front of
+        it (the stage there restarted after taking it). Its share counts as lost."""
+        for (o, r), run in self.runs.items():
+            owes = who in run.expected | run.senders and who not in run.stops
+            if o == origin and r < run_id and owes:
+                run.dead.add(who)
 
     def _known_origin(self, who: str, run_id: int) -> str:
         """A boundary without an origin (a peer that does not set ``o``) from a sender
@@ -215,7 +226,10 @@ class RunMerger:
         if run.origin_dead or run.cut:
             return True
         if not run.expected:
-            return False
+            # Only partial Stops so far. If every worker that forwarded the Start has
+            # ended its share so, the run's own Stop was lost in front of them (the
+            # stage there restarted after taking it): nothing more will come.
+            return bool(run.senders) and run.senders <= set(run.stops) | run.dead
         return run.expected | run.senders <= set(run.stops) | run.dead
 
     def _eligible(self, key: RunKey, run: _Run) -> bool:
@@ -280,6 +294,8 @@ class RunMerger:
             report.missing_workers = [f"{who} (stopped waiting: {run.cut})" for who in owing]
         elif run.origin_dead and not run.stops:
             report.missing_workers = [f"source ({run.origin_fate})"]
+        if run.stops and not stops and not (run.cut or run.origin_dead):
+            report.missing_workers.append("upstream (every share ended early, no Stop)")
         # a worker that left at its drain timeout left part of its share unsent
         report.missing_workers += [
             f"{who} (left at {stop.routing['cut']})"

@@ -169,3 +169,31 @@ def test_a_share_cut_at_a_workers_drain_timeout_makes_the_run_incomplete():
     (report,) = reports
     assert report.missing_workers == ["w/1 (left at drain timeout)"]
     assert (report.received, report.emitted) == (3, 3)
+
+
+def test_a_run_whose_every_share_ended_early_closes_incomplete():
+    """The device in front restarted after taking the run's Stop: each worker ends
+    its share when the next run begins, and the fan-in must not wait for ever."""
+    reports: list[RunReport] = []
+    merger = RunMerger("b__sink", True, lambda _: True, reports.append)
+    partial = Stop(run=1, routing={"o": "det", "partial": True, "n": 2})
+    pushes: list[tuple[str, Message]] = [("b/0", START), ("b/1", START)]
+    pushes += [("b/0", Event(run=1, seq=0)), ("b/1", Event(run=1, seq=1))]
+    out = _push(merger, [*pushes, ("b/0", partial)])
+    assert not any(isinstance(m, Stop) for m in out), "closed before b/1's share ended"
+    out = _push(merger, [("b/1", partial)])
+    (stop,) = [m for m in out if isinstance(m, Stop)]
+    assert stop.data["incomplete"] is True
+    assert reports[0].missing_workers == ["upstream (every share ended early, no Stop)"]
+
+
+def test_a_worker_that_begins_the_next_run_owes_no_stop_for_the_last():
+    """Its Stop went to a device that restarted before forwarding it."""
+    reports: list[RunReport] = []
+    merger = RunMerger("a__b", True, lambda _: True, reports.append)
+    pushes: list[tuple[str, Message]] = [("a/1", START), ("a/1", Event(run=1, seq=0))]
+    pushes += [("a/1", Stop(run=1, seq=2, routing={"o": "det", "w": ["a/0", "a/1"], "n": 1}))]
+    assert not any(isinstance(m, Stop) for m in _push(merger, pushes))
+    out = _push(merger, [("a/0", Start(run=2, routing={"o": "det", "p": 1}))])
+    assert [type(m) for m in out] == [Stop, Start]
+    assert reports[0].missing_workers == ["a/0"] and not reports[0].complete
