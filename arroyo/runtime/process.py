@@ -8,6 +8,7 @@ says EOS on its outputs, and returns 0.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -97,7 +98,8 @@ class StageProcess:
                     net,
                 )
             fan_in = self.topology.stages[link.source].scalable
-            merger = RunMerger(link.name, fan_in, end.alive, self._report, end.finished)
+            late = functools.partial(end.counters.drop, "late")
+            merger = RunMerger(link.name, fan_in, end.alive, self._report, end.finished, late)
             self.inputs.append((end, merger))
 
     def _report(self, report: RunReport) -> None:
