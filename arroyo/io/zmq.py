@@ -25,7 +25,6 @@ from typing import Any, Literal
 
 import zmq as pyzmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from arroyo.errors import WireError
 from arroyo.io.codecs import get_codec
@@ -43,7 +42,7 @@ class Curve:
 
     def __init__(self, keys: Path | None, server: str, clients: Path | None, bind: bool) -> None:
         self.keys, self.server, self.clients, self.bind = keys, server, clients, bind
-        self.auth: ThreadAuthenticator | None = None
+        self.auth: Any = None
         if keys is None and (server or clients):
             msg = "curve_server/curve_clients need curve_keys (this end's key pair)"
             raise ValueError(msg)
@@ -63,6 +62,8 @@ class Curve:
             raise OSError(msg)
         sock.curve_publickey, sock.curve_secretkey = public, secret
         if self.bind:
+            from zmq.auth.thread import ThreadAuthenticator  # (pulls in asyncio)
+
             self.auth = ThreadAuthenticator(sock.context)
             self.auth.start()
             self.auth.configure_curve(domain="*", location=str(self.clients))

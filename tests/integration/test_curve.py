@@ -100,7 +100,8 @@ def test_curve_link_carries_runs_and_refuses_strangers(topo, stages, tmp_path) -
     assert codes == {"det.0": 0, "sink.0": 0}, stages.dump()
     log = stages.log("sink.0")
     assert "its CURVE key" in log and "not one of the topology's" in log, log
-    assert "a plain client" in log, log
+    # (a plain client shows as a mechanism mismatch, or as a handshake broken off)
+    assert "a plain client" in log or "broke off" in log, log
     # nothing a stranger sent got through: still exactly the two runs
     assert [n for _, n, _ in runs_of(read_jsonl(out))] == [300, 300]
 
