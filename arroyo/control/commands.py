@@ -244,6 +244,9 @@ def top(topology: str, interval: float, count: int) -> None:
     from arroyo.control.supervise import status_rows
 
     topo = _load(topology)
+    if topo.multihost:
+        msg = f"{topo.path}: `arroyo top` covers one host; use `arroyo status` with [hosts]"
+        raise ConfigError(msg)
     last: dict[tuple[str, int], tuple[float, int, int]] = {}
     n = 0
     tty = sys.stdout.isatty()
@@ -308,7 +311,17 @@ def logs(topology: str, stage: str, worker: int, follow: bool) -> None:
 
     topo = _load(topology)
     topo.stage(stage)
-    path = paths(topo).logs / f"{process_name(stage, worker)}.log"
+    logs_dir = paths(topo).logs
+    if topo.multihost:
+        from arroyo.control.hostconf import host_paths
+        from arroyo.runtime.net import machine_host
+
+        here = machine_host(topo)
+        if not here:
+            msg = "which host is this? set ARROYO_HOST (logs are read on the host itself)"
+            raise ConfigError(msg)
+        logs_dir = host_paths(topo, here).logs
+    path = logs_dir / f"{process_name(stage, worker)}.log"
     if not path.exists():
         msg = f"{path}: no log yet for {stage} worker {worker}"
         raise ConfigError(msg)
@@ -331,7 +344,11 @@ def metrics(topology: str, host: str, port: int) -> None:
     """Serve Prometheus text-format metrics for TOPOLOGY at /metrics until Ctrl-C."""
     from arroyo.control.metrics import serve
 
-    server = serve(_load(topology), host, port)
+    topo = _load(topology)
+    if topo.multihost:
+        msg = f"{topo.path}: `arroyo metrics` covers one host's supervisord; not with [hosts] yet"
+        raise ConfigError(msg)
+    server = serve(topo, host, port)
     addr, bound = server.server_address[0], server.server_address[1]
     click.echo(f"serving http://{addr!s}:{bound}/metrics")
     try:

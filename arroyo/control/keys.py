@@ -2,8 +2,10 @@
 
 Writes ``KEYS_DIR/HOST.key`` (the public key, to copy to every host) and
 ``KEYS_DIR/HOST.key_secret`` (public and secret key, mode 0600, needed only on HOST),
-in ZeroMQ's certificate format. Existing keys are kept unless ``force``: replacing a
-host's key locks its peers out until every host has the new public key.
+in ZeroMQ's certificate format; with ``[hosts]`` also ``supervisor.secret`` (0600), the
+credentials every host's supervisord inet server shares. Existing keys are kept
+unless ``force``: replacing a host's key locks its peers out until every host has the
+new public key.
 """
 
 from __future__ import annotations
@@ -50,4 +52,10 @@ def make_keys(topology: Topology, force: bool = False) -> list[tuple[str, Path, 
         _write(secret_path, head + sec, 0o600)
         _write(public_path, head + pub, 0o644)
         done.append((host, secret_path, True))
+    if topology.multihost:
+        from arroyo.control.hostconf import SECRET_FILE, credentials
+
+        made = not (keys_dir / SECRET_FILE).exists()
+        credentials(topology)  # the inet servers' user and password, the same everywhere
+        done.append(("supervisor", keys_dir / SECRET_FILE, made))
     return done

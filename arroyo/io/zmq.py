@@ -11,14 +11,22 @@
 
 Unlike the links between Arroyo stages, these speak whatever the foreign peer speaks
 (see ``arroyo.io.codecs``). A message the codec cannot decode is counted and dropped.
+
+Both ends can use CURVE: ``curve_keys`` is a ZeroMQ certificate file with this end's
+key pair (e.g. ``arroyo keys``' ``HOST.key_secret``); a connecting end also needs
+``curve_server`` (the peer's public key, Z85 text or its certificate file); a binding
+end also needs ``curve_clients``, a folder of the public keys (``*.key``) it admits:
+CURVE alone admits any client key, so a ZAP authenticator checks them.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import zmq as pyzmq
+import zmq.auth
 
 from arroyo.convert import Binds, Bounds
 from arroyo.errors import WireError
@@ -33,13 +41,62 @@ _LISTEN = {"pull": pyzmq.PULL, "sub": pyzmq.SUB}
 _PUBLISH = {"push": pyzmq.PUSH, "pub": pyzmq.PUB}
 
 
-def _open(kind: int, endpoint: str, bind: bool, hwm: int) -> pyzmq.Socket[Any]:
+class Curve:
+    """CURVE settings of one foreign end (see the module docstring)."""
+
+    def __init__(self, keys: Path | None, server: str, clients: Path | None, bind: bool) -> None:
+        self.keys, self.server, self.clients, self.bind = keys, server, clients, bind
+        self.auth: Any = None
+        if keys is None and (server or clients):
+            msg = "curve_server/curve_clients need curve_keys (this end's key pair)"
+            raise ValueError(msg)
+        if keys is not None and bind and clients is None:
+            msg = "a binding CURVE end needs curve_clients: CURVE alone admits any client"
+            raise ValueError(msg)
+        if keys is not None and not bind and not server:
+            msg = "a connecting CURVE end needs curve_server (the peer's public key)"
+            raise ValueError(msg)
+
+    def apply(self, sock: pyzmq.Socket[Any]) -> None:
+        if self.keys is None:
+            return
+        public, secret = zmq.auth.load_certificate(self.keys)
+        if secret is None:
+            msg = f"{self.keys}: no secret key in it"
+            raise OSError(msg)
+        sock.curve_publickey, sock.curve_secretkey = public, secret
+        if self.bind:
+            from zmq.auth.thread import ThreadAuthenticator  # (pulls in asyncio)
+
+            self.auth = ThreadAuthenticator(sock.context)
+            self.auth.start()
+            self.auth.configure_curve(domain="*", location=str(self.clients))
+            sock.curve_server = True
+        else:
+            key = self.server.encode()
+            if len(key) != 40:
+                key = zmq.auth.load_certificate(self.server)[0]
+            sock.curve_serverkey = key
+
+    def close(self) -> None:
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
+
+
+def _open(
+    kind: int, endpoint: str, bind: bool, hwm: int, curve: Curve | None = None
+) -> pyzmq.Socket[Any]:
     sock: pyzmq.Socket[Any] = pyzmq.Context.instance().socket(kind)
     sock.set_hwm(hwm)
     try:
+        if curve is not None:
+            curve.apply(sock)
         sock.bind(endpoint) if bind else sock.connect(endpoint)
-    except pyzmq.ZMQError as e:
+    except (pyzmq.ZMQError, OSError, ValueError) as e:
         sock.close(0)
+        if curve is not None:
+            curve.close()
         msg = f"cannot {'bind' if bind else 'connect'} {endpoint}: {e}"
         raise OSError(msg) from e
     return sock
@@ -58,6 +115,9 @@ class ZMQListener(Listener):
         hwm: Annotated[int, Bounds(ge=0)] = 1000,
         dtype: str = "",
         shape: Annotated[tuple[int, ...], Bounds(ge=0)] = (),
+        curve_keys: Path | None = None,
+        curve_server: str = "",
+        curve_clients: Path | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.kind = _LISTEN[socket]
@@ -65,11 +125,12 @@ class ZMQListener(Listener):
         self.codec = get_codec(codec, dtype, shape)
         self.topic = topic
         self.hwm = hwm
+        self.curve = Curve(curve_keys, curve_server, curve_clients, bind)
         self.sock: pyzmq.Socket[Any] | None = None
         self.dropped = DropCount(f"zmq listener {endpoint}")
 
     def setup(self) -> None:
-        self.sock = _open(self.kind, self.endpoint, self.bind, self.hwm)
+        self.sock = _open(self.kind, self.endpoint, self.bind, self.hwm, self.curve)
         if self.kind == pyzmq.SUB:
             self.sock.setsockopt(pyzmq.SUBSCRIBE, self.topic.encode())
 
@@ -107,6 +168,7 @@ class ZMQListener(Listener):
         if self.sock is not None:
             self.sock.close(0)
             self.sock = None
+        self.curve.close()
 
 
 class ZMQPublisher(Publisher):
@@ -120,6 +182,9 @@ class ZMQPublisher(Publisher):
         codec: str = "arroyo",
         topic: str = "",
         hwm: Annotated[int, Bounds(ge=0)] = 1000,
+        curve_keys: Path | None = None,
+        curve_server: str = "",
+        curve_clients: Path | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.kind = _PUBLISH[socket]
@@ -127,10 +192,11 @@ class ZMQPublisher(Publisher):
         self.codec = get_codec(codec)
         self.topic = topic.encode()
         self.hwm = hwm
+        self.curve = Curve(curve_keys, curve_server, curve_clients, bind)
         self.sock: pyzmq.Socket[Any] | None = None
 
     def setup(self) -> None:
-        self.sock = _open(self.kind, self.endpoint, self.bind, self.hwm)
+        self.sock = _open(self.kind, self.endpoint, self.bind, self.hwm, self.curve)
         self.sock.linger = 5000
 
     def publish(self, message: Message) -> None:
@@ -148,3 +214,4 @@ class ZMQPublisher(Publisher):
         if self.sock is not None:
             self.sock.close()  # linger flushes what is queued
             self.sock = None
+        self.curve.close()

@@ -11,9 +11,10 @@ link: no PONG within ``peer_timeout``) loses its connection, and then:
 * a connecting end (DEALER) has one peer, its binder: the socket monitor reports
   ``EVENT_DISCONNECTED`` (and ``EVENT_CONNECTED`` when it comes back).
 
-A peer without a connection for ``grace`` seconds is dead. The bound on detection is
-therefore ``peer_timeout + grace + PROBE_EVERY`` for a silent peer, and about
-``grace`` for a killed one.
+A peer without a connection for ``grace`` seconds is dead; one that has never had a
+connection (a worker named in a run that is slow to connect to us) gets
+``peer_timeout`` more. The bound on detection is therefore ``peer_timeout + grace +
+PROBE_EVERY`` for a silent peer, and about ``grace`` for a killed one.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class Reach:
         self.socket = socket
         self.router = router
         self.grace = min(1.0, max(0.2, peer_timeout / 3))
+        self.unseen_grace = self.grace + peer_timeout
+        self._seen: set[str] = set()  # peers that have had a connection
         self._probed: dict[str, float] = {}
         self._down: dict[str, float] = {}  # peer -> since when it has had no connection
         self._binder_down: float | None = None  # DEALER: since when disconnected
@@ -57,12 +60,15 @@ class Reach:
             if now - self._probed.get(peer_id, 0.0) >= PROBE_EVERY:
                 self._probe(peer_id, now)
             down = self._down.get(peer_id)
+            if down is not None and peer_id not in self._seen:
+                return now - down < self.unseen_grace
         return down is None or now - down < self.grace
 
     def _probe(self, peer_id: str, now: float) -> None:
         if len(self._probed) > 4096:  # a bound against peers that come and go forever
             self._probed.clear()
             self._down.clear()
+            self._seen.clear()
         self._probed[peer_id] = now
         try:
             self.socket.send_multipart([peer_id.encode(), PING], flags=zmq.NOBLOCK)
@@ -71,6 +77,7 @@ class Reach:
                 self._down.setdefault(peer_id, now)
                 return
         self._down.pop(peer_id, None)
+        self._seen.add(peer_id)
 
     def dead_for(self, peer_id: str) -> float:
         """How long the peer has been without a connection (0 if it has one)."""

@@ -79,8 +79,10 @@ class RunMerger:
         on_report: Callable[[RunReport], None],
         upstream_done: Callable[[], bool] = lambda: False,
         stopped: Callable[[str], bool] = lambda _: False,
+        on_late: Callable[[], None] = lambda: None,
     ) -> None:
         self.link_name = link_name
+        self.on_late = on_late
         self.upstream_done = upstream_done
         self.stopped = stopped  # this process identity exited cleanly (not alive)
         self.fan_in = fan_in
@@ -91,6 +93,8 @@ class RunMerger:
         self.sender_origin: dict[str, str] = {}
         self.open_runs: dict[RunKey, Start] = {}  # non-fan-in: runs begun, not ended
         self.closed: deque[RunKey] = deque(maxlen=1000)
+        self._closed_keys: set[RunKey] = set()  # the same, to look up per message
+        self._late_from: set[str] = set()
         self._last_check = time.monotonic()
 
     # -- entry point ---------------------------------------------------------------
@@ -115,6 +119,8 @@ class RunMerger:
             # queue outlived our predecessor): file them with the run of that number.
             origin = next((o for o, r in self.runs if r == message.run), "")
         key = (origin, message.run)
+        if key not in self.runs and key in self._closed_keys:
+            return adopted + self._late(who, size, key)
         run = self.runs.setdefault(key, _Run())
         if isinstance(message, Start) and not run.started and run.prev is _UNSET:
             run.prev = message.routing.get("p")
@@ -139,6 +145,24 @@ class RunMerger:
         already in a run of that id belongs to that run, not to a run of its own."""
         origin = self.sender_origin.get(who, "")
         return origin if (origin, run_id) in self.runs else ""
+
+    def _late(self, who: str, size: int, key: RunKey) -> list[Item]:
+        """A share of a run already closed: a worker counted dead that comes back (its
+        host was cut off and healed) still delivers the run it held. The run went
+        downstream without it; re-opening it would send a second Start and Stop. Drop
+        it (counted as ``late`` on the link), returning its credit."""
+        self.on_late()
+        if who not in self._late_from and len(self._late_from) < 1024:
+            self._late_from.add(who)
+            log.warning(
+                "link %s: %s delivered part of run %d of %s after the run was closed "
+                "without it; dropped (counted as late)",
+                self.link_name,
+                who,
+                key[1],
+                key[0] or "?",
+            )
+        return [(who, size, None)]
 
     def _adopt(self, origin: str, run_id: int) -> list[Item]:
         """Merge a run filed without its origin into the run the origin now names."""
@@ -272,7 +296,10 @@ class RunMerger:
             if not self._done(self.runs[self.current]):
                 return out
             out.extend(self._close(self.current))
+            if len(self.closed) == self.closed.maxlen:
+                self._closed_keys.discard(self.closed[0])
             self.closed.append(self.current)
+            self._closed_keys.add(self.current)
             self.current = None
 
     def _close(self, key: RunKey) -> list[Item]:

@@ -22,7 +22,6 @@ from typing import Any
 
 import psutil
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 
 from arroyo.errors import ConfigError
 from arroyo.spec import Link, StageSpec, Topology
@@ -117,21 +116,26 @@ def binder_host(topology: Topology, link: Link) -> str:
     return topology.stages[binder].pinned
 
 
-class _Authenticator(ThreadAuthenticator):
+def _authenticator(ctx: zmq.Context[Any]) -> Any:
     """pyzmq's ZAP thread, with the address of the request being judged at hand, so a
-    refusal can be logged once per peer address."""
+    refusal can be logged once per peer address. (Imported here: zmq.auth.thread pulls
+    in asyncio, which a stage without CURVE need not pay for at start-up.)"""
+    from zmq.auth.thread import ThreadAuthenticator
 
-    address = ""
+    class Authenticator(ThreadAuthenticator):
+        address = ""
 
-    async def handle_zap_message(self, msg: list[bytes]) -> None:
-        self.address = msg[3].decode(errors="replace") if len(msg) > 3 else "?"
-        await super().handle_zap_message(msg)
+        async def handle_zap_message(self, msg: list[bytes]) -> None:
+            self.address = msg[3].decode(errors="replace") if len(msg) > 3 else "?"
+            await super().handle_zap_message(msg)
+
+    return Authenticator(ctx, log=logging.getLogger("arroyo.zap"))
 
 
 class _AllowList:
     """The CURVE credentials provider: the topology's public keys, nothing else."""
 
-    def __init__(self, allowed: set[bytes], auth: _Authenticator) -> None:
+    def __init__(self, allowed: set[bytes], auth: Any) -> None:
         self.allowed = allowed
         self.auth = auth
         self.logged: set[str] = set()
@@ -163,7 +167,7 @@ class Net:
         self.public: bytes | None = None
         self.secret: bytes | None = None
         self.servers: dict[str, bytes] = {}
-        self._auth: _Authenticator | None = None
+        self._auth: Any = None
         if self.curve:
             self._load_keys()
 
@@ -221,7 +225,7 @@ class Net:
 
     def _allow(self, ctx: zmq.Context[Any], domain: str) -> None:
         if self._auth is None:
-            self._auth = _Authenticator(ctx, log=logging.getLogger("arroyo.zap"))
+            self._auth = _authenticator(ctx)
             self._auth.start()
         provider = _AllowList(set(self.servers.values()), self._auth)
         self._auth.configure_curve_callback(domain=domain, credentials_provider=provider)

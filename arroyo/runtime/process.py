@@ -128,7 +128,10 @@ class StageProcess:
                 )
             fan_in = self.topology.stages[link.source].scalable
             stopped = partial(stopped_cleanly, self.topology)
-            merger = RunMerger(link.name, fan_in, end.alive, self._report, end.finished, stopped)
+            late = partial(end.counters.drop, "late")
+            merger = RunMerger(
+                link.name, fan_in, end.alive, self._report, end.finished, stopped, late
+            )
             self.inputs.append((end, merger))
 
     def _report(self, report: RunReport) -> None:

@@ -175,15 +175,15 @@ def test_five_runs_across_three_hosts_with_curve_unreadable_on_the_wire(
 def test_plain_tcp_shows_the_marker_to_a_sniffer(topo, hosts3, host_stages, marked_source):
     """The control for the test above: without CURVE the sniffer does see it."""
     marked_source()
-    path = write_topology(topo, hosts3, runs=1, frames=200, rate=800, security="none")
+    path = write_topology(topo, hosts3, runs=3, frames=200, rate=800, security="none")
     sniff = hosts3.bridge_popen(
-        [python(), str(SNIFFER), MARKER, "6", hosts3[0].bridge_port],
+        [python(), str(SNIFFER), MARKER, "60", hosts3[0].bridge_port, "until-hit"],
         stdout=subprocess.PIPE,
         text=True,
     )
     assert sniff.stdout is not None and sniff.stdout.readline().strip() == "ready"
     start_chain(host_stages, hosts3, path)
-    result = sniff.communicate(timeout=30)[0]
+    result = sniff.communicate(timeout=90)[0]
     assert int(result.split()[1].split("=")[1]) > 0, result
     stop_chain(hosts3)
 

@@ -197,3 +197,33 @@ def test_a_worker_that_begins_the_next_run_owes_no_stop_for_the_last():
     out = _push(merger, [("a/0", Start(run=2, routing={"o": "det", "p": 1}))])
     assert [type(m) for m in out] == [Stop, Start]
     assert reports[0].missing_workers == ["a/0"] and not reports[0].complete
+
+
+def test_a_worker_back_after_its_run_closed_without_it_is_dropped_as_late():
+    """A remote worker counted dead (its host was cut off) reconnects when the network
+    heals and delivers the rest of the run it held: the run went downstream already."""
+    reports: list[RunReport] = []
+    late: list[int] = []
+    alive = {"b/0": False, "b/1": True}
+    merger = RunMerger(
+        "b__sink",
+        True,
+        lambda w: alive.get(w, True),
+        reports.append,
+        on_late=lambda: late.append(1),
+    )
+    pushes: list[tuple[str, Message]] = [("b/0", START), ("b/1", START)]
+    pushes += [("b/0", Event(run=1, seq=0)), ("b/1", Event(run=1, seq=1))]
+    pushes += [("b/1", Stop(run=1, seq=3, routing={"o": "det", "w": ["b/0", "b/1"], "n": 1}))]
+    _push(merger, pushes)
+    merger._last_check = 0.0
+    closed = [m for _, _, m in merger.check_dead() if m is not None]
+    assert [type(m) for m in closed] == [Stop] and closed[0].data.get("incomplete")
+    back = [("b/0", Event(run=1, seq=2)), ("b/0", Stop(run=1, routing={"o": "det", "n": 2}))]
+    assert _push(merger, back) == []  # no second Start/Stop for run 1
+    assert len(late) == 2 and len(reports) == 1
+    # the next run is merged as usual, with the worker that came back
+    start2 = Start(run=2, routing={"o": "det", "p": 1})
+    alive["b/0"] = True
+    out = _push(merger, [("b/0", start2), ("b/1", start2)])
+    assert [type(m) for m in out] == [Start]
