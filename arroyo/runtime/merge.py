@@ -321,14 +321,15 @@ class RunMerger:
             report.missing_workers = [f"{who} (stopped waiting: {run.cut})" for who in owing]
         elif run.origin_dead and not run.stops:
             report.missing_workers = [f"source ({run.origin_fate})"]
-        if run.stops and not stops and not (run.cut or run.origin_dead):
-            report.missing_workers.append("upstream (every share ended early, no Stop)")
         # a worker that left at its drain timeout left part of its share unsent
-        report.missing_workers += [
-            f"{who} (left at {stop.routing['cut']})"
-            for who, stop in run.stops.items()
-            if stop.routing.get("cut")
+        cut = [
+            f"{w} (left at {s.routing['cut']})"
+            for w, s in run.stops.items()
+            if s.routing.get("cut")
         ]
+        if run.stops and not stops and not (cut or run.cut or run.origin_dead):
+            cut.append("upstream (every share ended early, no Stop)")
+        report.missing_workers += cut
         self.on_report(report)
         stops_seen = list(run.stops.values())
         data = add_up_shares(dict(last.data), stops_seen) if last else {"interrupted": True}
