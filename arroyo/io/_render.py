@@ -32,6 +32,14 @@ def colour_table(name: str) -> bytes:
     return np.round(table).astype(np.uint8).tobytes()
 
 
+@functools.lru_cache(maxsize=16)
+def colour_scale(name: str) -> tuple[tuple[float, str], ...]:
+    """plotly's colour scale ``name`` as (position, colour) pairs, for the page's bar."""
+    import plotly.colors
+
+    return tuple((float(p), str(c)) for p, c in plotly.colors.get_colorscale(name))
+
+
 def _rgb(colour: str) -> tuple[float, float, float]:
     colour = colour.strip()
     if colour.startswith("#"):
@@ -138,5 +146,6 @@ def render(
         "shape": list(np.shape(frame)),
         "limits": [lo, hi],
         "colormap": colormap,
+        "colorscale": [list(pair) for pair in colour_scale(colormap)],
         "scale": scale,
     }

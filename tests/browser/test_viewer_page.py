@@ -24,7 +24,7 @@ def _record(tmp_path: Path, **figures: float) -> None:
 def test_the_page_shows_a_changing_frame_the_run_profile_and_complete_runs(
     chromium, web_topology, tmp_path: Path
 ) -> None:
-    path = web_topology(frames=150, runs=4, rate=100)
+    path = web_topology(frames=150, runs=100, rate=100)  # streams longer than the test
     page = chromium.new_page(viewport={"width": 1280, "height": 900})
     page.goto(viewer_url(path) + "?name=test")
     page.wait_for_function("window.arroyo.shown >= 2", timeout=30_000)
