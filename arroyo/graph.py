@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from arroyo import convert
 from arroyo.ini import Problems
+from arroyo.options import bound_endpoints, import_class
 from arroyo.spec import MAX_IPC_PATH, Link, Pattern, Role, StageSpec, Supervision
 from arroyo.stage import PassThrough
 
@@ -242,3 +243,47 @@ def _spec(d: Draft, chain: str, level: int, stopwaitsecs: int) -> StageSpec:
         drain_timeout=s.get("drain_timeout", 20.0),
         device=d.device,
     )
+
+
+_WILDCARDS = {"*", "0.0.0.0", "::", "[::]"}
+
+
+def _same_endpoint(a: str, b: str) -> bool:
+    """Whether binding ``a`` and ``b`` would collide: the same string, or tcp on one
+    port where the hosts match or either is a wildcard (which binds every address)."""
+    if a == b:
+        return True
+    if not (a.startswith("tcp://") and b.startswith("tcp://")):
+        return False
+    host_a, _, port_a = a[len("tcp://") :].rpartition(":")
+    host_b, _, port_b = b[len("tcp://") :].rpartition(":")
+    if port_a != port_b or port_a in ("", "0", "*"):
+        return False
+    return host_a == host_b or host_a in _WILDCARDS or host_b in _WILDCARDS
+
+
+def check_bound_endpoints(drafts: dict[str, Draft], links: list[Link], problems: Problems) -> None:
+    """No two binders on one endpoint: stage options marked ``Binds`` against each
+    other and against the links' endpoints; nor a bound option on a stage whose
+    several workers would each try to bind it."""
+    taken: list[tuple[str, str]] = [
+        (link.endpoint, f"link {link.name}") for link in links if "://" in link.endpoint
+    ]
+    for draft in drafts.values():
+        try:
+            cls = import_class(draft.class_path)
+        except Exception:  # reported where the class was read
+            continue
+        for key, endpoint in bound_endpoints(cls, draft.options):
+            if draft.workers > 1:
+                problems.add(
+                    draft.section,
+                    f"{draft.workers} workers would each bind this endpoint: use workers = 1",
+                    key,
+                    endpoint,
+                )
+            for other, owner in taken:
+                if _same_endpoint(endpoint, other):
+                    problems.add(draft.section, f"endpoint already bound by {owner}", key, endpoint)
+                    break
+            taken.append((endpoint, f"stage {draft.name} ({key})"))

@@ -35,7 +35,7 @@ def class_options(cls: type) -> tuple[dict[str, inspect.Parameter], dict[str, An
     params = dict(inspect.signature(init).parameters)
     params.pop("self", None)
     try:
-        hints = typing.get_type_hints(init)
+        hints = typing.get_type_hints(init, include_extras=True)
     except Exception:  # unresolvable forward references: treat as strings
         hints = {}
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -69,3 +69,20 @@ def convert_options(cls: type, raw: dict[str, str], report: Any) -> dict[str, An
         if param.default is inspect.Parameter.empty and name not in raw:
             report(name, None, f"missing option required by {cls.__name__}")
     return options
+
+
+def bound_endpoints(cls: type, options: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(key, endpoint)`` for each option of ``cls`` marked ``Binds`` that the stage will
+    bind with these ``options`` (defaults filled in from the signature)."""
+    params, hints, _ = class_options(cls)
+    found = []
+    for name, param in params.items():
+        _, extras = convert.markers(hints.get(name, str))
+        marker = next((x for x in extras if isinstance(x, convert.Binds)), None)
+        if marker is None:
+            continue
+        value = options.get(name, param.default)
+        condition = options.get(marker.when, params[marker.when].default) if marker.when else True
+        if condition is True and isinstance(value, str) and value:
+            found.append((name, value))
+    return found

@@ -16,6 +16,7 @@ from arroyo import convert
 from arroyo.errors import TopologyError
 from arroyo.graph import (
     Draft,
+    check_bound_endpoints,
     check_inputs,
     find_cycle,
     resolve_chains,
@@ -30,6 +31,7 @@ from arroyo.stage import Listener, Operator, Publisher
 
 __all__ = [
     "MAX_IPC_PATH",
+    "MAX_WORKERS",
     "Link",
     "Pattern",
     "Role",
@@ -42,9 +44,13 @@ __all__ = [
     "import_class",
     "load",
     "socket_dir_for",
+    "worker_count",
 ]
 
 ROLE_BASES: dict[str, type] = {"listener": Listener, "operator": Operator, "publisher": Publisher}
+# More processes than this on one host is a typo, not a plan: rendering and starting
+# them would hang ``up`` for minutes. docs/topology.md gives the number.
+MAX_WORKERS = 256
 TOPOLOGY_KEYS = {"name", "run_dir", "stopwaitsecs", *MULTIHOST_TOPOLOGY_KEYS}
 CHAIN_KEYS = {"stages"}
 # Keys of a [stage:NAME] section that Arroyo reads itself; every other key is a class option.
@@ -80,6 +86,15 @@ _SETTING_CONVERTERS: dict[str, convert.Converter] = {
     "autorestart": lambda t: convert._literal(("true", "false", "unexpected"))(t.lower()),
     "environment": lambda t: _environment(t),
 }
+
+
+def worker_count(text: str) -> int:
+    """A stage's number of worker processes: 1 to ``MAX_WORKERS``."""
+    workers = convert.positive_int(text)
+    if workers > MAX_WORKERS:
+        msg = f"expected at most {MAX_WORKERS} workers (processes on one host)"
+        raise ValueError(msg)
+    return workers
 
 
 def _environment(text: str) -> tuple[tuple[str, str], ...]:
@@ -125,7 +140,7 @@ def _read_stage(
                 )
             options = convert_options(cls, raw_options, bad)
     try:
-        workers = convert.positive_int(values.get("workers", "1"))
+        workers = worker_count(values.get("workers", "1"))
     except ValueError as e:
         bad("workers", values["workers"], str(e))
         workers = 1
@@ -218,6 +233,7 @@ def load(path: str | os.PathLike[str]) -> Topology:
         if stages[link.source].device:
             where[link.source] = f"stage:{link.target}"
     stages, links = place(stages, links, placement, explicit, where, net, problems)
+    check_bound_endpoints(drafts, links, problems)
     if problems.items:
         raise TopologyError(problems.items)
     chain_map: dict[str, list[str]] = {}

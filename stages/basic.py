@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import random
 import time
+from typing import Annotated
 
 import numpy as np
 
+from arroyo.convert import Bounds
 from arroyo.message import Event, Message
 from arroyo.stage import Operator, Result
 
@@ -15,7 +17,12 @@ class Delay(Operator):
     """Passes every message on after a random delay of ``min_ms``..``max_ms`` per event
     (simulates uneven work per frame)."""
 
-    def __init__(self, min_ms: float = 0.0, max_ms: float = 1.0, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        min_ms: Annotated[float, Bounds(ge=0)] = 0.0,
+        max_ms: Annotated[float, Bounds(ge=0)] = 1.0,
+        seed: int | None = None,
+    ) -> None:
         self.min_ms = min_ms
         self.max_ms = max_ms
         self.rng = random.Random(seed)
@@ -56,7 +63,7 @@ class FailOn(Operator):
 class Burn(Operator):
     """A fixed amount of numpy work per event (for scaling benchmarks)."""
 
-    def __init__(self, rounds: int = 10) -> None:
+    def __init__(self, rounds: Annotated[int, Bounds(ge=0)] = 10) -> None:
         self.rounds = rounds
 
     def process(self, message: Message) -> Result:

@@ -6,10 +6,11 @@ import logging
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 
+from arroyo.convert import Bounds
 from arroyo.message import Event, Payload, Start, Stop
 from arroyo.stage import Listener
 
@@ -66,7 +67,7 @@ class FolderListener(Listener):
         self,
         path: Path,
         pattern: str = "*.npy",
-        poll_s: float = 0.5,
+        poll_s: Annotated[float, Bounds(gt=0)] = 0.5,
         run_per: Literal["none", "start"] = "start",
         existing: bool = False,
     ) -> None:

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 
+from arroyo.convert import Bounds
 from arroyo.message import SHARES, Event, Message, Payload, Start, Stop
 from arroyo.stage import Operator, Result
 
@@ -112,7 +113,7 @@ class DarkFlatCorrection(FrameOperator):
         dark_value: float = 0.0,
         dark_file: Path | None = None,
         flat_file: Path | None = None,
-        min_flat: float = 1e-3,
+        min_flat: Annotated[float, Bounds(gt=0)] = 1e-3,
         dark_from_first: int = 0,
         array: str = "",
     ) -> None:
@@ -240,7 +241,10 @@ class Bin(FrameOperator):
     """
 
     def __init__(
-        self, factor: int = 2, mode: Literal["sum", "mean"] = "mean", array: str = ""
+        self,
+        factor: Annotated[int, Bounds(ge=1)] = 2,
+        mode: Literal["sum", "mean"] = "mean",
+        array: str = "",
     ) -> None:
         if factor < 1:
             msg = f"factor must be >= 1, got {factor}"
@@ -317,7 +321,7 @@ class RadialProfile(FrameOperator):
     def __init__(
         self,
         center: tuple[float, float] | None = None,
-        bins: int = 100,
+        bins: Annotated[int, Bounds(ge=1)] = 100,
         r_max: float | None = None,
         array: str = "",
     ) -> None:
@@ -386,7 +390,9 @@ class ThresholdFilter(FrameOperator):
     added up, so the Stop that reaches the sink carries the run's totals.
     """
 
-    def __init__(self, threshold: float, min_pixels: int = 1, array: str = "") -> None:
+    def __init__(
+        self, threshold: float, min_pixels: Annotated[int, Bounds(ge=1)] = 1, array: str = ""
+    ) -> None:
         if min_pixels < 0:
             msg = f"min_pixels must be >= 0, got {min_pixels}"
             raise ValueError(msg)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 
+from arroyo.convert import Bounds
 from arroyo.message import Event, Message, Start, Stop
 from arroyo.stage import Publisher
 
@@ -32,7 +33,7 @@ class JsonLinesLog(Publisher):
     """Appends one JSON line per message to ``path``: kind, run, seq, metadata or data,
     and a payload summary. Flushed at every Stop and on close."""
 
-    def __init__(self, path: Path, flush_every: int = 1) -> None:
+    def __init__(self, path: Path, flush_every: Annotated[int, Bounds(ge=1)] = 1) -> None:
         self.path = path
         self.flush_every = flush_every
         self._file: Any = None
@@ -70,7 +71,7 @@ class Discard(Publisher):
     """Counts and drops everything (for benchmarks); ``delay_ms`` makes it a slow
     consumer (for testing backpressure and PUB drops)."""
 
-    def __init__(self, delay_ms: float = 0.0) -> None:
+    def __init__(self, delay_ms: Annotated[float, Bounds(ge=0)] = 0.0) -> None:
         self.count = 0
         self.delay = delay_ms / 1000
 

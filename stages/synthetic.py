@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 
+from arroyo.convert import Bounds
 from arroyo.message import Event, Start, Stop
 from arroyo.stage import Listener
 
@@ -50,7 +51,7 @@ class DetectorSimulator(Listener):
         shape: tuple[int, ...],
         runs: int = 1,
         dtype: str = "uint16",
-        rate_hz: float = 0.0,
+        rate_hz: Annotated[float, Bounds(ge=0)] = 0.0,
         seed: int = 0,
         dark: float = 100.0,
         rings: int = 3,

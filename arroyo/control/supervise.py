@@ -31,7 +31,7 @@ from arroyo.control.render import (
     write_config,
 )
 from arroyo.errors import ConfigError
-from arroyo.topology import Topology
+from arroyo.topology import MAX_WORKERS, Topology
 
 RUNNING_STATES = {"RUNNING"}
 STOPPED_STATES = {"STOPPED", "EXITED", "FATAL", "UNKNOWN"}
@@ -319,8 +319,8 @@ def scale(topology: Topology, stage: str, count: int, timeout: float = 120.0) ->
     Removed workers (highest index first) drain before they exit. The count is
     recorded in run_dir so the next ``up`` renders it. Returns (old, new)."""
     spec = topology.stage(stage)
-    if count < 1:
-        msg = f"{topology.path}: [stage:{stage}] workers must be >= 1, not {count}"
+    if not 1 <= count <= MAX_WORKERS:
+        msg = f"{topology.path}: [stage:{stage}] workers must be 1 to {MAX_WORKERS}, not {count}"
         raise ConfigError(msg)
     if not spec.scalable:
         msg = (

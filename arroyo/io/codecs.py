@@ -10,6 +10,14 @@ A codec is a pair of plain functions, like pyzmq's ``send_serialized`` /
   Start/Stop;
 * ``json``: one JSON object per message; ``{"kind": "start"|"event"|"stop", ...}``
   or any other object (an Event with it as metadata);
+* ``array``: each ZMQ message is one frame of raw pixels whose dtype and shape the
+  topology gives (``dtype = uint16``, ``shape = 512, 512``); the Event's payload is a
+  read-only numpy view over the received bytes. A frame of another size is dropped
+  and counted as ``frame_size``;
+* ``header``: a JSON header frame (``dtype`` and ``shape``; any other key becomes
+  event metadata) followed by the raw frame. A header ``{"kind": "start", ...}`` or
+  ``{"kind": "stop", ...}`` alone is a run's Start or Stop, so a foreign stream can
+  carry runs (docs/foreign-frames.md);
 * ``module:function``: the user's own decode (for listeners) or encode (publishers).
 """
 
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -94,20 +103,108 @@ def _json_encode(message: Message) -> list[Any]:
     return [json.dumps(record, default=_json_default).encode()]
 
 
+def _frame_view(frame: Any) -> memoryview:
+    return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+
+
+def _as_array(frame: Any, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only view of ``frame`` as ``dtype``/``shape``; WireError if the size differs."""
+    view = _frame_view(frame)
+    expected = dtype.itemsize * math.prod(shape)
+    if view.nbytes != expected:
+        msg = f"a frame of {view.nbytes} bytes is not {dtype.str} {shape} ({expected} bytes)"
+        raise WireError(msg, reason="frame_size")
+    array = np.frombuffer(view, dtype=dtype).reshape(shape)
+    array.flags.writeable = False
+    return array
+
+
+def _array_codec(dtype: str, shape: tuple[int, ...]) -> Codec:
+    if not dtype or not shape:
+        msg = "codec = array needs the frame's dtype and shape (dtype = uint16, shape = 512, 512)"
+        raise ValueError(msg)
+    kind = np.dtype(dtype)
+
+    def decode(frames: list[Any]) -> Message:
+        if len(frames) != 1:
+            msg = f"codec array expects one frame per message, got {len(frames)}"
+            raise WireError(msg, reason="frame_count")
+        return Event(metadata={}, payload=_as_array(frames[0], kind, shape))
+
+    return Codec("array", decode, _raw_encode)
+
+
+_HEADER_KEYS = ("kind", "dtype", "shape")
+
+
+def _header_of(frame: Any) -> dict[str, Any]:
+    try:
+        header = json.loads(bytes(_frame_view(frame)))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        msg = f"header frame is not JSON: {e}"
+        raise WireError(msg, reason="bad_header") from e
+    if not isinstance(header, dict):
+        msg = "header frame must be a JSON object"
+        raise WireError(msg, reason="bad_header")
+    return header
+
+
+def _header_decode(frames: list[Any]) -> Message:
+    header = _header_of(frames[0])
+    kind = str(header.get("kind", "event")).lower()
+    rest = {k: v for k, v in header.items() if k not in _HEADER_KEYS}
+    if kind in _KINDS:
+        return _KINDS[kind](data=rest)
+    if kind != "event":
+        msg = f"header kind {kind!r} is not start, event or stop"
+        raise WireError(msg, reason="bad_header")
+    if "dtype" not in header and "shape" not in header and len(frames) == 1:
+        return Event(metadata=rest)
+    if len(frames) != 2:
+        msg = f"an event header is followed by one frame, got {len(frames) - 1}"
+        raise WireError(msg, reason="frame_count")
+    try:
+        dtype = np.dtype(header["dtype"])
+        shape = tuple(int(n) for n in header["shape"])
+    except (KeyError, TypeError, ValueError) as e:
+        msg = f"event header needs a valid dtype and shape: {e}"
+        raise WireError(msg, reason="bad_header") from e
+    if dtype.hasobject or any(n < 0 for n in shape):
+        msg = f"event header declares an unusable frame: {dtype.str} {shape}"
+        raise WireError(msg, reason="bad_header")
+    return Event(metadata=rest, payload=_as_array(frames[1], dtype, shape))
+
+
+def _header_encode(message: Message) -> list[Any] | None:
+    if isinstance(message, Start | Stop):
+        record = {"kind": type(message).__name__.lower(), **message.data}
+        return [json.dumps(record, default=_json_default).encode()]
+    payload = message.payload if isinstance(message, Event) else None
+    if not isinstance(payload, np.ndarray):
+        return None
+    array = np.ascontiguousarray(payload)
+    record = {**message.metadata, "dtype": array.dtype.str, "shape": list(array.shape)}  # type: ignore[attr-defined]
+    return [json.dumps(record, default=_json_default).encode(), array]
+
+
 BUILTIN = {
     "arroyo": Codec("arroyo", wire.decode, wire.encode),
     "raw": Codec("raw", _raw_decode, _raw_encode),
     "json": Codec("json", _json_decode, _json_encode),
+    "header": Codec("header", _header_decode, _header_encode),
 }
 
 
-def get_codec(name: str) -> Codec:
-    """A built-in codec by name, or ``module:function`` (used for both directions)."""
+def get_codec(name: str, dtype: str = "", shape: tuple[int, ...] = ()) -> Codec:
+    """A built-in codec by name, or ``module:function`` (used for both directions).
+    ``array`` needs the frame's ``dtype`` and ``shape``."""
+    if name == "array":
+        return _array_codec(dtype, tuple(shape))
     if name in BUILTIN:
         return BUILTIN[name]
     module_name, sep, attr = name.partition(":")
     if not sep:
-        msg = f"unknown codec {name!r}: use arroyo, raw, json or module:function"
+        msg = f"unknown codec {name!r}: use arroyo, raw, json, array, header or module:function"
         raise ValueError(msg)
     func = getattr(importlib.import_module(module_name), attr)
     return Codec(name, func, func)

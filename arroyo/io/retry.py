@@ -7,7 +7,7 @@ import logging
 import time
 from collections import Counter
 
-log = logging.getLogger("arroyo.redis")
+log = logging.getLogger("arroyo.io")
 
 BACKOFF_FIRST = 0.1  # seconds before the first retry; doubles up to BACKOFF_CAP
 BACKOFF_CAP = 5.0

@@ -5,7 +5,9 @@
     class = arroyo.io.zmq:ZMQListener
     endpoint = tcp://detector-host:9999
     socket = pull
-    codec = raw
+    codec = array                  ; raw pixels, described here:
+    dtype = uint16
+    shape = 512, 512
 
 Unlike the links between Arroyo stages, these speak whatever the foreign peer speaks
 (see ``arroyo.io.codecs``). A message the codec cannot decode is counted and dropped.
@@ -21,13 +23,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import zmq as pyzmq
 import zmq.auth
 
+from arroyo.convert import Binds, Bounds
 from arroyo.errors import WireError
 from arroyo.io.codecs import get_codec
+from arroyo.io.retry import DropCount
 from arroyo.message import Message
 from arroyo.stage import Listener, Publisher
 
@@ -103,12 +107,14 @@ class ZMQListener(Listener):
 
     def __init__(
         self,
-        endpoint: str,
+        endpoint: Annotated[str, Binds("bind")],
         socket: Literal["pull", "sub"] = "pull",
         bind: bool = False,
         codec: str = "arroyo",
         topic: str = "",
-        hwm: int = 1000,
+        hwm: Annotated[int, Bounds(ge=0)] = 1000,
+        dtype: str = "",
+        shape: Annotated[tuple[int, ...], Bounds(ge=0)] = (),
         curve_keys: Path | None = None,
         curve_server: str = "",
         curve_clients: Path | None = None,
@@ -116,12 +122,12 @@ class ZMQListener(Listener):
         self.endpoint = endpoint
         self.kind = _LISTEN[socket]
         self.bind = bind
-        self.codec = get_codec(codec)
+        self.codec = get_codec(codec, dtype, shape)
         self.topic = topic
         self.hwm = hwm
         self.curve = Curve(curve_keys, curve_server, curve_clients, bind)
         self.sock: pyzmq.Socket[Any] | None = None
-        self.dropped = 0
+        self.dropped = DropCount(f"zmq listener {endpoint}")
 
     def setup(self) -> None:
         self.sock = _open(self.kind, self.endpoint, self.bind, self.hwm, self.curve)
@@ -146,15 +152,17 @@ class ZMQListener(Listener):
         try:
             result = self.codec.decode(frames)
         except (WireError, ValueError, TypeError) as e:
-            self.dropped += 1  # (read by drops() from the stats thread: an int is enough)
-            log.warning("dropped an undecodable message (%s codec): %s", self.codec.name, e)
+            reason = getattr(e, "reason", "malformed")
+            reason = "undecodable" if reason == "malformed" else reason
+            self.dropped.add(1, reason, f"{self.codec.name} codec: {e}")
             return
         for message in [result] if isinstance(result, Message) else list(result or []):
             self.deliver(message)
 
     def drops(self) -> dict[str, int]:
-        """Messages received but not delivered: ``undecodable`` by the codec."""
-        return {"undecodable": self.dropped} if self.dropped else {}
+        """Messages received but not delivered, by reason: ``undecodable`` by the codec,
+        or the codec's own reason (``frame_size``, ``frame_count``, ``bad_header``)."""
+        return dict(self.dropped.by_reason)
 
     def close(self) -> None:
         if self.sock is not None:
@@ -168,12 +176,12 @@ class ZMQPublisher(Publisher):
 
     def __init__(
         self,
-        endpoint: str,
+        endpoint: Annotated[str, Binds("bind")],
         socket: Literal["push", "pub"] = "push",
         bind: bool = True,
         codec: str = "arroyo",
         topic: str = "",
-        hwm: int = 1000,
+        hwm: Annotated[int, Bounds(ge=0)] = 1000,
         curve_keys: Path | None = None,
         curve_server: str = "",
         curve_clients: Path | None = None,
