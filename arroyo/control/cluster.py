@@ -9,6 +9,7 @@ still forming or electing, and let Supvisors place and start the processes.
 from __future__ import annotations
 
 import http.client
+import json
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from arroyo.control.hostconf import credentials, host_paths, write_host_configs
 from arroyo.control.render import process_name, record_workers, split_process_name, worker_count
 from arroyo.errors import ConfigError
 from arroyo.runtime.net import machine_host
+from arroyo.runtime.stats import stats_path
 from arroyo.spec import Topology
 
 Say = Callable[[str], None]
@@ -173,16 +175,27 @@ def status_rows(topology: Topology) -> list[dict[str, Any]]:
     rows = []
     for info in server.supvisors.get_all_process_info():
         stage, worker = split_process_name(info["process_name"])
-        rows.append(
-            {
-                "chain": info["application_name"],
-                "stage": stage,
-                "worker": worker,
-                "state": info["statename"],
-                "hosts": [nick.get(i, i) for i in info["identifiers"]],
-            }
-        )
+        row: dict[str, Any] = {
+            "chain": info["application_name"],
+            "stage": stage,
+            "worker": worker,
+            "state": info["statename"],
+            "hosts": [nick.get(i, i) for i in info["identifiers"]],
+        }
+        row.update(_counters(topology, stage, worker))
+        rows.append(row)
     return sorted(rows, key=lambda r: (r["chain"], r["stage"], r["worker"]))
+
+
+def _counters(topology: Topology, stage: str, worker: int) -> dict[str, Any]:
+    """The process's own counters when its stats file is readable from here (its own
+    host, or a run_dir shared between hosts); empty otherwise."""
+    try:
+        stats = json.loads(stats_path(topology, stage, worker).read_text())
+    except (OSError, ValueError):
+        return {}
+    keys = ("received", "sent", "errors", "dropped", "current_run", "links", "runs")
+    return {k: stats[k] for k in keys if k in stats}
 
 
 def scale(topology: Topology, stage: str, count: int, timeout: float = 120.0) -> tuple[int, int]:

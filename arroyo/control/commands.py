@@ -198,10 +198,18 @@ def status_table(
 
 def host_table(rows: list[dict[str, Any]]) -> str:
     """The multi-host status: one row per process with the host it runs on."""
-    lines = [f"{'CHAIN':<10} {'STAGE':<16} {'W':>2} {'STATE':<9} HOST"]
+    lines = [f"{'CHAIN':<10} {'STAGE':<16} {'W':>2} {'STATE':<9} {'HOST':<12} {'IN':>9} {'OUT':>9}"]
     for r in rows:
         where = ",".join(r["hosts"]) or "-"
-        lines.append(f"{r['chain']:<10} {r['stage']:<16} {r['worker']:>2} {r['state']:<9} {where}")
+        lines.append(
+            f"{r['chain']:<10} {r['stage']:<16} {r['worker']:>2} {r['state']:<9} {where:<12} "
+            f"{r.get('received', '-'):>9} {r.get('sent', '-'):>9}"
+        )
+    totals = [t for t in link_totals(rows) if t["dropped"] or t.get("auth_refused")]
+    for t in totals:
+        counts = {**t["dropped"], "auth_refused": t.get("auth_refused", 0)}
+        text = ", ".join(f"{k}={v}" for k, v in counts.items() if v)
+        lines.append(f"link {t['link']}: {text}")
     return "\n".join(lines)
 
 

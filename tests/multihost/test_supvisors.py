@@ -157,6 +157,8 @@ def test_scale_across_hosts_mid_run(topo, hosts4, marked_source, tmp_path):
     cli(h1, "scale", str(path), "reduce", "3")
     rows = status(h1, path)
     assert where(rows, "reduce")[2][0] == "RUNNING", rows
+    table = cli(h1, "status", str(path)).stdout
+    assert "HOST" in table.splitlines()[0] and " h1 " in table, table
     n = len(runs_of(read_jsonl(out)))
     wait_for(lambda: len(runs_of(read_jsonl(out))) >= n + 2, timeout=60)
     cli(h1, "scale", str(path), "reduce", "2")
