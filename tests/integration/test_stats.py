@@ -32,8 +32,12 @@ def test_status_after_a_finite_chain(sup, tmp_path):
     wait_for(lambda: len(runs_of(read_jsonl(out))) == 2, timeout=60)
 
     def settled():
+        # each process rewrites its file on its own one-second tick: the sink's can
+        # show the end of the stream before the source's does
         rows = status(path)
-        return rows if row(rows, "sink")["received"] == 1000 else None
+        work = row(rows, "work", 0)["received"] + row(rows, "work", 1)["received"]
+        done = row(rows, "sink")["received"] == row(rows, "det")["sent"] == work == 1000
+        return rows if done else None
 
     rows = wait_for(settled, timeout=10)
     assert len(rows) == 4
