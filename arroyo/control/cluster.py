@@ -20,6 +20,7 @@ from typing import Any
 
 from arroyo.control.hostconf import credentials, host_paths, write_host_configs
 from arroyo.control.render import process_name, record_workers, split_process_name, worker_count
+from arroyo.control.status import mark_stalled
 from arroyo.errors import ConfigError
 from arroyo.runtime.net import machine_host
 from arroyo.runtime.stats import stats_path
@@ -184,6 +185,7 @@ def status_rows(topology: Topology) -> list[dict[str, Any]]:
         }
         row.update(_counters(topology, stage, worker))
         rows.append(row)
+    mark_stalled(rows)
     return sorted(rows, key=lambda r: (r["chain"], r["stage"], r["worker"]))
 
 
@@ -194,7 +196,7 @@ def _counters(topology: Topology, stage: str, worker: int) -> dict[str, Any]:
         stats = json.loads(stats_path(topology, stage, worker).read_text())
     except (OSError, ValueError):
         return {}
-    keys = ("received", "sent", "errors", "dropped", "current_run", "links", "runs")
+    keys = ("pid", "received", "sent", "errors", "dropped", "current_run", "links", "runs")
     return {k: stats[k] for k in keys if k in stats}
 
 

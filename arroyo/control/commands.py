@@ -174,6 +174,7 @@ def status_table(
             "supervisord knows (left by a killed supervisord, or started by hand); "
             "`arroyo down` stops them"
         )
+    lines += _stalled(rows)
     totals = link_totals(rows)
     if totals:
         lines.append("")
@@ -196,6 +197,15 @@ def status_table(
     return "\n".join(lines)
 
 
+def _stalled(rows: list[dict[str, Any]]) -> list[str]:
+    return [
+        f"{r['stage']}/{r['worker']} STALLED: {r['stalled']}; its share of the open run is "
+        "closed incomplete, and the other workers carry the stream"
+        for r in rows
+        if r["state"] == "STALLED"
+    ]
+
+
 def host_table(rows: list[dict[str, Any]]) -> str:
     """The multi-host status: one row per process with the host it runs on."""
     lines = [f"{'CHAIN':<10} {'STAGE':<16} {'W':>2} {'STATE':<9} {'HOST':<12} {'IN':>9} {'OUT':>9}"]
@@ -210,6 +220,7 @@ def host_table(rows: list[dict[str, Any]]) -> str:
         counts = {**t["dropped"], "auth_refused": t.get("auth_refused", 0)}
         text = ", ".join(f"{k}={v}" for k, v in counts.items() if v)
         lines.append(f"link {t['link']}: {text}")
+    lines += _stalled(rows)
     return "\n".join(lines)
 
 

@@ -25,6 +25,8 @@ from arroyo.topology import Topology
 
 STALE_AFTER = 5.0  # s: five missed rewrites of a file written once a second
 LIVE_STATES = {"RUNNING", strays.STATE}
+STALLED = "STALLED"
+_STOPPED = {psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP}
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,11 @@ def _row(topology: Topology, proc: _Proc, cpu: dict[int, float], now: float) -> 
     }
     if proc.pid:
         with contextlib.suppress(psutil.Error):
+            ps = psutil.Process(proc.pid)
             row["cpu_percent"] = cpu.get(proc.pid)
-            row["rss_bytes"] = psutil.Process(proc.pid).memory_info().rss
+            row["rss_bytes"] = ps.memory_info().rss
+            if ps.status() in _STOPPED:
+                row["stalled"] = "stopped (SIGSTOP, or held by a debugger)"
     try:
         stats = json.loads(stats_path(topology, proc.stage, proc.worker).read_text())
     except (OSError, ValueError):
@@ -137,4 +142,42 @@ def status_rows(
     procs = _processes(topology, infos, supervisor)
     cpu = _cpu_percent([p.pid for p in procs if p.pid])
     now = time.time()
-    return [_row(topology, p, cpu, now) for p in procs]
+    rows = [_row(topology, p, cpu, now) for p in procs]
+    mark_stalled(rows)
+    return rows
+
+
+def _process_of(identity: str) -> tuple[str, int, int] | None:
+    """(stage, worker, pid) of a link identity ``stage/worker/pid@host``."""
+    try:
+        stage, worker, pid = identity.rpartition("@")[0].rsplit("/", 2)
+        return stage, int(worker), int(pid)
+    except ValueError:
+        return None
+
+
+def mark_stalled(rows: list[dict[str, Any]]) -> None:
+    """Give the state STALLED to every running process that is stopped (``stalled``
+    set by the caller) or that a live peer has let go: it answered none of libzmq's
+    heartbeats for ``peer_timeout`` (frozen, hung in the kernel, its host cut off), so
+    its share of the open run was closed incomplete and its credit released. The
+    reason goes in ``stalled``. A process busy in a long ``process()`` call still
+    answers, and is not let go."""
+    let_go: dict[tuple[str, int, int], str] = {}
+    for r in rows:
+        if r["state"] not in LIVE_STATES or r.get("stale"):
+            continue  # a peer's verdict counts while the peer itself is live
+        for link in r.get("links", []):
+            for identity in link.get("gone", {}):
+                key = _process_of(identity)
+                if key is not None:
+                    let_go.setdefault(key, f"let go by {r['stage']}/{r['worker']}")
+    for r in rows:
+        if r["state"] != "RUNNING" or not r.get("pid"):
+            continue
+        why = let_go.get((r["stage"], r["worker"], r["pid"]))
+        if why is not None:
+            stopped = r.get("stalled")
+            r["stalled"] = f"{stopped}; {why}" if stopped else why
+        if r.get("stalled"):
+            r["state"] = STALLED

@@ -82,6 +82,7 @@ class CreditSender(LinkEnd):
         key = peer_id if self.bind else str(payload.get("id") or next(iter(self.peers), ""))
         if verb in (HELLO, WELCOME):
             self.welcomed = True
+            self.counters.back(key)
             if verb == HELLO:
                 self._send_control(peer_id, WELCOME, self._hello_payload())
             known = self.peers.get(key)
@@ -114,8 +115,14 @@ class CreditSender(LinkEnd):
 
     def _forget_dead(self) -> None:
         for key in [k for k in self.peers if not self.alive(k)]:
-            log.warning("link %s: receiver %s is gone", self.link.name, key)
-            del self.peers[key]
+            self._let_go(key, "is gone (its process ended, or it answers no heartbeat)")
+
+    def _let_go(self, key: str, why: str) -> None:
+        """Send a receiver nothing more; its credit goes with it. What it was sent and
+        has not passed on is the missing part of its share downstream."""
+        if self.peers.pop(key, None) is not None:
+            log.warning("link %s: receiver %s %s; sent nothing more", self.link.name, key, why)
+            self.counters.gone_since(key)
 
     # -- data ------------------------------------------------------------------------
 
@@ -128,7 +135,7 @@ class CreditSender(LinkEnd):
             send_frames(self.socket, out)
         except zmq.ZMQError as e:
             if e.errno == zmq.EHOSTUNREACH:
-                self.peers.pop(key, None)
+                self._let_go(key, "has no connection (closed, or cut by libzmq's heartbeats)")
                 return False
             if e.errno == zmq.EAGAIN:
                 return False
@@ -270,6 +277,7 @@ class CreditReceiver(LinkEnd):
         if verb in (HELLO, WELCOME):
             self.welcomed = True
             key = str(payload.get("id", peer_id))
+            self.counters.back(key)
             if not self.bind:
                 self.peers = {}
             self.peers[key] = Peer(key)

@@ -250,13 +250,19 @@ class LinkEnd:
         self.counters = counters
         routing_id = me if kind == zmq.DEALER else ""
         tcp = link.endpoint.startswith("tcp://")
+        # PUSH-pattern ends watch their peers' connections over any transport: a peer
+        # on this host can be frozen or hung, which its pid does not tell
+        watched = net is not None and kind in (zmq.ROUTER, zmq.DEALER)
         opts = {**(net.options(ctx, link, bind) if net is not None else {}), **(options or {})}
-        if kind == zmq.ROUTER and tcp:
-            # a peer back after a cut takes its routing id over from the dead connection
+        if watched and net is not None and not tcp:
+            opts.update(net.heartbeats())
+        if kind == zmq.ROUTER and watched:
+            # a peer back after a cut (or a thaw) takes its routing id over from the
+            # connection that was closed under it
             opts[zmq.ROUTER_HANDOVER] = 1
         events = 0
         if kind == zmq.DEALER:
-            events = int(zmq.EVENT_CONNECTED) | (int(zmq.EVENT_DISCONNECTED) if tcp else 0)
+            events = int(zmq.EVENT_CONNECTED) | (int(zmq.EVENT_DISCONNECTED) if watched else 0)
         if link.curve:
             events |= int(REFUSALS)
         self.monitor: zmq.Socket[Any] | None
@@ -272,7 +278,6 @@ class LinkEnd:
         )
         if kind == zmq.ROUTER:
             self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        watched = tcp and net is not None and kind in (zmq.ROUTER, zmq.DEALER)
         self.reach: Reach | None = None
         if watched and net is not None:
             self.reach = Reach(self.socket, kind == zmq.ROUTER, net.peer_timeout)
@@ -352,11 +357,22 @@ class LinkEnd:
         )
 
     def alive(self, peer_id: str) -> bool:
-        """The peer is there: by pid on this host; on another host, by its connection
-        (``liveness.Reach``), which only tcp links watch. Unknown: assumed alive."""
-        if peer_host(peer_id) == HOST or self.reach is None:
-            return peer_alive(peer_id)
-        return self.reach.alive(peer_id)
+        """The peer is there: its process exists (a pid on this host tells at once), and
+        its connection answers libzmq's heartbeats (``liveness.Reach``, on PUSH-pattern
+        links), which a frozen or hung process, or a host that is gone, does not.
+        Unknown: assumed alive. A process of this host that is not a peer of this link
+        (a run's source seen through a fan-in) is judged by its pid alone: it has no
+        connection here to watch. A peer found dead is named in the link's stats
+        (``gone``) until it says HELLO again: ``arroyo status`` shows it STALLED."""
+        if not peer_alive(peer_id):
+            ok = False
+        elif self.reach is None or (peer_id not in self.peers and peer_host(peer_id) == HOST):
+            return True
+        else:
+            ok = self.reach.alive(peer_id)
+        if not ok and peer_id in self.peers:
+            self.counters.gone_since(peer_id)
+        return ok
 
     def _recv(self) -> tuple[str, list[Any]] | None:
         """One whole message as (sender id or "", frames), its first frame as bytes."""

@@ -7,9 +7,13 @@ end uses its host's key pair and the binder's host's public key. CURVE alone adm
 client key: the allow-list is the ZAP handler here (pyzmq's ``ThreadAuthenticator``,
 one thread per process), each bound link under its own ZAP domain (the link's name).
 
-Every tcp link also gets libzmq's own heartbeats (ZMTP PING/PONG, handled by libzmq's
-I/O thread, so a stage busy in ``process()`` still answers): a connection that stays
-silent for ``peer_timeout`` is closed, which is what ``liveness.Reach`` watches.
+Every tcp link, and every PUSH-pattern link over ipc, also gets libzmq's own heartbeats
+(ZMTP PING/PONG, handled by libzmq's I/O thread, so a stage busy in ``process()`` still
+answers): a connection that stays silent for ``peer_timeout`` is closed, which is what
+``liveness.Reach`` watches. A process that is frozen (SIGSTOP), hung in the kernel or on
+a host that is gone answers nothing, and its peers let it go. (A PUB link over ipc gets
+none: a subscriber whose queue is full stops reading, so its PONG would wait behind the
+data and a slow subscriber would be cut off.)
 """
 
 from __future__ import annotations
@@ -194,15 +198,24 @@ class Net:
             msg = f"security = curve: {path} holds no key pair (run `arroyo keys`)"
             raise ConfigError(msg)
 
+    def heartbeats(self) -> dict[int, Any]:
+        """libzmq's heartbeat options: a PING every third of ``peer_timeout``, and a
+        connection that answers nothing for ``peer_timeout`` is closed."""
+        ms = max(100, int(self.peer_timeout * 1000))
+        return {
+            zmq.HEARTBEAT_IVL: max(50, ms // 3),
+            zmq.HEARTBEAT_TIMEOUT: ms,
+            zmq.HEARTBEAT_TTL: ms,
+        }
+
     def options(self, ctx: zmq.Context[Any], link: Link, bind: bool) -> dict[int, Any]:
-        """Socket options for one link end, set before its bind/connect."""
+        """Socket options for one tcp link end (heartbeats, CURVE), set before its
+        bind/connect. Over ipc, ``LinkEnd`` adds the heartbeats where they are safe."""
         if not link.endpoint.startswith("tcp://"):
             return {}
         ms = max(100, int(self.peer_timeout * 1000))
         opts: dict[int, Any] = {
-            zmq.HEARTBEAT_IVL: max(50, ms // 3),
-            zmq.HEARTBEAT_TIMEOUT: ms,
-            zmq.HEARTBEAT_TTL: ms,
+            **self.heartbeats(),
             # a handshake that stalls is dropped and retried after this, not libzmq's 30 s
             zmq.HANDSHAKE_IVL: max(5000, 2 * ms),
         }

@@ -46,6 +46,10 @@ class LinkCounters:
     bytes: int = 0
     drops: Counter[str] = field(default_factory=Counter)
     auth_refused: int = 0  # CURVE handshakes refused (stranger key, plain client, bad key)
+    # peer identity -> epoch time since when this end has judged it dead (``LinkEnd.alive``)
+    gone: dict[str, float] = field(default_factory=dict)
+
+    GONE_KEPT = 64  # a bound against peers that come and go forever
 
     def count(self, size: int, event: bool = True) -> None:
         self.messages += 1
@@ -54,6 +58,16 @@ class LinkCounters:
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.drops[reason] += n
+
+    def gone_since(self, peer_id: str) -> None:
+        if peer_id in self.gone:
+            return
+        if len(self.gone) >= self.GONE_KEPT:
+            del self.gone[next(iter(self.gone))]
+        self.gone[peer_id] = time.time()
+
+    def back(self, peer_id: str) -> None:
+        self.gone.pop(peer_id, None)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -64,6 +78,7 @@ class LinkCounters:
             "bytes": self.bytes,
             "dropped": dict(self.drops),
             "auth_refused": self.auth_refused,
+            "gone": dict(self.gone),  # (a copy in one step: the stage's thread adds to it)
         }
 
 
