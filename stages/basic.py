@@ -93,27 +93,26 @@ class Temporaries(Operator):
 
 
 class Spin(Operator):
-    """Spins in pure Python for ``seconds`` on the first event whose ``metadata[key]``
-    equals ``at`` (that event then carries ``spun_s``), and passes every message on:
-    one long ``process()`` call that keeps the process busy (the GIL taken) without it
-    being frozen."""
+    """Spins in pure Python for ``seconds`` on the ``at``-th event this process gets
+    (that event then carries ``spun_s``), and passes every message on: one long
+    ``process()`` call that keeps the process busy (the GIL taken) without it being
+    frozen."""
 
     def __init__(
-        self, seconds: Annotated[float, Bounds(ge=0)] = 5.0, at: int = 0, key: str = "frame"
+        self, seconds: Annotated[float, Bounds(ge=0)] = 5.0, at: Annotated[int, Bounds(ge=1)] = 1
     ) -> None:
         self.seconds = seconds
         self.at = at
-        self.key = key
-        self.spun = False
+        self.events = 0
 
     def process(self, message: Message) -> Result:
-        hit = isinstance(message, Event) and message.metadata.get(self.key) == self.at
-        if hit and not self.spun:
-            self.spun = True
-            end = time.monotonic() + self.seconds
-            n = 0
-            while time.monotonic() < end:
-                n += 1
-            assert isinstance(message, Event)
-            return Event(metadata={**message.metadata, "spun_s": self.seconds}, payload=None)
-        return message
+        if not isinstance(message, Event):
+            return message
+        self.events += 1
+        if self.events != self.at:
+            return message
+        end = time.monotonic() + self.seconds
+        n = 0
+        while time.monotonic() < end:
+            n += 1
+        return Event(metadata={**message.metadata, "spun_s": self.seconds}, payload=None)

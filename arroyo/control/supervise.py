@@ -308,18 +308,28 @@ def _live_names(server: Any, chains: list[str] | None) -> set[str]:
 
 
 def _stop_stage(server: Any, chain: str, stage: str, timeout: float) -> None:
-    names = {
-        f"{chain}:{i['name']}"
-        for i in _processes_of(server, chain, stage)
-        if i["statename"] not in STOPPED_STATES
-    }
+    infos = [i for i in _processes_of(server, chain, stage) if i["statename"] not in STOPPED_STATES]
+    names = {f"{chain}:{i['name']}" for i in infos}
     for name in names:
         with contextlib.suppress(xmlrpc.client.Fault):  # stopped, or removed by scale
             server.supervisor.stopProcess(name, False)
+    _thaw([i["pid"] for i in infos if i["pid"]])
     deadline = time.monotonic() + timeout
     while names and time.monotonic() < deadline:
         time.sleep(0.1)
         names &= _live_names(server, [chain])
+
+
+def _thaw(pids: list[int]) -> None:
+    """Let a SIGSTOPped process run: it cannot act on the SIGTERM it was just sent, and
+    would wait for supervisord's SIGKILL at ``stopwaitsecs`` instead of draining."""
+    import psutil
+
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_STOPPED:
+                proc.resume()
 
 
 def _live_supervisord(topology: Topology) -> int | None:

@@ -3,6 +3,7 @@ merely busy in a long process() call is not (issue 13, item 5)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -68,10 +69,8 @@ def chain(topo) -> Iterator[Any]:
     yield make
     for path, frozen in made:
         for pid in frozen:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
         supervise.down(load(path), timeout=60)
 
 
@@ -187,3 +186,20 @@ def test_a_worker_busy_in_a_long_process_call_is_not_let_go(chain, tmp_path):
     for log in (tmp_path / "run" / "logs").glob("*.log"):
         text = log.read_text()
         assert "no Stop from" not in text and "sent nothing more" not in text, log
+
+
+def test_down_with_a_frozen_worker_lets_it_drain_instead_of_killing_it(chain, tmp_path):
+    path, frozen = chain(DELAY, timeout=1.5)
+    out = tmp_path / "out.jsonl"
+    wait_for(lambda: events_out(out) > 400, timeout=30)
+    victim = pids(path)["work_1"]
+    os.kill(victim, signal.SIGSTOP)
+    frozen.append(victim)
+    wait_for(lambda: row(status(path), "work", 1)["state"] == "STALLED", timeout=15)
+    t0 = time.monotonic()
+    arroyo("down", str(path))
+    print(f"down with a frozen worker: {time.monotonic() - t0:.1f}s")
+    log = (tmp_path / "run" / "logs" / "supervisord.log").read_text()
+    ends = [line for line in log.splitlines() if "stopped: work_01" in line]
+    assert ends and "SIGKILL" not in ends[-1], ends  # it got its SIGTERM and drained
+    assert "stopped cleanly" in (tmp_path / "run" / "logs" / "work_01.log").read_text()
