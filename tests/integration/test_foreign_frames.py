@@ -24,12 +24,14 @@ pytestmark = pytest.mark.timeout(90)
 # A wrong-size frame between two good ones, from yet another plain pyzmq process.
 BAD_THEN_GOOD = """
 import sys, numpy as np, zmq
-sock = zmq.Context().socket(zmq.PUSH)
+ctx = zmq.Context()
+sock = ctx.socket(zmq.PUSH)
 sock.bind(sys.argv[1])
 sock.send(np.zeros((256, 255), np.uint16))  # one column short: 130,560 bytes
 sock.send_multipart([b"x", b"y"])           # two frames: not one raw frame
 sock.send(np.ones((256, 256), np.uint16))   # the stage goes on
 sock.close()
+ctx.term()
 """
 
 
