@@ -12,6 +12,7 @@ import xmlrpc.client
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from arroyo.control.status import STALLED
 from arroyo.runtime.stats import link_totals
 from arroyo.topology import Topology
 
@@ -46,10 +47,17 @@ def render_metrics(topology: Topology, rows: list[dict[str, Any]]) -> str:
                 f'stage="{_label(r["stage"])}",worker="{r["worker"]}"'
             )
             lines.append(f"{name}{{{labels}}} {float(value):g}")
-    lines += ["# HELP arroyo_up 1 if the process is RUNNING", "# TYPE arroyo_up gauge"]
+    lines += ["# HELP arroyo_up 1 if the process is running", "# TYPE arroyo_up gauge"]
     for r in rows:
         labels = f'{topo},stage="{_label(r["stage"])}",worker="{r["worker"]}"'
-        lines.append(f"arroyo_up{{{labels}}} {1 if r['state'] == 'RUNNING' else 0}")
+        lines.append(f"arroyo_up{{{labels}}} {1 if r['state'] in ('RUNNING', STALLED) else 0}")
+    lines += [
+        "# HELP arroyo_stalled 1 if the process runs but is stopped or was let go by a peer",
+        "# TYPE arroyo_stalled gauge",
+    ]
+    for r in rows:
+        labels = f'{topo},stage="{_label(r["stage"])}",worker="{r["worker"]}"'
+        lines.append(f"arroyo_stalled{{{labels}}} {1 if r['state'] == STALLED else 0}")
     lines += [
         "# HELP arroyo_link_dropped_total Messages dropped on a link, by reason",
         "# TYPE arroyo_link_dropped_total counter",

@@ -44,3 +44,22 @@ def test_a_link_remembers_a_bounded_number_of_peers_let_go_until_they_return():
     assert len(link.snapshot()["gone"]) == LinkCounters.GONE_KEPT
     link.back(f"b/0/{LinkCounters.GONE_KEPT + 9}@h")
     assert f"b/0/{LinkCounters.GONE_KEPT + 9}@h" not in link.snapshot()["gone"]
+
+
+def test_metrics_say_a_stalled_process_is_up_and_stalled(tmp_path):
+    from arroyo.control.metrics import render_metrics
+    from arroyo.topology import load
+
+    path = tmp_path / "t.ini"
+    path.write_text(
+        "[topology]\nname = m\n\n[stage:det]\nrole = listener\n"
+        "class = stages.synthetic:DetectorSimulator\nframes = 1\nshape = 2\n"
+    )
+    rows = [
+        {**proc("det", 0, 9), "chain": "m", "state": "STALLED", "links": []},
+        {**proc("det", 1, 10), "chain": "m", "links": []},
+    ]
+    body = render_metrics(load(path), rows)
+    assert 'arroyo_up{topology="m",stage="det",worker="0"} 1' in body
+    assert 'arroyo_stalled{topology="m",stage="det",worker="0"} 1' in body
+    assert 'arroyo_stalled{topology="m",stage="det",worker="1"} 0' in body
