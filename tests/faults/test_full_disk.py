@@ -35,7 +35,7 @@ stages = det, work, sink
 [stage:det]
 role = listener
 class = stages.synthetic:DetectorSimulator
-frames = 40
+frames = 200
 runs = 100000
 shape = 8, 8
 rate_hz = 800
@@ -123,6 +123,10 @@ class Filler:
 FIRST_RUN = 100_000  # far more runs than the restarted source could make during the test
 
 
+def events_of(records: list[dict], run: int) -> int:
+    return sum(1 for r in records if r["kind"] == "Event" and r["run"] == run)
+
+
 def started_runs(records: list[dict]) -> list[int]:
     return [r["run"] for r in records if r["kind"] == "Start"]
 
@@ -144,9 +148,15 @@ def test_a_source_restarted_on_a_full_disk_keeps_counting_and_the_sink_moves_on(
         wait_for(lambda: len(runs_of(read_jsonl(out))) >= 5, timeout=60)
         run_file = disk / "stats" / "det.0.run"
         filler = Filler(disk)
-        wait_for(lambda: "cannot record run id" in stages.log("det.0"), timeout=60)
+        unrecorded = wait_for(
+            lambda: re.search(r"cannot record run id (\d+)", stages.log("det.0")), timeout=60
+        )
         recorded = run_file.read_text()
-        # The source dies in a run it could not record; space comes back; it restarts.
+        # The source dies in a run it could not record, once part of that run has
+        # reached the sink (a kill between two runs, or before the run's first messages
+        # leave the source, leaves no run open to report); space comes back; it restarts.
+        run_id = int(unrecorded.group(1))
+        wait_for(lambda: events_of(read_jsonl(out), run_id) >= 5, timeout=30)
         stages.signal("det.0", signal.SIGKILL)
         stages.wait("det.0")
         filler.free()
@@ -171,7 +181,9 @@ def test_a_source_restarted_on_a_full_disk_keeps_counting_and_the_sink_moves_on(
         stages.cleanup()
 
 
-STATS_CHAIN = CHAIN.replace("runs = 100000", "runs = 1").replace("frames = 40", "frames = 10000000")
+STATS_CHAIN = CHAIN.replace("runs = 100000", "runs = 1").replace(
+    "frames = 200", "frames = 10000000"
+)
 
 
 def test_status_marks_figures_stale_when_stats_cannot_be_written(topo, tmp_path, small_disk):
