@@ -20,9 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-from arroyo.control.render import FINGERPRINT, _program, fingerprint, worker_count
+from arroyo.control.render import (
+    FINGERPRINT,
+    _program,
+    fingerprint,
+    supervisor_socket,
+    worker_count,
+)
 from arroyo.errors import ConfigError
-from arroyo.spec import MAX_IPC_PATH, Topology
+from arroyo.spec import Topology
 
 USER = "arroyo"
 SECRET_FILE = "supervisor.secret"
@@ -45,10 +51,7 @@ class HostPaths:
 
 def host_paths(topology: Topology, host: str) -> HostPaths:
     base = topology.run_dir / "hosts" / host
-    sock = topology.socket_dir / f"sv-{host}.sock"
-    if len(str(sock)) > MAX_IPC_PATH:
-        msg = f"{topology.path}: [topology] run_dir: supervisor socket path too long: {sock}"
-        raise ConfigError(msg)
+    sock = supervisor_socket(topology, f"sv-{host}.sock")
     return HostPaths(
         conf=base / "supervisord.conf",
         socket=sock,

@@ -27,12 +27,19 @@ class Paths:
     workers: Path
 
 
-def paths(topology: Topology) -> Paths:
-    run_dir = topology.run_dir
-    sock = topology.socket_dir / "supervisor.sock"
+def supervisor_socket(topology: Topology, name: str) -> Path:
+    """A supervisord's unix socket in the topology's socket folder; refused (one line,
+    exit 2) when the path is too long for a unix socket."""
+    sock = topology.socket_dir / name
     if len(str(sock)) > MAX_IPC_PATH:
         msg = f"{topology.path}: [topology] run_dir: supervisor socket path too long: {sock}"
         raise ConfigError(msg)
+    return sock
+
+
+def paths(topology: Topology) -> Paths:
+    run_dir = topology.run_dir
+    sock = supervisor_socket(topology, "supervisor.sock")
     return Paths(
         conf=run_dir / "supervisord.conf",
         socket=sock,

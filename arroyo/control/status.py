@@ -20,7 +20,7 @@ import psutil
 
 from arroyo.control import strays
 from arroyo.control.render import split_process_name
-from arroyo.runtime.stats import stats_path
+from arroyo.runtime.stats import parse_identity, stats_path
 from arroyo.topology import Topology
 
 STALE_AFTER = 5.0  # s: five missed rewrites of a file written once a second
@@ -147,15 +147,6 @@ def status_rows(
     return rows
 
 
-def _process_of(identity: str) -> tuple[str, int, int] | None:
-    """(stage, worker, pid) of a link identity ``stage/worker/pid@host``."""
-    try:
-        stage, worker, pid = identity.rpartition("@")[0].rsplit("/", 2)
-        return stage, int(worker), int(pid)
-    except ValueError:
-        return None
-
-
 def mark_stalled(rows: list[dict[str, Any]]) -> None:
     """Give the state STALLED to every running process that is stopped (``stalled``
     set by the caller) or that a live peer has let go: it answered none of libzmq's
@@ -169,8 +160,9 @@ def mark_stalled(rows: list[dict[str, Any]]) -> None:
             continue  # a peer's verdict counts while the peer itself is live
         for link in r.get("links", []):
             for identity in link.get("gone", {}):
-                key = _process_of(identity)
-                if key is not None:
+                who = parse_identity(identity)
+                if who is not None:
+                    key = (who.stage, who.worker, who.pid)
                     let_go.setdefault(key, f"let go by {r['stage']}/{r['worker']}")
     for r in rows:
         if r["state"] != "RUNNING" or not r.get("pid"):

@@ -41,7 +41,7 @@ from zmq.utils.monitor import recv_monitor_message
 from arroyo import wire
 from arroyo.runtime.liveness import Reach
 from arroyo.runtime.net import Net
-from arroyo.runtime.stats import LinkCounters
+from arroyo.runtime.stats import LinkCounters, parse_identity
 from arroyo.topology import Link
 
 log = logging.getLogger("arroyo.link")
@@ -80,15 +80,11 @@ def peer_host(peer_id: str) -> str:
 
 def peer_alive(peer_id: str) -> bool:
     """False only when ``peer_id`` names a process on this host that no longer exists."""
-    try:
-        rest, host = peer_id.rsplit("@", 1)
-        pid = int(rest.rsplit("/", 1)[1])
-    except (ValueError, IndexError):
-        return True
-    if host != HOST:
+    who = parse_identity(peer_id)
+    if who is None or who.host != HOST:
         return True
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return psutil.Process(who.pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
 

@@ -23,7 +23,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from arroyo.spec import Topology
 
@@ -328,16 +328,34 @@ def stats_path(topology: Topology, stage: str, worker: int) -> Path:
     return topology.run_dir / "stats" / f"{stage}.{worker}.json"
 
 
+class ProcessId(NamedTuple):
+    """The parts of a link identity ``stage/worker/pid@host`` (``link.identity``)."""
+
+    stage: str
+    worker: int
+    pid: int
+    host: str
+
+
+def parse_identity(identity: str) -> ProcessId | None:
+    """The parts of ``identity``; None if it is not ``stage/worker/pid@host``."""
+    rest, at, host = identity.rpartition("@")
+    try:
+        stage, worker, pid = rest.rsplit("/", 2)
+        return ProcessId(stage, int(worker), int(pid), host) if at else None
+    except ValueError:
+        return None
+
+
 def stopped_cleanly(topology: Topology, peer_id: str) -> bool:
     """The process ``stage/worker/pid@host`` (of this host) wrote, as its last stats,
     that it stopped cleanly. False when that cannot be told (another host, a file
     since rewritten by a restart, a process that was killed)."""
+    who = parse_identity(peer_id)
+    if who is None or who.host != socket.gethostname():
+        return False
     try:
-        rest, host = peer_id.rsplit("@", 1)
-        stage, worker, pid = rest.rsplit("/", 2)
-        if host != socket.gethostname():
-            return False
-        last = json.loads(stats_path(topology, stage, int(worker)).read_text())
+        last = json.loads(stats_path(topology, who.stage, who.worker).read_text())
     except (ValueError, OSError):
         return False
-    return bool(last.get("pid") == int(pid) and last.get("exit") == "stopped")
+    return bool(last.get("pid") == who.pid and last.get("exit") == "stopped")
