@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,27 +35,34 @@ class Draft:
 
 
 def find_cycle(drafts: dict[str, Draft]) -> list[str] | None:
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(name: str) -> list[str] | None:
-        state[name] = 1
-        stack.append(name)
-        for up, _, _ in drafts[name].inputs:
-            if up not in drafts or up == name:  # a self-loop is reported on its own
-                continue
-            if state.get(up) == 1:
-                return [*stack[stack.index(up) :], up]
-            if up not in state and (found := visit(up)):
-                return found
-        stack.pop()
-        state[name] = 2
-        return None
-
-    for name in drafts:
-        if name not in state and (found := visit(name)):
-            return found
+    """A cycle of inputs as ``[a, ..., a]`` (each stage takes the next one's output),
+    or None. A depth-first walk with its own stack: a chain of thousands of stages
+    must not exhaust Python's."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for start in drafts:
+        if start in state:
+            continue
+        path: list[str] = [start]
+        todo = [_ups(drafts, start)]
+        state[start] = 1
+        while todo:
+            up = next(todo[-1], None)
+            if up is None:
+                state[path.pop()] = 2
+                todo.pop()
+            elif state.get(up) == 1:
+                return [*path[path.index(up) :], up]
+            elif up not in state:
+                state[up] = 1
+                path.append(up)
+                todo.append(_ups(drafts, up))
     return None
+
+
+def _ups(drafts: dict[str, Draft], name: str) -> Iterator[str]:
+    """The stages ``name`` takes input from, leaving out unknown stages and itself
+    (both reported on their own)."""
+    return (up for up, _, _ in drafts[name].inputs if up in drafts and up != name)
 
 
 def socket_dir_for(run_dir: Path) -> Path:
@@ -75,20 +83,25 @@ def _endpoint(socket_dir: Path, source: str, target: str) -> str:
 
 
 def _levels(drafts: dict[str, Draft]) -> dict[str, int]:
-    """Longest distance from each stage to a sink (sinks are 0): sinks start first."""
+    """Longest distance from each stage to a sink (sinks are 0): sinks start first.
+    Stages are settled in reverse topological order (Kahn's algorithm from the
+    sinks), without recursion. The graph has no cycle (checked before)."""
     downstream: dict[str, list[str]] = {n: [] for n in drafts}
     for name, d in drafts.items():
         for up, _, _ in d.inputs:
             if up in downstream:
                 downstream[up].append(name)
-    memo: dict[str, int] = {}
-
-    def level(name: str) -> int:
-        if name not in memo:
-            memo[name] = 1 + max((level(d) for d in downstream[name]), default=-1)
-        return memo[name]
-
-    return {n: level(n) for n in drafts}
+    waiting = {n: len(set(targets)) for n, targets in downstream.items()}
+    ready = [n for n, count in waiting.items() if count == 0]
+    level = dict.fromkeys(ready, 0)
+    while ready:
+        name = ready.pop()
+        for up in {up for up, _, _ in drafts[name].inputs if up in drafts}:
+            level[up] = max(level.get(up, 0), level[name] + 1)
+            waiting[up] -= 1
+            if waiting[up] == 0:
+                ready.append(up)
+    return level
 
 
 def resolve_chains(
