@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from arroyo.control.clibase import TOPOLOGY, main, user_errors
-from arroyo.errors import ArroyoError
-from arroyo.topology import Topology, load
+from arroyo.errors import ArroyoError, TopologyError
+from arroyo.topology import MAX_WORKERS, Topology, load
 
 if TYPE_CHECKING:  # asyncio and the rest load with the server, not with every command
     import asyncio
@@ -158,7 +158,7 @@ class Dashboard:
             return web.json_response({"ok": False, "error": "token required"}, status=403)
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: hostile nesting
             return web.json_response({"ok": False, "error": "expected a JSON body"}, status=400)
         if not isinstance(body, dict):
             return web.json_response({"ok": False, "error": "expected a JSON object"}, status=400)
@@ -169,7 +169,7 @@ class Dashboard:
             try:
                 result = await loop.run_in_executor(None, action, body)
             except (ArroyoError, ValueError, KeyError, TypeError) as e:
-                return web.json_response({"ok": False, "error": str(e)}, status=400)
+                return web.json_response({"ok": False, "error": _one_line(e)}, status=400)
         self._state = None  # the next refresh shows the change
         log.info("%s %s: %s", request.path, body, result)
         return web.json_response({"ok": True, "result": result})
@@ -178,7 +178,7 @@ class Dashboard:
         from arroyo.control import supervise
 
         def action(body: dict[str, Any]) -> str:
-            stage, workers = str(body["stage"]), int(body["workers"])
+            stage, workers = _text(body, "stage"), _workers(body)
             old, new = supervise.scale(self.topology, stage, workers)
             return f"{stage}: {old} -> {new} workers"
 
@@ -188,7 +188,7 @@ class Dashboard:
         from arroyo.control import supervise
 
         def action(body: dict[str, Any]) -> str:
-            chain, what = str(body["chain"]), str(body["action"])
+            chain, what = _text(body, "chain"), body.get("action")
             if chain not in self.topology.chains:
                 msg = f"no chain {chain!r}"
                 raise ValueError(msg)
@@ -200,7 +200,7 @@ class Dashboard:
                 if problems:
                     raise ValueError("; ".join(problems))
                 return f"{chain}: running"
-            msg = f"action must be start or stop, not {what!r}"
+            msg = f"action must be start or stop, not {_show(what)}"
             raise ValueError(msg)
 
         return await self._act(request, action)
@@ -209,14 +209,68 @@ class Dashboard:
         from arroyo.control.live import set_values
 
         def action(body: dict[str, Any]) -> str:
-            stage = str(body["stage"])
-            values = {str(k): str(v) for k, v in dict(body["values"]).items()}
+            stage, values = _text(body, "stage"), _values(body)
             version, done, late = set_values(self.topology, stage, values, wait=5.0)
             text = ", ".join(f"{k}={v}" for k, v in values.items())
             tail = "; ".join(done + [f"{w}: not yet applied" for w in late])
             return f"{stage}: {text} (version {version}){': ' + tail if tail else ''}"
 
         return await self._act(request, action)
+
+
+# -- what the actions accept: JSON of the right type and range, or 400 with a reason --
+
+
+def _show(value: Any) -> str:
+    """``value`` as the JSON it came as, cut short for an error line."""
+    import json
+
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _text(body: dict[str, Any], key: str) -> str:
+    if key not in body:
+        msg = f"missing {key!r}"
+        raise ValueError(msg)
+    if not isinstance(body[key], str):
+        msg = f"{key} must be a string, not {_show(body[key])}"
+        raise ValueError(msg)
+    return str(body[key])
+
+
+def _workers(body: dict[str, Any]) -> int:
+    """A worker count: a JSON integer in range (not 2.5, true, "3" or 1e400)."""
+    value = body.get("workers")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        msg = f"workers must be a whole number from 1 to {MAX_WORKERS}, not {_show(value)}"
+        raise ValueError(msg)
+    return value
+
+
+def _values(body: dict[str, Any]) -> dict[str, str]:
+    """Live values as the INI text the converters take: strings, numbers and booleans
+    (a number that the converter refuses, 1e400 say, is refused there, by name)."""
+    values = body.get("values")
+    if not isinstance(values, dict):
+        msg = f"values must be a JSON object of option: value, not {_show(values)}"
+        raise ValueError(msg)
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, bool):
+            out[key] = "true" if value else "false"
+        elif isinstance(value, str | int | float):
+            out[key] = str(value)
+        else:
+            msg = f"values: {key} must be a string or a number, not {_show(value)}"
+            raise ValueError(msg)
+    return out
+
+
+def _one_line(error: Exception) -> str:
+    if isinstance(error, TopologyError):
+        return "; ".join(error.problems)
+    return str(error)
 
 
 async def _no_icon(request: Any) -> Any:

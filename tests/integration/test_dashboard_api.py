@@ -56,8 +56,9 @@ def dashboard(topo) -> Iterator[tuple[Any, str, str]]:
         server.stop()
 
 
-def _call(url: str, body: dict | None = None, token: str = "") -> tuple[int, dict]:
-    data = None if body is None else json.dumps(body).encode()
+def _call(url: str, body: dict | bytes | None = None, token: str = "") -> tuple[int, dict]:
+    """GET ``url``, or POST ``body`` (a dict as JSON, or bytes as they are)."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method="POST" if data else "GET")
     request.add_header("Content-Type", "application/json")
     if token:
@@ -97,6 +98,41 @@ def test_state_is_open_and_changes_need_the_token(dashboard) -> None:
     path = topology.run_dir / "web-token"
     assert path.read_text().strip() == token
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b'{"stage": "hits", "workers": 1e400}', "workers must be a whole number from 1 to 256"),
+        (b'{"stage": "hits", "workers": -1}', "workers must be a whole number from 1 to 256"),
+        (b'{"stage": "hits", "workers": 0}', "workers must be a whole number from 1 to 256"),
+        (b'{"stage": "hits", "workers": 257}', "workers must be a whole number from 1 to 256"),
+        (b'{"stage": "hits", "workers": 2.5}', "workers must be a whole number from 1 to 256"),
+        (b'{"stage": "hits", "workers": true}', "workers must be a whole number from 1 to 256"),
+        (b'{"stage": "hits", "workers": "abc"}', "workers must be a whole number from 1 to 256"),
+        (b'{"stage": "hits", "workers": null}', "workers must be a whole number from 1 to 256"),
+        (b'{"stage": "hits", "workers": NaN}', "workers must be a whole number from 1 to 256"),
+        (b'{"stage": "hits", "workers": 1' + b"0" * 400 + b"}", "workers must be a whole"),
+        (b'{"workers": 3}', "missing 'stage'"),
+        (b'{"stage": ["hits"], "workers": 3}', "stage must be a string"),
+        (b"[" * 30_000 + b"]" * 30_000, "expected a JSON body"),
+        (b'{"stage": "hits", "values": {"threshold": 1e400}}', "threshold = inf: expected a"),
+        (b'{"stage": "hits", "values": {"threshold": -1e400}}', "threshold = -inf: expected a"),
+        (b'{"stage": "hits", "values": {"threshold": "abc"}}', "threshold = abc: expected a"),
+        (b'{"stage": "hits", "values": {"threshold": [1]}}', "values: threshold must be a"),
+        (b'{"stage": "hits", "values": [["threshold", "1"]]}', "values must be a JSON object"),
+        (b'{"chain": "main", "action": 1e400}', "action must be start or stop"),
+    ],
+)
+def test_values_of_the_wrong_type_or_out_of_range_answer_400(dashboard, body, reason) -> None:
+    topology, url, token = dashboard
+    path = "api/set" if b"values" in body else "api/chain" if b"chain" in body else "api/scale"
+    status, answer = _call(url + path, body, token)
+    assert (status, answer["ok"]) == (400, False), answer
+    assert reason in answer["error"] and "\n" not in answer["error"], answer["error"]
+    assert not (topology.run_dir / "workers.json").exists(), "a refused scale changed nothing"
+    assert not (topology.run_dir / "live").exists(), "a refused set changed nothing"
 
 
 def test_the_page_is_served_with_plotly_from_the_package(dashboard) -> None:
