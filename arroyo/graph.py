@@ -236,7 +236,7 @@ def _spec(d: Draft, chain: str, level: int, stopwaitsecs: int) -> StageSpec:
         priority=s.get("priority", 100 + 10 * level),
         stopwaitsecs=s.get("stopwaitsecs", stopwaitsecs),
         startsecs=s.get("startsecs", 1),
-        autorestart=s.get("autorestart", "unexpected"),
+        autorestart=s.get("autorestart", "true"),
         environment=s.get("environment", ()),
     )
     return StageSpec(

@@ -45,7 +45,7 @@ class Supervision:
     priority: int
     stopwaitsecs: int = 30
     startsecs: int = 1
-    autorestart: str = "unexpected"
+    autorestart: str = "true"  # a worker that exits, with any code, comes back
     environment: tuple[tuple[str, str], ...] = ()
 
 

@@ -103,6 +103,9 @@ def _program(topology: Topology, spec: StageSpec, logs: Path) -> str:
             f"directory = {topology.path.parent}",
             f"priority = {sup.priority}",
             "autostart = false",
+            # true by default: a worker that exits by itself comes back, whatever its
+            # code (a user's sys.exit(0) too); one that supervisord stops (down,
+            # supervisorctl stop, scale) is not restarted, and exit 2 goes FATAL (rpcext)
             f"autorestart = {sup.autorestart}",
             "exitcodes = 0",
             f"startsecs = {sup.startsecs}",
