@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +137,7 @@ def _fmt_uptime(s: float) -> str:
 
 
 def _rates(
-    row: dict[str, Any], rates: dict[tuple[str, int], tuple[float, float]]
+    row: dict[str, Any], rates: Mapping[tuple[str, int], tuple[float, float]]
 ) -> tuple[str, str]:
     """IN/s and OUT/s as shown: ``stale`` when the figures stopped coming."""
     if row.get("stale"):
@@ -146,8 +147,11 @@ def _rates(
 
 
 def status_table(
-    rows: list[dict[str, Any]], rates: dict[tuple[str, int], tuple[float, float]]
+    rows: list[dict[str, Any]], rates: Mapping[tuple[str, int], tuple[float, float]] | None = None
 ) -> str:
+    """The status table; IN/s and OUT/s are each process's own rates (the averages in
+    its stats file) unless ``rates`` gives others by (stage, worker)."""
+    rates = rates or {}
     head = (
         f"{'CHAIN':<10} {'STAGE':<16} {'W':>2} {'STATE':<9} {'PID':>7} {'UPTIME':>8} "
         f"{'CPU%':>5} {'RSS':>6} {'IN/s':>8} {'OUT/s':>8} {'IN':>9} {'OUT':>9} "
@@ -248,7 +252,7 @@ def status(topology: str, as_json: bool) -> None:
     elif not rows:
         click.echo("not running")
     else:
-        click.echo(status_table(rows, {}))
+        click.echo(status_table(rows))
 
 
 @main.command()
@@ -259,29 +263,21 @@ def status(topology: str, as_json: bool) -> None:
 @click.option("--count", type=int, default=0, show_envvar=True, help="Refreshes (0: until Ctrl-C).")
 @user_errors
 def top(topology: str, interval: float, count: int) -> None:
-    """The status table refreshed live until Ctrl-C, with rates."""
+    """The status table refreshed live until Ctrl-C: rates are each process's own
+    over its last seconds, CPU % over this command's last seconds of readings."""
+    from arroyo.control.status import CpuMeter
     from arroyo.control.supervise import status_rows
 
     topo = _load(topology)
     if topo.multihost:
         msg = f"{topo.path}: `arroyo top` covers one host; use `arroyo status` with [hosts]"
         raise ConfigError(msg)
-    last: dict[tuple[str, int], tuple[float, int, int]] = {}
+    cpu = CpuMeter()
     n = 0
     tty = sys.stdout.isatty()
     try:
         while True:
-            rows = status_rows(topo)
-            now = time.monotonic()
-            rates = {}
-            for r in rows:
-                key = (r["stage"], r["worker"])
-                if key in last:
-                    t0, i0, o0 = last[key]
-                    dt = max(now - t0, 1e-6)
-                    rates[key] = ((r["received"] - i0) / dt, (r["sent"] - o0) / dt)
-                last[key] = (now, r["received"], r["sent"])
-            table = status_table(rows, rates)
+            table = status_table(status_rows(topo, cpu))
             if tty:
                 click.clear()
                 table = "\n".join(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,20 +58,62 @@ def _processes(
     return procs
 
 
-def _cpu_percent(pids: list[int], interval: float = 0.1) -> dict[int, float]:
-    """CPU % of every pid over one shared interval (not one interval per process)."""
-    procs = {}
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            procs[pid] = psutil.Process(pid)
-            procs[pid].cpu_percent(None)
-    if procs:
-        time.sleep(interval)
-    out = {}
-    for pid, proc in procs.items():
-        with contextlib.suppress(psutil.Error):
-            out[pid] = proc.cpu_percent(None)
-    return out
+class CpuMeter:
+    """CPU % of processes, averaged over this meter's readings of the last ``window``
+    seconds, bursts included (psutil's user + system time; 100 is one core).
+
+    A reader that refreshes (the dashboard, ``arroyo top``) keeps one meter, so each
+    refresh shows the last few seconds rather than a sample that a bursty process
+    (the demo's: busy a second, then idle) is almost never caught in. A meter's first
+    reading of a process takes two readings ``FIRST`` s apart, shared by all."""
+
+    WINDOW = 5.0  # s, as the stage's own rates (arroyo.runtime.stats)
+    FIRST = 0.1  # s
+
+    def __init__(self, window: float = WINDOW) -> None:
+        self.window = window
+        self._procs: dict[int, psutil.Process] = {}
+        self._readings: dict[int, deque[tuple[float, float]]] = {}
+
+    def percent(self, pids: list[int]) -> dict[int, float]:
+        """CPU % of every pid that still runs."""
+        wanted = set(pids)
+        for pid in set(self._procs) - wanted:
+            self._forget(pid)
+        first = [pid for pid in wanted if self._read(pid) == 1]
+        if first:
+            time.sleep(self.FIRST)
+            for pid in first:
+                self._read(pid)
+        out = {}
+        for pid in wanted:
+            readings = self._readings.get(pid)
+            if readings and len(readings) > 1 and readings[-1][0] > readings[0][0]:
+                (t0, c0), (t1, c1) = readings[0], readings[-1]
+                out[pid] = round(100 * (c1 - c0) / (t1 - t0), 1)
+        return out
+
+    def _read(self, pid: int) -> int:
+        """Read ``pid``'s CPU time; returns how many readings the meter holds (0: gone)."""
+        proc = self._procs.get(pid)
+        try:
+            if proc is None or not proc.is_running():  # not running: the pid was reused
+                proc = self._procs[pid] = psutil.Process(pid)
+                self._readings[pid] = deque()
+            times = proc.cpu_times()
+        except psutil.Error:
+            self._forget(pid)
+            return 0
+        now = time.monotonic()
+        readings = self._readings[pid]
+        readings.append((now, times.user + times.system))
+        while len(readings) > 2 and readings[0][0] < now - self.window:
+            readings.popleft()
+        return len(readings)
+
+    def _forget(self, pid: int) -> None:
+        self._procs.pop(pid, None)
+        self._readings.pop(pid, None)
 
 
 def _staleness(proc: _Proc, stats: dict[str, Any], now: float) -> tuple[bool, float | None]:
@@ -135,14 +178,19 @@ def _row(topology: Topology, proc: _Proc, cpu: dict[int, float], now: float) -> 
 
 
 def status_rows(
-    topology: Topology, infos: list[dict[str, Any]], supervisor: int | None
+    topology: Topology,
+    infos: list[dict[str, Any]],
+    supervisor: int | None,
+    cpu: CpuMeter | None = None,
 ) -> list[dict[str, Any]]:
     """One row per process supervisord reports (``infos``, from getAllProcessInfo)
-    and per stage process of the topology outside it (``supervisor``: its pid)."""
+    and per stage process of the topology outside it (``supervisor``: its pid).
+    ``cpu``: the meter a refreshing reader keeps (default: a new one, two readings
+    ``CpuMeter.FIRST`` s apart)."""
     procs = _processes(topology, infos, supervisor)
-    cpu = _cpu_percent([p.pid for p in procs if p.pid])
+    cpu_percent = (cpu or CpuMeter()).percent([p.pid for p in procs if p.pid])
     now = time.time()
-    rows = [_row(topology, p, cpu, now) for p in procs]
+    rows = [_row(topology, p, cpu_percent, now) for p in procs]
     mark_stalled(rows)
     return rows
 

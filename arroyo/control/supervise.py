@@ -30,6 +30,7 @@ from arroyo.control.render import (
     worker_count,
     write_config,
 )
+from arroyo.control.status import CpuMeter
 from arroyo.control.status import status_rows as rows_of
 from arroyo.control.strays import Stray, describe, find_strays, stop_strays
 from arroyo.errors import ConfigError
@@ -356,10 +357,11 @@ def _wait_gone(pid: int | None, timeout: float) -> None:
         psutil.Process(pid).wait(timeout)
 
 
-def status_rows(topology: Topology) -> list[dict[str, Any]]:
-    """One row per process of the topology, supervised or not (``arroyo.control.status``)."""
+def status_rows(topology: Topology, cpu: CpuMeter | None = None) -> list[dict[str, Any]]:
+    """One row per process of the topology, supervised or not (``arroyo.control.status``;
+    ``cpu``: the CPU meter of a reader that refreshes)."""
     infos = rpc(topology).supervisor.getAllProcessInfo() if is_running(topology) else []
-    return rows_of(topology, infos, supervisord_pid(topology) if infos else None)
+    return rows_of(topology, infos, supervisord_pid(topology) if infos else None, cpu)
 
 
 def scale(topology: Topology, stage: str, count: int, timeout: float = 120.0) -> tuple[int, int]:

@@ -85,6 +85,9 @@ class Dashboard:
         self._state_at = 0.0
         self._state_lock: asyncio.Lock | None = None
         self._action_lock: asyncio.Lock | None = None
+        from arroyo.control.status import CpuMeter
+
+        self._cpu = CpuMeter()  # kept: each snapshot shows the CPU of the last seconds
 
     def make_app(self) -> Any:
         from aiohttp import web
@@ -128,7 +131,7 @@ class Dashboard:
         from arroyo.runtime.stats import link_totals
 
         try:
-            rows = supervise.status_rows(self.topology)
+            rows = supervise.status_rows(self.topology, self._cpu)
             error = ""
         except Exception as e:  # supervisord going away mid-read: show, retry next time
             rows, error = [], f"{type(e).__name__}: {e}"
@@ -206,14 +209,22 @@ class Dashboard:
         return await self._act(request, action)
 
     async def set_live(self, request: Any) -> Any:
-        from arroyo.control.live import set_values
+        from arroyo.control.live import refusal_line, set_values
 
         def action(body: dict[str, Any]) -> str:
             stage, values = _text(body, "stage"), _values(body)
-            version, done, late = set_values(self.topology, stage, values, wait=5.0)
+            outcome = set_values(self.topology, stage, values, wait=5.0)
+            if outcome.refused_by_all:
+                raise ValueError(refusal_line(self.topology, stage, values, outcome))
+            lines = [*outcome.applied, outcome.idle]
+            lines += [f"{w}: not yet applied" for w in outcome.late]
+            refused = [f"{w}: refused: {why}" for w, why in outcome.refused.items()]
             text = ", ".join(f"{k}={v}" for k, v in values.items())
-            tail = "; ".join(done + [f"{w}: not yet applied" for w in late])
-            return f"{stage}: {text} (version {version}){': ' + tail if tail else ''}"
+            tail = "; ".join(line for line in refused + lines if line)
+            summary = f"{stage}: {text} (version {outcome.version}){': ' + tail if tail else ''}"
+            if refused:  # some workers took it, others did not: not a success
+                raise ValueError(summary)
+            return summary
 
         return await self._act(request, action)
 

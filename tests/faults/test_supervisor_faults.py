@@ -52,9 +52,11 @@ input = work
 
 HELPERS = '''
 """Operators that misbehave on purpose, for the control fault tests."""
+import os
+import sys
 import time
 
-from arroyo import Operator
+from arroyo import Event, Operator
 
 
 class SlowFail(Operator):
@@ -79,6 +81,40 @@ class SlowClose(Operator):
 
     def close(self) -> None:
         time.sleep(self.close_s)
+
+
+class ExitOnce(Operator):
+    """The first worker to see an event writes its pid to ``marker`` and calls
+    ``sys.exit(0)``, as a user's code may; every other event passes."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def process(self, message):
+        if isinstance(message, Event):
+            try:
+                fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                return message
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            sys.exit(0)
+        return message
+
+
+class Picky(Operator):
+    """Its live option ``level`` converts fine, and every change of it is refused."""
+
+    live_options = ("level",)
+
+    def __init__(self, level: int = 0) -> None:
+        self.level = level
+
+    def process(self, message):
+        return message
+
+    def apply_live(self, changes) -> None:
+        raise ValueError("level is fixed while a run is open")
 '''
 
 
@@ -239,3 +275,44 @@ def test_down_completes_when_scale_removes_a_worker_under_it(chain):
     assert not stage_procs(path)
     again = arroyo("down", str(path))
     assert again.returncode == 0 and again.stderr == ""
+
+
+# -- issue 19, item 5: control paths that lied ------------------------------------------
+
+
+def test_a_worker_that_exits_0_is_restarted(chain, tmp_path):
+    marker = tmp_path / "exited"
+    path = chain(workers=2, work=f"misbehave:ExitOnce\nmarker = {marker}")
+    arroyo("up", str(path))
+    wait_for(marker.exists, timeout=30)
+    gone = int(wait_for(marker.read_text, timeout=5))
+
+    def workers() -> list[int]:
+        return [p for k, p in pids(path).items() if k.startswith("work_") and p != gone]
+
+    wait_for(lambda: len(workers()) == 2, timeout=30)  # the stage runs both workers again
+    logs = supervise.paths(load(path)).logs
+    log = next(t for f in logs.glob("work_*.log") if f"/{gone}@" in (t := f.read_text()))
+    assert log.count("started as") == 2, log[-3000:]
+    out = tmp_path / "out.jsonl"
+    n = len(read_jsonl(out))
+    wait_for(lambda: len(read_jsonl(out)) > n + 300, timeout=30)  # and the stream goes on
+
+
+def test_set_fails_when_every_worker_refuses_and_keeps_nothing(chain):
+    path = chain(workers=2, work="misbehave:Picky")
+    arroyo("up", str(path))
+    result = arroyo("set", str(path), "work", "level=3", check=False)
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        f"{path}: [stage:work] level = 3: refused by every worker (work[0], work[1]): "
+        "ValueError: level is fixed while a run is open"
+    ], result.stderr
+    # A worker that starts later takes the INI's value, not the one its peers refused.
+    old = pids(path)["work_1"]
+    os.kill(old, signal.SIGKILL)
+    new = wait_for(lambda: (p := pids(path).get("work_1")) not in (None, old) and p, timeout=30)
+    stats = supervise.paths(load(path)).conf.parent / "stats" / "work.1.json"
+    live = wait_for(lambda: (s := json.loads(stats.read_text())).get("pid") == new and s["live"])
+    assert live["values"] == {} and live["error"] == "", live

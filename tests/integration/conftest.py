@@ -31,8 +31,7 @@ rate_hz = {rate}
 
 [stage:work]
 role = operator
-class = stages.basic:Delay
-max_ms = 0.3
+class = {work}
 input = det
 workers = {workers}
 
@@ -77,8 +76,11 @@ def stage_procs(topology: Path) -> list[psutil.Process]:
 def sup(topo, tmp_path) -> Iterator:
     made: list[Path] = []
 
-    def make(frames=200, runs=1, rate=0, workers=1):
-        path = topo(TOPO.format(frames=frames, runs=runs, rate=rate, workers=workers, tmp="{tmp}"))
+    def make(frames=200, runs=1, rate=0, workers=1, work="stages.basic:Delay\nmax_ms = 0.3"):
+        text = TOPO.format(
+            frames=frames, runs=runs, rate=rate, workers=workers, work=work, tmp="{tmp}"
+        )
+        path = topo(text)
         made.append(path)
         return path
 
