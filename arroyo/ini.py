@@ -35,7 +35,8 @@ class Problems:
         self.items.append(f"{where}: {text}")
 
 
-def read_ini(path: Path) -> configparser.ConfigParser:
+def read_ini(path: Path, text: str | None = None) -> configparser.ConfigParser:
+    """Parse the topology file ``path``, or ``text`` as if it were that file's."""
     parser = configparser.ConfigParser(
         interpolation=None,
         inline_comment_prefixes=(";", "#"),
@@ -45,14 +46,8 @@ def read_ini(path: Path) -> configparser.ConfigParser:
         # section header, so a [DEFAULT] section is reported as an unknown section.
         default_section="",
     )
-    if not path.is_file():
-        msg = f"{path}: no such topology file"
-        raise TopologyError([msg])
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        msg = f"{path}: [topology] not a valid INI file: not UTF-8 text (byte {e.start})"
-        raise TopologyError([msg]) from None
+    if text is None:
+        text = _read_text(path)
     try:
         parser.read_string(text, source=str(path))
     except configparser.DuplicateSectionError as e:
@@ -80,6 +75,17 @@ def read_ini(path: Path) -> configparser.ConfigParser:
         msg = f"{path}: [topology] not a valid INI file: {first}"
         raise TopologyError([msg]) from None
     return parser
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        msg = f"{path}: no such topology file"
+        raise TopologyError([msg])
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        msg = f"{path}: [topology] not a valid INI file: not UTF-8 text (byte {e.start})"
+        raise TopologyError([msg]) from None
 
 
 def _section_at(lines: list[str], lineno: int) -> str:

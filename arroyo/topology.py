@@ -7,6 +7,7 @@ there is one). See docs/topology.md for the format.
 
 from __future__ import annotations
 
+import configparser
 import os
 import sys
 from pathlib import Path
@@ -43,6 +44,7 @@ __all__ = [
     "describe",
     "import_class",
     "load",
+    "run_dir_hint",
     "socket_dir_for",
     "worker_count",
 ]
@@ -169,11 +171,12 @@ def _read_stage(
     return Draft(name, section, role, class_path, options, inputs, workers, scalable, settings)  # type: ignore[arg-type]
 
 
-def load(path: str | os.PathLike[str]) -> Topology:
-    """Read and validate a topology file; ``TopologyError`` lists every problem."""
+def load(path: str | os.PathLike[str], text: str | None = None) -> Topology:
+    """Read and validate a topology file (or ``text`` as that file, e.g. the copy
+    ``arroyo up`` keeps); ``TopologyError`` lists every problem."""
     path = Path(path).absolute()
     problems = Problems(path)
-    parser = read_ini(path)
+    parser = read_ini(path, text)
     base_dir = path.parent
     if str(base_dir) not in sys.path:
         # Users' own stage modules live next to their topology file.
@@ -207,8 +210,7 @@ def load(path: str | os.PathLike[str]) -> Topology:
 
     if not parser.has_section("topology"):
         problems.add("topology", "missing section (it gives at least the topology's name)")
-    name = topo_values.get("name", path.stem).strip() or path.stem
-    run_dir = (base_dir / topo_values.get("run_dir", f".arroyo/{name}").strip()).resolve()
+    name, run_dir = _name_and_run_dir(path, topo_values)
     stopwaitsecs = 30
     if "stopwaitsecs" in topo_values:
         try:
@@ -256,6 +258,29 @@ def load(path: str | os.PathLike[str]) -> Topology:
         peer_timeout=net.peer_timeout,
         supervisor_port=net.supervisor_port,
     )
+
+
+def _name_and_run_dir(path: Path, values: dict[str, str]) -> tuple[str, Path]:
+    name = values.get("name", path.stem).strip() or path.stem
+    return name, (path.parent / values.get("run_dir", f".arroyo/{name}").strip()).resolve()
+
+
+def run_dir_hint(path: str | os.PathLike[str]) -> Path | None:
+    """The run_dir of the topology file at ``path`` as far as it can be read from its
+    ``[topology]`` section, however broken the rest; None when that cannot be read. For
+    a topology that no longer loads: ``arroyo status`` finds what ``up`` started there."""
+    path = Path(path).absolute()
+    parser = configparser.ConfigParser(
+        interpolation=None, inline_comment_prefixes=(";", "#"), strict=False, default_section=""
+    )
+    try:
+        parser.read_string(path.read_text(encoding="utf-8", errors="replace"))
+    except (OSError, configparser.MissingSectionHeaderError):
+        return None
+    except configparser.Error:
+        pass  # the lines around a bad one are read all the same
+    values = dict(parser.items("topology")) if parser.has_section("topology") else {}
+    return _name_and_run_dir(path, values)[1]
 
 
 def describe(topology: Topology) -> str:

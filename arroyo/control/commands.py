@@ -21,6 +21,17 @@ def _load(path: str) -> Topology:
     return load(path)
 
 
+def _load_running(path: str) -> Topology:
+    """The topology at ``path``; once that no longer loads, the copy ``arroyo up`` kept
+    of it (``arroyo.control.rendered``), which is said in one line on stderr."""
+    from arroyo.control.rendered import load_running
+
+    topology, note = load_running(path)
+    if note:
+        click.echo(note, err=True)
+    return topology
+
+
 def _live_and_extra(rows: list[dict[str, Any]]) -> list[str]:
     """Lines for the live values (``arroyo set``) and a stage's own figures."""
     out: list[str] = []
@@ -110,7 +121,7 @@ def down(topology: str, chains: tuple[str, ...]) -> None:
     from arroyo.control.strays import describe
     from arroyo.control.supervise import down as do_down
 
-    topo = _load(topology)
+    topo = _load_running(topology)
     if topo.multihost:
         from arroyo.control import cluster
 
@@ -236,7 +247,7 @@ def status(topology: str, as_json: bool) -> None:
     """One row per process: supervisor state, psutil figures and stage counters."""
     from arroyo.control.supervise import status_rows
 
-    topo = _load(topology)
+    topo = _load_running(topology)
     if topo.multihost:
         from arroyo.control import cluster
 
@@ -268,7 +279,7 @@ def top(topology: str, interval: float, count: int) -> None:
     from arroyo.control.status import CpuMeter
     from arroyo.control.supervise import status_rows
 
-    topo = _load(topology)
+    topo = _load_running(topology)
     if topo.multihost:
         msg = f"{topo.path}: `arroyo top` covers one host; use `arroyo status` with [hosts]"
         raise ConfigError(msg)

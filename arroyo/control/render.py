@@ -25,6 +25,7 @@ class Paths:
     pidfile: Path
     logs: Path
     workers: Path
+    topology: Path  # the topology file as it was rendered (``arroyo.control.rendered``)
 
 
 def supervisor_socket(topology: Topology, name: str) -> Path:
@@ -37,15 +38,20 @@ def supervisor_socket(topology: Topology, name: str) -> Path:
     return sock
 
 
+CONF = "supervisord.conf"
+RENDERED_TOPOLOGY = "rendered-topology.ini"
+
+
 def paths(topology: Topology) -> Paths:
     run_dir = topology.run_dir
     sock = supervisor_socket(topology, "supervisor.sock")
     return Paths(
-        conf=run_dir / "supervisord.conf",
+        conf=run_dir / CONF,
         socket=sock,
         pidfile=run_dir / "supervisord.pid",
         logs=run_dir / "logs",
         workers=run_dir / "workers.json",
+        topology=run_dir / RENDERED_TOPOLOGY,
     )
 
 
@@ -135,15 +141,28 @@ def fingerprint(topology: Topology) -> str:
         return "unreadable"
 
 
-def rendered_fingerprint(topology: Topology) -> str | None:
-    """The fingerprint the running config was rendered from (None: not recorded)."""
+def _first_line(conf: Path) -> tuple[str, str] | None:
+    """(topology path, fingerprint) from a rendered config's first line."""
     try:
-        with paths(topology).conf.open() as f:
+        with conf.open() as f:
             first = f.readline()
     except OSError:
         return None
-    _, found, rest = first.partition(f"({FINGERPRINT} ")
-    return rest.split(")", 1)[0] if found else None
+    head, found, rest = first.partition(f" ({FINGERPRINT} ")
+    _, ours, source = head.partition("; rendered by arroyo from ")
+    return (source, rest.split(")", 1)[0]) if found and ours else None
+
+
+def rendered_fingerprint(topology: Topology) -> str | None:
+    """The fingerprint the running config was rendered from (None: not recorded)."""
+    found = _first_line(paths(topology).conf)
+    return found[1] if found else None
+
+
+def rendered_source(conf: Path) -> Path | None:
+    """The topology file a rendered config ``conf`` was rendered from."""
+    found = _first_line(conf)
+    return Path(found[0]) if found else None
 
 
 def render(topology: Topology) -> str:
@@ -189,6 +208,8 @@ def write_config(topology: Topology, out: Path | None = None) -> Path:
         for d in (target.parent, p.logs, p.socket.parent, topology.socket_dir):
             d.mkdir(parents=True, exist_ok=True)
         target.write_text(render(topology))
+        if target == p.conf:  # what runs: ``arroyo status`` and ``down`` fall back on it
+            p.topology.write_bytes(topology.path.read_bytes())
     except OSError as e:
         msg = f"{topology.path}: [topology] run_dir = {topology.run_dir}: not writable ({e})"
         raise ConfigError(msg) from e

@@ -166,3 +166,51 @@ def test_up_after_an_edit_refuses_while_running_and_renders_again_when_idle(sup,
     out = tmp_path / "out.jsonl"
     n = len(read_jsonl(out))
     wait_for(lambda: len(read_jsonl(out)) > n + 200, timeout=30)
+
+
+def _typo(text: str) -> str:
+    return text.replace("workers = 2", "workers = two")
+
+
+def _no_header(text: str) -> str:  # even [topology] run_dir cannot be read any more
+    return text.replace("[topology]", "topology")
+
+
+@pytest.mark.parametrize(
+    ("breaks", "why"),
+    [
+        (_typo, "[stage:work] workers = 'two': expected an integer"),
+        (_no_header, "not a valid INI file"),
+        (None, "no such topology file"),  # the file is gone
+    ],
+)
+def test_status_and_down_use_what_up_started_once_the_ini_is_broken(sup, breaks, why):
+    path = sup(frames=1_000_000, rate=500, workers=2)
+    arroyo("up", str(path))
+    conf = supervise.paths(load(path)).conf
+    text = path.read_text()
+    try:
+        if breaks is None:
+            path.unlink()
+        else:
+            path.write_text(breaks(text))
+        for refused in (
+            arroyo("check", str(path), check=False),
+            arroyo("up", str(path), check=False),
+        ):
+            assert refused.returncode == 2 and why in refused.stderr, refused
+        note = f"; using the topology `arroyo up` started ({conf.parent}/rendered-topology.ini)"
+
+        status = arroyo("status", str(path))
+        assert status.stderr.count("\n") == 1 and why in status.stderr, status.stderr
+        assert status.stderr.startswith(str(path)) and note in status.stderr, status.stderr
+        assert status.stdout.count(" RUNNING ") == 4, status.stdout
+        rows = json.loads(arroyo("status", str(path), "--json").stdout)
+        assert [r["state"] for r in rows] == ["RUNNING"] * 4
+
+        down = arroyo("down", str(path))
+        assert down.stderr.count("\n") == 1 and note in down.stderr, down.stderr
+        assert down.stdout.strip() == "stopped"
+        assert not stage_procs(path) and not supervisord_procs(conf)
+    finally:
+        path.write_text(text)
