@@ -84,14 +84,15 @@ class SlowClose(Operator):
 
 
 class ExitOnce(Operator):
-    """The first worker to see an event writes its pid to ``marker`` and calls
-    ``sys.exit(0)``, as a user's code may; every other event passes."""
+    """Once ``go`` exists, the first worker to see an event writes its pid to
+    ``marker`` and calls ``sys.exit(0)``, as a user's code may; every other event passes."""
 
-    def __init__(self, marker: str) -> None:
+    def __init__(self, go: str, marker: str) -> None:
+        self.go = go
         self.marker = marker
 
     def process(self, message):
-        if isinstance(message, Event):
+        if isinstance(message, Event) and os.path.exists(self.go):
             try:
                 fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             except FileExistsError:
@@ -281,9 +282,10 @@ def test_down_completes_when_scale_removes_a_worker_under_it(chain):
 
 
 def test_a_worker_that_exits_0_is_restarted(chain, tmp_path):
-    marker = tmp_path / "exited"
-    path = chain(workers=2, work=f"misbehave:ExitOnce\nmarker = {marker}")
+    go, marker = tmp_path / "go", tmp_path / "exited"
+    path = chain(workers=2, work=f"misbehave:ExitOnce\ngo = {go}\nmarker = {marker}")
     arroyo("up", str(path))
+    go.touch()  # now that up has seen both workers run (an exit before is a failed start)
     wait_for(marker.exists, timeout=30)
     gone = int(wait_for(marker.read_text, timeout=5))
 
