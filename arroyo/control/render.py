@@ -77,6 +77,18 @@ def record_workers(topology: Topology, stage: str, count: int) -> None:
     os.replace(tmp, path)
 
 
+def forget_workers(topology: Topology, stages: list[str]) -> None:
+    """Drop ``stages`` from the recorded counts: the next render uses the INI's."""
+    data = {k: v for k, v in recorded_workers(topology).items() if k not in stages}
+    path = paths(topology).workers
+    if data:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def worker_count(topology: Topology, stage: str) -> int:
     return recorded_workers(topology).get(stage, topology.stages[stage].workers)
 
