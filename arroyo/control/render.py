@@ -68,25 +68,24 @@ def recorded_workers(topology: Topology) -> dict[str, int]:
 
 
 def record_workers(topology: Topology, stage: str, count: int) -> None:
-    data = recorded_workers(topology)
-    data[stage] = count
-    path = paths(topology).workers
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    _write_workers(topology, {**recorded_workers(topology), stage: count})
 
 
 def forget_workers(topology: Topology, stages: list[str]) -> None:
     """Drop ``stages`` from the recorded counts: the next render uses the INI's."""
     data = {k: v for k, v in recorded_workers(topology).items() if k not in stages}
-    path = paths(topology).workers
     if data:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
+        _write_workers(topology, data)
     else:
-        path.unlink(missing_ok=True)
+        paths(topology).workers.unlink(missing_ok=True)
+
+
+def _write_workers(topology: Topology, data: dict[str, int]) -> None:
+    path = paths(topology).workers
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
 
 
 def worker_count(topology: Topology, stage: str) -> int:

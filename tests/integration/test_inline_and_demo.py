@@ -159,9 +159,16 @@ def test_demo_serving_ctrl_c_summarises_keeps_the_last_runs_and_starts_from_its_
         demo = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_default_sigint
         )
+    most = 0  # run folders on disk at any one look, while the demo serves
+
+    def four_rounds_in() -> bool:  # the first three runs, then three more rounds of three
+        nonlocal most
+        if (out / "runs").is_dir():
+            most = max(most, sum(1 for p in (out / "runs").iterdir() if p.name[:4] == "run_"))
+        return max(_stops(out / "events.jsonl"), default=0) >= 12
+
     try:
-        # the first three runs, then three more rounds of three
-        wait_for(lambda: max(_stops(out / "events.jsonl"), default=0) >= 12, timeout=150)
+        wait_for(four_rounds_in, timeout=150, interval=0.2)
         demo.send_signal(signal.SIGINT)
         code = demo.wait(timeout=90)  # generous: the stop itself takes a few seconds
         text = printed.read_text()
@@ -182,6 +189,7 @@ def test_demo_serving_ctrl_c_summarises_keeps_the_last_runs_and_starts_from_its_
     assert len(runs) <= keep and runs[-1] >= 12, runs
     folders = sorted(int(p.name[4:9]) for p in (out / "runs").iterdir())
     assert len(folders) <= keep and folders[-1] >= 12, folders
+    assert most <= keep + 3, f"{most} run folders at once (keep {keep}, 3 runs a round)"
     # started from its INI: two `correct` workers, not the three `scale` had kept
     assert "correct: back to the INI's 2 workers (was 3)" in text, text
     assert sorted(p.name for p in (tmp_path / "demo" / "stats").glob("correct.*.json")) == [
