@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -180,10 +181,11 @@ def _serve_pages(topology: Topology, port: int) -> Any:
 
 
 def _start_afresh(topology: Topology, keep: int) -> None:
-    """Every demo starts from its INI: nothing left running, the worker counts of the
-    INI (not one kept from an earlier ``arroyo scale``), a new sink log."""
-    if supervise.is_running(topology):  # left over from an earlier demo
-        supervise.down(topology)
+    """Every demo starts from its INI: nothing left running by an earlier demo (a
+    killed one leaves stage processes behind), no live values of ``arroyo set``, the
+    worker counts of the INI (not one kept from an earlier ``arroyo scale``), a new
+    sink log."""
+    supervise.down(topology)  # all of that but the counts; quick when nothing runs
     for line in reset_scale(topology):
         print(line)
     sink = _option_path(topology, "sink")
@@ -237,14 +239,17 @@ def main(
 
 
 def _stop(topology: Topology, pages: Any, tally: Tally, keep: int) -> None:
-    """Bring everything down, then count what the stop delivered and prune."""
+    """Bring everything down, then count what the stop delivered and prune. The
+    dashboard closes its browsers' connections meanwhile (it may wait a second for
+    them), so Ctrl-C costs the chain's clean stop and not that too."""
     # A second Ctrl-C must not cut the clean stop short and leave processes behind.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    closing = threading.Thread(target=pages.stop if pages else None, name="demo-pages-stop")
     try:
-        if pages is not None:
-            pages.stop()
+        closing.start()
         supervise.down(topology)
     finally:
+        closing.join()
         signal.signal(signal.SIGINT, previous)
     tally.update()
     prune(topology, keep)
