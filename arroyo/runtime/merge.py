@@ -24,6 +24,11 @@ from arroyo.runtime.stats import RunReport
 
 log = logging.getLogger("arroyo.merge")
 
+# How long a stage with a single upstream process waits, once that process is found
+# dead mid-run, for its restart to take the run up (supervisord restarts it in about a
+# second) before it closes the run without it.
+RESTART_GRACE = 10.0
+
 # Stop.routing key: the events a run lost before the Stop's sender, by reason (a count,
 # or -1 when nobody knows how many). Summed where shares meet; any makes a run
 # incomplete at every stage after the loss.
@@ -124,6 +129,7 @@ class RunMerger:
         self._closed_keys: set[RunKey] = set()  # the same, to look up per message
         self._late_from: set[str] = set()
         self._last_check = time.monotonic()
+        self._dead_since: dict[str, float] = {}  # single upstream: when it was found dead
 
     # -- entry point ---------------------------------------------------------------
 
@@ -346,7 +352,7 @@ class RunMerger:
             expected=run.expected_events,
             missing_workers=missing,
             losses=add_up_losses(run.stops.values()),
-            emitted_known=bool(stops) or not run.origin_dead,
+            emitted_known=bool(stops),  # without a Stop, what the source emitted is unknown
         )
         if run.cut:
             # it is this stage that stopped waiting: say so, and blame no one's death
@@ -402,7 +408,7 @@ class RunMerger:
         key = self.current
         run = self.runs[key]
         owing = (run.expected | run.senders) - set(run.stops)
-        run.dead |= {w for w in owing if not self.alive(w)}
+        run.dead |= {w for w in owing if not self.alive(w) and self._let_go(w, key, run)}
         if key[0] and not run.expected and not self.alive(key[0]) and self._orphaned(key):
             run.origin_dead = True
             run.origin_fate = "stopped" if self.stopped(key[0]) else "died"
@@ -414,6 +420,23 @@ class RunMerger:
                 run.origin_fate,
             )
         return self._advance()
+
+    def _let_go(self, who: str, key: RunKey, run: _Run) -> bool:
+        """May this run stop waiting for ``who``, found dead? Among a scaled stage's
+        workers, at once: the others carry the stream. From a single upstream process
+        that is not the source, once its restarted process has taken the run up (it is
+        sent the run's Start again when it joins), or after ``RESTART_GRACE``: closing at
+        once would drop the rest of the run as late. (A stage that stops closes its
+        open runs as they stand anyway.)"""
+        if self.named or who == key[0]:
+            return True
+        if any(_restarted(who, other) for other in run.senders):
+            return True
+        since = self._dead_since.setdefault(who, time.monotonic())
+        if time.monotonic() - since <= RESTART_GRACE:
+            return False
+        del self._dead_since[who]
+        return True
 
     def _orphaned(self, key: RunKey) -> bool:
         """A run whose source is gone gets no Stop only if the source died: a source

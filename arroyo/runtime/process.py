@@ -146,7 +146,7 @@ class StageProcess:
             self.inputs.append((end, merger))
 
     def _report(self, report: RunReport) -> None:
-        self.counters.runs.append(report)
+        self.counters.report(report)
         level = logging.INFO if report.complete else logging.WARNING
         log.log(level, "%s", report.line())
 

@@ -175,6 +175,10 @@ class StageCounters:
     sent: int = 0
     current_run: int | None = None
     runs: deque[RunReport] = field(default_factory=lambda: deque(maxlen=50))
+    # every run reported here so far, by outcome, and the events missing from them
+    runs_complete: int = 0
+    runs_incomplete: int = 0
+    events_missing: int = 0
     process_ns: deque[int] = field(default_factory=lambda: deque(maxlen=1000))
     started: float = field(default_factory=time.time)
     # (minor faults, events) when the current run started: faults per event since then
@@ -189,6 +193,15 @@ class StageCounters:
         """Events this process handled: received, or sent for a source."""
         received = sum(c.events for c in self.links if c.direction == "in")
         return received or self.sent
+
+    def report(self, report: RunReport) -> None:
+        """Keep a run's report, and count it by outcome."""
+        self.runs.append(report)
+        if report.complete:
+            self.runs_complete += 1
+        else:
+            self.runs_incomplete += 1
+            self.events_missing += report.missing
 
     def mark_run_start(self) -> None:
         """Called at each Start (one ``getrusage`` per run, nothing per message)."""
@@ -228,6 +241,9 @@ class StageCounters:
             "process_ms_mean": (sum(times) / len(times) / 1e6) if times else 0.0,
             "process_ms_p99": (times[int(len(times) * 0.99)] / 1e6) if times else 0.0,
             "runs": [r.snapshot() for r in self.runs],
+            "runs_complete": self.runs_complete,
+            "runs_incomplete": self.runs_incomplete,
+            "events_missing": self.events_missing,
             "minor_faults": faults,
             "faults_per_event": self.faults_per_event(faults),
         }
@@ -379,7 +395,10 @@ def past_path(stats_file: Path) -> Path:
 
 
 PAST_SUFFIX = ".past.json"
-_SUMMED = ("received", "sent", "errors", "dropped")
+_SUMMED = (
+    *("received", "sent", "errors", "dropped"),
+    *("runs_complete", "runs_incomplete", "events_missing"),
+)
 _LINK_SUMMED = ("messages", "events", "bytes", "auth_refused")
 
 

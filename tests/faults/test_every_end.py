@@ -163,3 +163,50 @@ def test_events_that_process_fails_on_make_the_run_incomplete(chain, tmp_path, s
     # one traceback per distinct error and run, not one per event
     log = arroyo("logs", str(path), "op").stdout
     assert log.count("Traceback") == 2, log[-3000:]
+
+
+FRAMES = 8000
+SINGLE_OP = """
+[topology]
+name = single
+run_dir = run
+
+[stage:det]
+role = listener
+class = stages.synthetic:DetectorSimulator
+frames = 8000
+shape = 4, 4
+rate_hz = 1000
+
+[stage:op]
+role = operator
+class = stages.basic:Delay
+max_ms = 0
+input = det
+scalable = false
+
+[stage:sink]
+role = publisher
+class = stages.sinks:JsonLinesLog
+path = {tmp}/out.jsonl
+input = op
+"""
+
+
+def test_a_single_operator_killed_mid_run_is_waited_for_and_the_loss_is_exact(chain, tmp_path):
+    path = chain(SINGLE_OP)
+    out = tmp_path / "out.jsonl"
+    wait_for(lambda: len(read_jsonl(out)) > 500, timeout=30)
+    at_kill = len(read_jsonl(out))
+    os.kill(pids(path)["op_0"], signal.SIGKILL)
+    wait_for(lambda: stops_at_sink(out) == 1, timeout=60)
+    [(_, got, stop)] = runs_of(read_jsonl(out))
+    # the restarted operator took the run up: its part arrived in the same run
+    assert got > at_kill + 1000, (got, at_kill)
+    assert stop["seq"] == FRAMES, stop
+    report = wait_for(lambda: sink_runs(path).get(1), timeout=15)
+    # what was in flight to the killed process is missing, exactly (possibly nothing)
+    assert report["missing"] == FRAMES - got, report
+    assert report["complete"] is (got == FRAMES), report
+    assert ("incomplete" in stop["data"]) is (got < FRAMES), stop
+    assert report["missing_workers"][0].startswith("op/0/"), report
