@@ -383,12 +383,15 @@ class RunMerger:
         """What the Stop of an incomplete run tells the stages after this one: the
         losses before this stage, and this link's own (-1: a count nobody knows)."""
         losses = dict(report.losses)
-        if report.missing:
-            losses[self.hop_loss] = losses.get(self.hop_loss, 0) + report.missing
+        # (where a process died, the source's count is the reference: it already
+        # covers what was lost before this link)
+        here = report.hop_missing - (report.upstream_lost if report.missing_workers else 0)
+        if here > 0:
+            losses[self.hop_loss] = losses.get(self.hop_loss, 0) + here
         if not report.emitted_known:
             losses["lost with the source, which died before its Stop (count unknown)"] = -1
         for who in report.missing_workers:
-            if "(" in who and report.missing == 0:
+            if "(" in who and report.hop_missing == 0:
                 # a share cut short at a timeout: how much it held back is not known here
                 losses[f"{self.hop_loss}: {who}"] = -1
         return losses or {self.hop_loss: -1}

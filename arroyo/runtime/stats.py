@@ -99,12 +99,24 @@ class RunReport:
     emitted_known: bool = True  # False: the source died before its Stop said how many
 
     @property
-    def missing(self) -> int:
-        """Events lost on the way to this stage. When an upstream process died its share
-        is unknown, so the source's count is the reference (exact for chains that do
-        not filter)."""
+    def hop_missing(self) -> int:
+        """Events lost on the way from the upstream processes to this stage. When one
+        of them died its share is unknown, so the source's count is the reference
+        (exact for chains that do not filter; it covers the losses before, too)."""
         reference = self.emitted if self.missing_workers else self.expected
         return max(0, reference - self.received)
+
+    @property
+    def missing(self) -> int:
+        """Events missing from the run here: on the way here, and before (the losses
+        the upstream Stops report, where the source's count did not already cover them)."""
+        if self.missing_workers:
+            return self.hop_missing
+        return self.hop_missing + self.upstream_lost
+
+    @property
+    def upstream_lost(self) -> int:
+        return sum(n for n in self.losses.values() if n > 0)
 
     @property
     def complete(self) -> bool:
