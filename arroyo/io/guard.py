@@ -54,7 +54,8 @@ class DecodeGuard:
       nested at most ``MAX_DEPTH`` deep, and ``arroyo.wire`` can encode it, so the
       link to the next stage will carry it.
     - Any ``Exception`` on the way, raised by ``function`` or by the checks, is a drop:
-      counted once under its reason, logged, and ``decode`` returns ``[]``. Nothing
+      counted once under its reason, logged, and ``decode`` returns ``[]`` (one
+      foreign message is one drop, even when it would have made several). Nothing
       propagates but ``BaseException``\\ s that are not ``Exception`` (a
       KeyboardInterrupt, a SystemExit).
     - Reasons: a ``WireError``'s own ``reason`` (``frame_size``, ``bad_header``, ...;
