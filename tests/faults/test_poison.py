@@ -22,7 +22,7 @@ import zmq
 from arroyo.control import supervise
 from arroyo.topology import load
 from tests.conftest import read_jsonl, runs_of, wait_for
-from tests.integration.conftest import arroyo, bring_down, pids
+from tests.integration.conftest import arroyo, pids
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(150)]
 
@@ -90,19 +90,9 @@ FRAMES = {
 
 
 @pytest.fixture
-def chain(topo) -> Iterator[Callable[[str], Path]]:
-    """``chain(listener lines)``: the chain written, brought up and always brought down."""
-    made: list[Path] = []
-
-    def up(listener: str) -> Path:
-        path = topo(CHAIN.format(listener=listener, tmp="{tmp}"))
-        made.append(path)
-        arroyo("up", str(path))
-        return path
-
-    yield up
-    for path in made:
-        bring_down(path)
+def chain(supervised) -> Callable[[str], Path]:
+    """``chain(listener lines)``: the listener and a sink, up under supervisord."""
+    return lambda listener: supervised(CHAIN.format(listener=listener, tmp="{tmp}"))
 
 
 def status_row(path: Path, stage: str) -> dict[str, Any]:
