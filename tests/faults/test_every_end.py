@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from arroyo.control import supervise
-from arroyo.topology import load
 from tests.conftest import read_jsonl, runs_of, wait_for
 from tests.integration.conftest import arroyo, pids
 
@@ -84,18 +82,8 @@ input = op
 
 
 @pytest.fixture
-def chain(topo):
-    made: list[Path] = []
-
-    def up(text: str) -> Path:
-        path = topo(text)
-        made.append(path)
-        arroyo("up", str(path))
-        return path
-
-    yield up
-    for path in made:
-        supervise.down(load(path), timeout=60)
+def chain(supervised):
+    return supervised
 
 
 def sink_runs(path: Path) -> dict[int, dict]:

@@ -14,7 +14,7 @@ import pytest
 from arroyo.control import supervise
 from arroyo.topology import load
 from tests.conftest import read_jsonl, runs_of, wait_for
-from tests.integration.conftest import arroyo
+from tests.integration.conftest import arroyo, bring_down
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -64,7 +64,7 @@ def tapped(topo):
 
     yield up
     for path in made:
-        supervise.down(load(path), timeout=60)
+        bring_down(path)
 
 
 def rows_of(path: Path) -> list[dict]:
