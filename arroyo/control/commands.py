@@ -12,7 +12,7 @@ import click
 
 from arroyo.control.clibase import TOPOLOGY, main, user_errors
 from arroyo.errors import ConfigError
-from arroyo.runtime.stats import link_totals
+from arroyo.runtime.stats import link_totals, run_line
 from arroyo.topology import Topology, load
 
 
@@ -216,11 +216,7 @@ def status_table(
     runs = [(r["stage"], run) for r in rows for run in r["runs"][-3:]]
     if runs:
         lines.append("")
-        for stage, run in runs:
-            state = "complete" if run["complete"] else f"INCOMPLETE, {run['missing']} missing"
-            lines.append(
-                f"{stage}: run {run['run']}: {run['received']}/{run['expected']} ({state})"
-            )
+        lines += [f"{stage}: {run_line(run)}" for stage, run in runs]
     return "\n".join(lines)
 
 

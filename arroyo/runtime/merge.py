@@ -24,6 +24,27 @@ from arroyo.runtime.stats import RunReport
 
 log = logging.getLogger("arroyo.merge")
 
+# How long a stage with a single upstream process waits, once that process is found
+# dead mid-run, for its restart to take the run up (supervisord restarts it in about a
+# second) before it closes the run without it.
+RESTART_GRACE = 10.0
+
+# Stop.routing key: the events a run lost before the Stop's sender, by reason (a count,
+# or -1 when nobody knows how many). Summed where shares meet; any makes a run
+# incomplete at every stage after the loss.
+LOSSES = "l"
+
+
+def add_up_losses(stops: Any) -> dict[str, int]:
+    """The losses the ``stops`` report, summed by reason (an unknown count stays -1)."""
+    total: dict[str, int] = {}
+    for stop in stops:
+        for reason, n in (stop.routing.get(LOSSES) or {}).items():
+            if isinstance(reason, str) and isinstance(n, int):
+                known = total.get(reason, 0)
+                total[reason] = -1 if n < 0 or known < 0 else known + n
+    return total
+
 
 def partial_stop(start: Start, cut: str = "") -> Stop:
     """The Stop a worker sends for its share of a run it leaves before the run's end;
@@ -69,7 +90,14 @@ class _Run:
 
 
 class RunMerger:
-    """Orders one input link's messages into whole runs."""
+    """Orders one input link's messages into whole runs.
+
+    ``fan_in``: this stage receives whole runs (it is not one of a scaled stage's
+    workers), so it rebuilds each run from its senders' shares, holds later runs until
+    the current one ends, and reports every run's completeness. ``named``: the upstream
+    stage is scalable, so a Stop's ``w`` names the workers that carry the run; from a
+    single upstream process, the senders that forwarded the Start are the ones to wait
+    for. A worker of a scaled stage (``fan_in`` False) passes its share through."""
 
     def __init__(
         self,
@@ -80,8 +108,13 @@ class RunMerger:
         upstream_done: Callable[[], bool] = lambda: False,
         stopped: Callable[[str], bool] = lambda _: False,
         on_late: Callable[[], None] = lambda: None,
+        named: bool = True,
+        pub: bool = False,
     ) -> None:
         self.link_name = link_name
+        self.named = named
+        # what a shortfall on this link is, in the reports downstream
+        self.hop_loss = f"dropped on PUB link {link_name}" if pub else f"lost on link {link_name}"
         self.on_late = on_late
         self.upstream_done = upstream_done
         self.stopped = stopped  # this process identity exited cleanly (not alive)
@@ -96,6 +129,7 @@ class RunMerger:
         self._closed_keys: set[RunKey] = set()  # the same, to look up per message
         self._late_from: set[str] = set()
         self._last_check = time.monotonic()
+        self._dead_since: dict[str, float] = {}  # single upstream: when it was found dead
 
     # -- entry point ---------------------------------------------------------------
 
@@ -206,10 +240,12 @@ class RunMerger:
         return [*ended, (sender, size, message)]
 
     def _end_earlier_runs(self, key: RunKey) -> list[Item]:
-        """A Start of another run from the same origin while one is still open: the
-        upstream moved on without sending us that run's Stop (it restarted after
-        broadcasting it, before we reconnected). Our share of it ends here."""
-        earlier = [k for k in self.open_runs if k[0] == key[0] and k != key]
+        """A Start of another run from the same origin (or from the origin's restarted
+        process) while one is still open: the upstream moved on without sending us that
+        run's Stop (it restarted, before or after broadcasting it). Our share ends here."""
+        earlier = [
+            k for k in self.open_runs if k != key and (k[0] == key[0] or _restarted(key[0], k[0]))
+        ]
         for k in earlier:
             log.warning(
                 "link %s: run %d of %s got no Stop before run %d began; ending our share",
@@ -230,7 +266,8 @@ class RunMerger:
         if stop.routing.get("partial"):
             # A worker that left mid-run: its share is done, but the run is not.
             return
-        run.expected |= set(stop.routing.get("w") or [who])
+        named = stop.routing.get("w") if self.named else None
+        run.expected |= set(named or [who])
 
     def _apply(self, run: _Run, who: str, size: int, message: Message) -> list[Item]:
         if isinstance(message, Start):
@@ -314,6 +351,8 @@ class RunMerger:
             received=run.events,
             expected=run.expected_events,
             missing_workers=missing,
+            losses=add_up_losses(run.stops.values()),
+            emitted_known=bool(stops),  # without a Stop, what the source emitted is unknown
         )
         if run.cut:
             # it is this stage that stopped waiting: say so, and blame no one's death
@@ -333,11 +372,29 @@ class RunMerger:
         self.on_report(report)
         stops_seen = list(run.stops.values())
         data = add_up_shares(dict(last.data), stops_seen) if last else {"interrupted": True}
-        if report.missing_workers or report.missing:
-            data["incomplete"] = True
         routing: dict[str, Any] = {"o": key[0], "n": run.events}
+        if not report.complete:
+            data["incomplete"] = True
+            routing[LOSSES] = self._losses_on(report)
         stop = Stop(data=data, run=key[1], seq=report.emitted, routing=routing)
         return [("", 0, stop)]
+
+    def _losses_on(self, report: RunReport) -> dict[str, int]:
+        """What the Stop of an incomplete run tells the stages after this one: the
+        losses before this stage, and this link's own (-1: a count nobody knows)."""
+        losses = dict(report.losses)
+        # (where a process died, the source's count is the reference: it already
+        # covers what was lost before this link)
+        here = report.hop_missing - (report.upstream_lost if report.missing_workers else 0)
+        if here > 0:
+            losses[self.hop_loss] = losses.get(self.hop_loss, 0) + here
+        if not report.emitted_known:
+            losses["lost with the source, which died before its Stop (count unknown)"] = -1
+        for who in report.missing_workers:
+            if "(" in who and report.hop_missing == 0:
+                # a share cut short at a timeout: how much it held back is not known here
+                losses[f"{self.hop_loss}: {who}"] = -1
+        return losses or {self.hop_loss: -1}
 
     def check_dead(self) -> list[Item]:
         """Give up on workers (and sources) that died holding the current run open."""
@@ -354,7 +411,7 @@ class RunMerger:
         key = self.current
         run = self.runs[key]
         owing = (run.expected | run.senders) - set(run.stops)
-        run.dead |= {w for w in owing if not self.alive(w)}
+        run.dead |= {w for w in owing if not self.alive(w) and self._let_go(w, key, run)}
         if key[0] and not run.expected and not self.alive(key[0]) and self._orphaned(key):
             run.origin_dead = True
             run.origin_fate = "stopped" if self.stopped(key[0]) else "died"
@@ -366,6 +423,23 @@ class RunMerger:
                 run.origin_fate,
             )
         return self._advance()
+
+    def _let_go(self, who: str, key: RunKey, run: _Run) -> bool:
+        """May this run stop waiting for ``who``, found dead? Among a scaled stage's
+        workers, at once: the others carry the stream. From a single upstream process
+        that is not the source, once its restarted process has taken the run up (it is
+        sent the run's Start again when it joins), or after ``RESTART_GRACE``: closing at
+        once would drop the rest of the run as late. (A stage that stops closes its
+        open runs as they stand anyway.)"""
+        if self.named or who == key[0]:
+            return True
+        if any(_restarted(who, other) for other in run.senders):
+            return True
+        since = self._dead_since.setdefault(who, time.monotonic())
+        if time.monotonic() - since <= RESTART_GRACE:
+            return False
+        del self._dead_since[who]
+        return True
 
     def _orphaned(self, key: RunKey) -> bool:
         """A run whose source is gone gets no Stop only if the source died: a source
