@@ -30,6 +30,7 @@ from arroyo.control import supervise
 from arroyo.control.commands import status_table
 from arroyo.control.scaled import reset_scale
 from arroyo.errors import ArroyoError, ConfigError
+from arroyo.runtime.stats import run_line
 from arroyo.topology import Topology, load
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: arroyo/control/demo.py
@@ -313,7 +314,7 @@ def _summary(tally: Tally, expected_runs: int, reports: list[dict], elapsed: flo
     frame_bytes = 2 * 256 * 256  # uint16 frames of the demo detector
     print(f"runs complete: {len(tally.complete())}/{expected_runs}")
     for r in reports:
-        print(f"  run {r['run']}: {r['received']}/{r['expected']} events")
+        print(f"  {run_line(r)}")
     print(
         f"frames: {events}, {events * frame_bytes / 2**20 / elapsed:.1f} MB/s over {elapsed:.1f}s"
     )

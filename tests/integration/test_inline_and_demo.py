@@ -131,7 +131,7 @@ def assert_final_status_table(printed: str) -> None:
     last one before the summary shows them all, however fast they went by."""
     tables = printed.split("runs complete:")[0].split("CHAIN ")
     assert len(tables) > 1, f"no status table before the summary:\n{printed}"
-    assert "sink: run 3: 200/200 (complete)" in tables[-1], printed
+    assert "sink: run 3: 200/200 events (complete)" in tables[-1], printed
 
 
 def _default_sigint() -> None:
