@@ -29,20 +29,30 @@ log = logging.getLogger("arroyo.merge")
 # second) before it closes the run without it.
 RESTART_GRACE = 10.0
 
-# Stop.routing key: the events a run lost before the Stop's sender, by reason (a count,
-# or -1 when nobody knows how many). Summed where shares meet; any makes a run
-# incomplete at every stage after the loss.
+# Stop.routing keys, events a run lost by reason (a count, or -1 when nobody knows how
+# many); any makes a run incomplete at every stage after the loss. LOSSES: lost before
+# the stage in front, reported by the stage that saw them go; every worker of a scaled
+# stage carries the same copy, so where they meet the copies are one figure. FAILED:
+# the sender's own share (events its process() failed on), added up where shares meet.
 LOSSES = "l"
+FAILED = "f"
+# Start.routing key: a Start sent again to a receiver that joined mid-run (it restarted,
+# or was added by scale); a stage whose run began so cannot count what it missed.
+AGAIN = "again"
 
 
 def add_up_losses(stops: Any) -> dict[str, int]:
-    """The losses the ``stops`` report, summed by reason (an unknown count stays -1)."""
+    """What the ``stops`` say their run lost, by reason: the copies of the losses before
+    them once, their own failures added up (an unknown count stays -1)."""
     total: dict[str, int] = {}
     for stop in stops:
-        for reason, n in (stop.routing.get(LOSSES) or {}).items():
-            if isinstance(reason, str) and isinstance(n, int):
-                known = total.get(reason, 0)
-                total[reason] = -1 if n < 0 or known < 0 else known + n
+        for key, add in ((LOSSES, max), (FAILED, int.__add__)):
+            for reason, n in (stop.routing.get(key) or {}).items():
+                if isinstance(reason, str) and isinstance(n, int) and reason in total:
+                    known = total[reason]
+                    total[reason] = -1 if n < 0 or known < 0 else add(known, n)
+                elif isinstance(reason, str) and isinstance(n, int):
+                    total[reason] = n
     return total
 
 
@@ -86,6 +96,7 @@ class _Run:
     origin_dead: bool = False
     origin_fate: str = "died"  # or "stopped": it exited cleanly, its Stop went missing
     cut: str = ""  # why this stage closed the run as it stood ("stage stopped", "drain timeout")
+    joined_late: bool = False  # its first Start here was one sent again (see AGAIN)
     prev: Any = _UNSET  # the run id its source emitted before it (None: the first)
 
 
@@ -275,6 +286,9 @@ class RunMerger:
             if run.started:
                 return [(who, size, None)]
             run.started = True
+            if message.routing.get(AGAIN):
+                run.joined_late = True
+                message.routing = {k: v for k, v in message.routing.items() if k != AGAIN}
             return [(who, size, message)]
         if isinstance(message, Event):
             run.events += 1
@@ -353,6 +367,7 @@ class RunMerger:
             missing_workers=missing,
             losses=add_up_losses(run.stops.values()),
             emitted_known=bool(stops),  # without a Stop, what the source emitted is unknown
+            joined_late=run.joined_late,
         )
         if run.cut:
             # it is this stage that stopped waiting: say so, and blame no one's death
@@ -385,9 +400,10 @@ class RunMerger:
         losses = dict(report.losses)
         # (where a process died, the source's count is the reference: it already
         # covers what was lost before this link)
-        here = report.hop_missing - (report.upstream_lost if report.missing_workers else 0)
+        here = report.hop_missing - (report.upstream_lost if report.by_source_count else 0)
         if here > 0:
-            losses[self.hop_loss] = losses.get(self.hop_loss, 0) + here
+            # a stage that joined mid-run did not see the events before it joined
+            losses[self.hop_loss] = -1 if report.joined_late else here
         if not report.emitted_known:
             losses["lost with the source, which died before its Stop (count unknown)"] = -1
         for who in report.missing_workers:

@@ -14,7 +14,7 @@ from arroyo.message import Event, Message, Start, Stop
 from arroyo.runtime.boundaries import keep_run
 from arroyo.runtime.credit import CreditSender
 from arroyo.runtime.live import Live
-from arroyo.runtime.merge import LOSSES, partial_stop
+from arroyo.runtime.merge import FAILED, partial_stop
 from arroyo.runtime.pubsub import PubSender
 from arroyo.runtime.stats import StageCounters
 from arroyo.runtime.stats import enabled as stats_enabled
@@ -218,9 +218,9 @@ class StageOperator(Operator):
         if not failed:
             return
         reason = f"failed in process() at {self.counters.stage}"
-        losses = dict(stop.routing.get(LOSSES) or {})
-        losses[reason] = losses.get(reason, 0) + failed
-        stop.routing = {**stop.routing, LOSSES: losses}
+        own = dict(stop.routing.get(FAILED) or {})
+        own[reason] = own.get(reason, 0) + failed
+        stop.routing = {**stop.routing, FAILED: own}
         log.warning(
             "run %d: process() failed on %d event(s), the run is incomplete", stop.run, failed
         )

@@ -97,20 +97,27 @@ class RunReport:
     # (``failed in process() at STAGE``, ``lost on LINK``...): any makes the run incomplete
     losses: dict[str, int] = field(default_factory=dict)
     emitted_known: bool = True  # False: the source died before its Stop said how many
+    joined_late: bool = False  # this process began the run mid-way (it restarted)
+
+    @property
+    def by_source_count(self) -> bool:
+        """Judge the run by what the source emitted: an upstream process died (its
+        share is unknown), this process joined mid-run, or a stage before could not
+        count its loss. Exact for chains that do not filter; covers the losses before."""
+        unknown = any(n < 0 for n in self.losses.values())
+        return bool(self.missing_workers or self.joined_late or unknown)
 
     @property
     def hop_missing(self) -> int:
-        """Events lost on the way from the upstream processes to this stage. When one
-        of them died its share is unknown, so the source's count is the reference
-        (exact for chains that do not filter; it covers the losses before, too)."""
-        reference = self.emitted if self.missing_workers else self.expected
+        """Events lost on the way from the upstream processes to this stage."""
+        reference = self.emitted if self.by_source_count else self.expected
         return max(0, reference - self.received)
 
     @property
     def missing(self) -> int:
         """Events missing from the run here: on the way here, and before (the losses
         the upstream Stops report, where the source's count did not already cover them)."""
-        if self.missing_workers:
+        if self.by_source_count:
             return self.hop_missing
         return self.hop_missing + self.upstream_lost
 
@@ -133,7 +140,7 @@ class RunReport:
 
     def of(self) -> int:
         """The number shown after the slash: what should have arrived, as well as known."""
-        return self.emitted if self.missing_workers and self.emitted_known else self.expected
+        return self.emitted if self.by_source_count and self.emitted_known else self.expected
 
     def line(self) -> str:
         return run_line(self.snapshot())
