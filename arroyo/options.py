@@ -65,10 +65,28 @@ def convert_options(cls: type, raw: dict[str, str], report: Any) -> dict[str, An
             report(key, value, str(e))
         except ValueError as e:
             report(key, value, f"{e} ({convert.describe(annotation)})")
+        else:
+            problem = _invalid(annotation, options[key])
+            if problem:
+                report(key, value, problem)
     for name, param in params.items():
         if param.default is inspect.Parameter.empty and name not in raw:
             report(name, None, f"missing option required by {cls.__name__}")
     return options
+
+
+def _invalid(annotation: Any, value: Any) -> str | None:
+    """What ``validate(value)`` of an ``Annotated`` extra says is wrong with ``value``
+    (the ``ValueError``'s text), or None. Such an extra is a class's own check of an
+    option that a type cannot express, e.g. ``arroyo.io.codecs.CodecName``."""
+    for extra in convert.markers(annotation)[1]:
+        validate = getattr(extra, "validate", None)
+        if callable(validate):
+            try:
+                validate(value)
+            except ValueError as e:
+                return str(e)
+    return None
 
 
 def bound_endpoints(cls: type, options: dict[str, Any]) -> list[tuple[str, str]]:

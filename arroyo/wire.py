@@ -47,6 +47,9 @@ def _to_msgpack(obj: Any) -> Any:
         return obj.tolist()
     if isinstance(obj, set | frozenset):
         return sorted(obj)
+    if isinstance(obj, int):  # msgpack hands over the ints it cannot hold
+        msg = "an integer in message metadata is outside msgpack's -2**63 .. 2**64-1"
+        raise WireError(msg, reason="encode")
     msg = f"cannot encode {type(obj).__name__} in message metadata (msgpack types only)"
     raise WireError(msg, reason="encode")
 
@@ -176,6 +179,9 @@ def _unpack_header(frame: Frame) -> dict[str, Any]:
         )
     except WireError:
         raise
+    except msgpack.StackError as e:  # its unpacker keeps a stack of 1024 levels: no recursion
+        msg = "header nests deeper than msgpack's 1024 levels"
+        raise WireError(msg, reason="too_deep") from e
     except Exception as e:  # msgpack raises many types on garbage; all mean "malformed"
         msg = f"header is not valid msgpack: {type(e).__name__}: {e}"
         raise WireError(msg) from e

@@ -3,6 +3,7 @@
     cli, clibase, commands   the ``arroyo`` and ``arroyo-stage`` commands
     render                   a topology's supervisord.conf
     supervise                supervisord over XML-RPC: up, down, status, scale
+    scaled                   worker counts kept from ``arroyo scale``: said, and undone
     rpcext                   the supervisord rpcinterface that adds and removes workers
     metrics                  the Prometheus text endpoint
     live                     ``arroyo set``: live options of a running stage

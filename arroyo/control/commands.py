@@ -13,7 +13,7 @@ import click
 
 from arroyo.control.clibase import TOPOLOGY, main, user_errors
 from arroyo.errors import ConfigError
-from arroyo.runtime.stats import link_totals
+from arroyo.runtime.stats import link_totals, run_line
 from arroyo.topology import Topology, load
 
 
@@ -88,23 +88,50 @@ def host(topology: str, host: str) -> None:
     click.echo(str(start_host(topo, host)))
 
 
+def _reset_scale(topo: Topology, chains: tuple[str, ...]) -> None:
+    """Return the CHAINS' stages to their INI worker counts (``up --reset-scale``)."""
+    from arroyo.control.scaled import reset_scale
+
+    for line in reset_scale(topo, chains):
+        click.echo(line)
+
+
+def _scale_notes(topo: Topology) -> None:
+    """Name every stage that runs at a count kept from an earlier ``arroyo scale``."""
+    from arroyo.control.scaled import scale_notes
+
+    for line in scale_notes(topo):
+        click.echo(line)
+
+
 @main.command()
 @TOPOLOGY
 @click.argument("chains", nargs=-1)
+@click.option(
+    "--reset-scale",
+    is_flag=True,
+    show_envvar=True,
+    help="Return every stage of CHAINS to its INI worker count (forget `arroyo scale`).",
+)
 @user_errors
-def up(topology: str, chains: tuple[str, ...]) -> None:
-    """Start supervisord if needed and the CHAINS (default all); wait until RUNNING."""
+def up(topology: str, chains: tuple[str, ...], reset_scale: bool) -> None:
+    """Start supervisord if needed and the CHAINS (default all); wait until RUNNING.
+    A worker count kept from an earlier `arroyo scale` is used, and said."""
     from arroyo.control.render import paths
     from arroyo.control.supervise import up as do_up
 
     topo = _load(topology)
+    if reset_scale:
+        _reset_scale(topo, chains)
     if topo.multihost:
         from arroyo.control import cluster
 
         cluster.up(topo, chains, say=lambda line: click.echo(line, err=True))
         click.echo(f"{topo.name}: running on {', '.join(topo.hosts)} (arroyo status)")
+        _scale_notes(topo)
         return
     problems = do_up(topo, chains, say=lambda line: click.echo(line, err=True))
+    _scale_notes(topo)
     if problems:
         for p in problems:
             click.echo(p, err=True)
@@ -204,11 +231,7 @@ def status_table(
     runs = [(r["stage"], run) for r in rows for run in r["runs"][-3:]]
     if runs:
         lines.append("")
-        for stage, run in runs:
-            state = "complete" if run["complete"] else f"INCOMPLETE, {run['missing']} missing"
-            lines.append(
-                f"{stage}: run {run['run']}: {run['received']}/{run['expected']} ({state})"
-            )
+        lines += [f"{stage}: {run_line(run)}" for stage, run in runs]
     return "\n".join(lines)
 
 
@@ -260,10 +283,9 @@ def status(topology: str, as_json: bool) -> None:
     rows = status_rows(topo)
     if as_json:
         click.echo(json.dumps(rows, indent=1, default=str))
-    elif not rows:
-        click.echo("not running")
-    else:
-        click.echo(status_table(rows))
+        return
+    click.echo(status_table(rows) if rows else "not running")
+    _scale_notes(topo)
 
 
 @main.command()

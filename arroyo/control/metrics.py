@@ -26,6 +26,9 @@ _PROCESS_METRICS = [
     ("arroyo_rss_bytes", "gauge", "rss_bytes", "Resident memory of the process"),
     ("arroyo_cpu_percent", "gauge", "cpu_percent", "CPU use of the process"),
     ("arroyo_process_ms_p99", "gauge", "process_ms_p99", "p99 of process() time, ms"),
+    ("arroyo_runs_complete_total", "counter", "runs_complete", "Runs that arrived whole"),
+    ("arroyo_runs_incomplete_total", "counter", "runs_incomplete", "Runs that arrived with losses"),
+    ("arroyo_run_events_missing_total", "counter", "events_missing", "Events missing from runs"),
 ]
 
 
@@ -42,6 +45,8 @@ def render_metrics(topology: Topology, rows: list[dict[str, Any]]) -> str:
             value = r.get(key)
             if value is None:
                 continue
+            if kind == "counter":  # the worker's earlier processes count too
+                value += r.get("past", {}).get(key, 0)
             labels = (
                 f'topology="{_label(topology.name)}",chain="{_label(r["chain"])}",'
                 f'stage="{_label(r["stage"])}",worker="{r["worker"]}"'

@@ -74,8 +74,19 @@ def recorded_workers(topology: Topology) -> dict[str, int]:
 
 
 def record_workers(topology: Topology, stage: str, count: int) -> None:
-    data = recorded_workers(topology)
-    data[stage] = count
+    _write_workers(topology, {**recorded_workers(topology), stage: count})
+
+
+def forget_workers(topology: Topology, stages: list[str]) -> None:
+    """Drop ``stages`` from the recorded counts: the next render uses the INI's."""
+    data = {k: v for k, v in recorded_workers(topology).items() if k not in stages}
+    if data:
+        _write_workers(topology, data)
+    else:
+        paths(topology).workers.unlink(missing_ok=True)
+
+
+def _write_workers(topology: Topology, data: dict[str, int]) -> None:
     path = paths(topology).workers
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -21,7 +21,14 @@ import psutil
 
 from arroyo.control import strays
 from arroyo.control.render import split_process_name
-from arroyo.runtime.stats import parse_identity, stats_path
+from arroyo.runtime.stats import (
+    PAST_SUFFIX,
+    StatsWriter,
+    add_counts,
+    parse_identity,
+    past_path,
+    stats_path,
+)
 from arroyo.topology import Topology
 
 STALE_AFTER = 5.0  # s: five missed rewrites of a file written once a second
@@ -67,7 +74,7 @@ class CpuMeter:
     (the demo's: busy a second, then idle) is almost never caught in. A meter's first
     reading of a process takes two readings ``FIRST`` s apart, shared by all."""
 
-    WINDOW = 5.0  # s, as the stage's own rates (arroyo.runtime.stats)
+    WINDOW = StatsWriter.RATE_WINDOW  # s: the same as the rates beside it
     FIRST = 0.1  # s
 
     def __init__(self, window: float = WINDOW) -> None:
@@ -146,10 +153,9 @@ def _row(topology: Topology, proc: _Proc, cpu: dict[int, float], now: float) -> 
             row["rss_bytes"] = ps.memory_info().rss
             if ps.status() in _STOPPED:
                 row["stalled"] = "stopped (SIGSTOP, or held by a debugger)"
-    try:
-        stats = json.loads(stats_path(topology, proc.stage, proc.worker).read_text())
-    except (OSError, ValueError):
-        stats = {}
+    path = stats_path(topology, proc.stage, proc.worker)
+    stats = _read(path)
+    past = _read(past_path(path))
     stale, age = _staleness(proc, stats, now)
     live = proc.state in LIVE_STATES and not stale
     row.update(
@@ -158,6 +164,9 @@ def _row(topology: Topology, proc: _Proc, cpu: dict[int, float], now: float) -> 
             "sent": stats.get("sent", 0),
             "errors": stats.get("errors", 0),
             "dropped": stats.get("dropped", 0),
+            "runs_complete": stats.get("runs_complete", 0),
+            "runs_incomplete": stats.get("runs_incomplete", 0),
+            "events_missing": stats.get("events_missing", 0),
             "current_run": stats.get("current_run"),
             "rate_in": stats.get("rate_in", 0.0) if live else (None if stale else 0.0),
             "rate_out": stats.get("rate_out", 0.0) if live else (None if stale else 0.0),
@@ -169,7 +178,9 @@ def _row(topology: Topology, proc: _Proc, cpu: dict[int, float], now: float) -> 
             "minor_faults": stats.get("minor_faults"),
             "faults_per_event": stats.get("faults_per_event"),
             "links": stats.get("links", []),
-            "runs": stats.get("runs", []),
+            # counts of this worker's earlier processes (restarts) and of removed workers
+            "past": past,
+            "runs": [*past.get("runs", []), *stats.get("runs", [])][-50:],
             "live": stats.get("live"),
             "extra": stats.get("extra", {}),
         }
@@ -191,8 +202,37 @@ def status_rows(
     cpu_percent = (cpu or CpuMeter()).percent([p.pid for p in procs if p.pid])
     now = time.time()
     rows = [_row(topology, p, cpu_percent, now) for p in procs]
+    _add_exited(topology, rows)
     mark_stalled(rows)
     return rows
+
+
+def _read(path: Any) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _add_exited(topology: Topology, rows: list[dict[str, Any]]) -> None:
+    """The final counts of workers that have no process any more (scaled down) stay in
+    the totals until ``down``: they are added to the past of their stage's first row."""
+    shown = {(r["stage"], r["worker"]) for r in rows}
+    first: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        first.setdefault(r["stage"], r)
+    folder = topology.run_dir / "stats"
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if path.name.endswith(PAST_SUFFIX):
+            continue
+        stage, _, worker = path.name.removesuffix(".json").rpartition(".")
+        if stage not in first or not worker.isdigit() or (stage, int(worker)) in shown:
+            continue
+        row = first[stage]
+        gone = add_counts(_read(past_path(path)), _read(path))
+        row["past"] = add_counts(row["past"], gone) if row["past"] else gone
+        row["runs"] = row["runs"][-50:]
 
 
 def mark_stalled(rows: list[dict[str, Any]]) -> None:

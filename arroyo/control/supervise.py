@@ -9,6 +9,7 @@ by ``arroyo scale`` are recorded in ``RUN_DIR/workers.json`` and rendered from t
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import subprocess
 import sys
@@ -139,6 +140,7 @@ def up(
     started: list[str] = []
     for chain in targets:
         for stage in _by_priority(topology, chain):
+            _forget_counts(topology, server, chain, stage)
             started += _start_stage(server, chain, stage)
     return _wait_running(topology, server, started, timeout)
 
@@ -203,6 +205,20 @@ def _processes_of(server: Any, chain: str, stage: str) -> list[dict[str, Any]]:
         for info in server.supervisor.getAllProcessInfo()
         if info["group"] == chain and split_process_name(info["name"])[0] == stage
     ]
+
+
+def _forget_counts(topology: Topology, server: Any, chain: str, stage: str) -> None:
+    """A stage that ``up`` starts with none of its processes running begins its
+    counts anew: the stats files of its earlier processes (kept since their exit, so
+    that totals stay right across restarts and scaling) belong to the last session."""
+    infos = _processes_of(server, chain, stage)
+    if any(i["statename"] in RUNNING_STATES | {"STARTING"} for i in infos):
+        return
+    folder = topology.run_dir / "stats"
+    for path in folder.glob(f"{glob.escape(stage)}.*.json") if folder.is_dir() else []:
+        if path.name.removesuffix(".json").removesuffix(".past")[len(stage) + 1 :].isdigit():
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def _start_stage(server: Any, chain: str, stage: str) -> list[str]:

@@ -23,7 +23,9 @@ from typing import Any, Protocol
 
 from aiohttp import WSMsgType, web
 
+from arroyo.errors import WireError
 from arroyo.io import _render, _webserve
+from arroyo.io.guard import loads_json
 
 log = logging.getLogger("arroyo.viewer")
 
@@ -156,9 +158,10 @@ class Fanout:
                 client.acked = True
                 client.ready.set()
                 continue
-            try:
-                request = json.loads(msg.data)
-            except ValueError:
+            try:  # a browser's message is foreign input: bounded, and never fatal
+                raw = msg.data if isinstance(msg.data, bytes) else str(msg.data).encode()
+                request = loads_json(raw)
+            except WireError:
                 continue
             if isinstance(request, dict) and isinstance(request.get("settings"), dict):
                 client.settings = _clean_settings(request["settings"])

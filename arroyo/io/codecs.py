@@ -34,6 +34,7 @@ import numpy as np
 
 from arroyo import wire
 from arroyo.errors import WireError
+from arroyo.io.guard import loads_json
 from arroyo.message import Event, Message, Start, Stop
 
 
@@ -65,11 +66,7 @@ _KINDS = {"start": Start, "stop": Stop}
 
 def _json_decode(frames: list[Any]) -> Message:
     raw = frames[0].bytes if hasattr(frames[0], "bytes") else bytes(frames[0])
-    try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        msg = f"not JSON: {e}"
-        raise WireError(msg) from e
+    obj = loads_json(raw)
     if not isinstance(obj, dict):
         msg = "a JSON message must be an object"
         raise WireError(msg)
@@ -138,11 +135,7 @@ _HEADER_KEYS = ("kind", "dtype", "shape")
 
 
 def _header_of(frame: Any) -> dict[str, Any]:
-    try:
-        header = json.loads(bytes(_frame_view(frame)))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        msg = f"header frame is not JSON: {e}"
-        raise WireError(msg, reason="bad_header") from e
+    header = loads_json(bytes(_frame_view(frame)), reason="bad_header")
     if not isinstance(header, dict):
         msg = "header frame must be a JSON object"
         raise WireError(msg, reason="bad_header")
@@ -195,16 +188,43 @@ BUILTIN = {
 }
 
 
+NAMES = "arroyo, raw, json, array, header or module:function"
+
+
 def get_codec(name: str, dtype: str = "", shape: tuple[int, ...] = ()) -> Codec:
     """A built-in codec by name, or ``module:function`` (used for both directions).
-    ``array`` needs the frame's ``dtype`` and ``shape``."""
+    ``array`` needs the frame's ``dtype`` and ``shape``. ``ValueError`` names what is
+    wrong with ``name``."""
     if name == "array":
         return _array_codec(dtype, tuple(shape))
     if name in BUILTIN:
         return BUILTIN[name]
-    module_name, sep, attr = name.partition(":")
-    if not sep:
-        msg = f"unknown codec {name!r}: use arroyo, raw, json, array, header or module:function"
-        raise ValueError(msg)
-    func = getattr(importlib.import_module(module_name), attr)
+    func = _user_function(name)
     return Codec(name, func, func)
+
+
+def _user_function(name: str) -> Callable[..., Any]:
+    module_name, sep, attr = name.partition(":")
+    if not sep or not module_name or not attr:
+        msg = f"unknown codec: use {NAMES}"
+        raise ValueError(msg)
+    try:
+        func = getattr(importlib.import_module(module_name), attr)
+    except Exception as e:  # whatever importing the user's module raises
+        msg = f"cannot import codec {name}: {type(e).__name__}: {e}"
+        raise ValueError(msg) from e
+    if not callable(func):
+        msg = f"codec {name} is not a function"
+        raise ValueError(msg)
+    return func
+
+
+@dataclass(frozen=True)
+class CodecName:
+    """Marks a string option as a codec name, ``Annotated[str, CodecName()]``, so that
+    loading the topology (``arroyo check`` as well as ``up``) refuses one that is
+    neither built in nor an importable ``module:function``."""
+
+    def validate(self, value: str) -> None:
+        if value != "array" and value not in BUILTIN:
+            _user_function(value)

@@ -103,7 +103,8 @@ def encode_value(codec: Codec, message: Message) -> bytes | bytearray | None:
 
 
 def decode_value(codec: Codec, value: Any) -> list[Message]:
-    """The messages in one broker value; raises WireError, ValueError or TypeError."""
+    """The messages in one broker value. Raises whatever the codec raises on foreign
+    input: call it through ``arroyo.io.guard.DecodeGuard``."""
     frames: list[Any] = unpack_frames(value) if codec.name == "arroyo" else [value]
     result = codec.decode(frames)
     if isinstance(result, Message):

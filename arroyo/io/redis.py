@@ -29,7 +29,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 try:
@@ -40,9 +40,10 @@ except ImportError as e:  # pragma: no cover  (depends on the installation)
     _msg = "arroyo.io.redis needs redis-py: pip install 'arroyo[redis]' (or: pip install redis)"
     raise ImportError(_msg) from e
 
-from arroyo.errors import ConfigError, WireError
-from arroyo.io.codecs import get_codec
+from arroyo.errors import ConfigError
+from arroyo.io.codecs import CodecName, get_codec
 from arroyo.io.frames import decode_value, encode_value
+from arroyo.io.guard import DecodeGuard
 from arroyo.io.retry import BACKOFF_CAP, Backoff, DropCount
 from arroyo.message import Message
 from arroyo.stage import Listener, Publisher
@@ -122,8 +123,10 @@ class RedisListener(Listener):
       how a listener restarted under a new consumer name picks up what its previous
       process read but never acknowledged (0 switches it off).
     - The value is decoded by ``codec``; in stream mode it is the entry's ``field``.
-      A value that does not decode (or an entry without ``field``) is counted in
-      ``dropped``, logged and, in stream mode, acknowledged so it is not read again.
+      A value that does not decode, whatever the codec raises (``arroyo.io.guard``),
+      or an entry without ``field`` is counted in ``dropped``, logged and, in stream
+      mode, acknowledged so it is never read again: no entry can make this listener
+      exit, so none can make it loop.
     - Redis unreachable or restarting: reconnects with backoff (0.1 s doubling to
       5 s), logging when it goes and when it is back.
     - ``stop()`` makes ``start()`` return within about ``block_ms`` (after delivering
@@ -135,7 +138,7 @@ class RedisListener(Listener):
         key: str,
         url: str = "redis://127.0.0.1:6379/0",
         mode: Literal["channel", "stream"] = "channel",
-        codec: str = "arroyo",
+        codec: Annotated[str, CodecName()] = "arroyo",
         group: str = "arroyo",
         consumer: str = "",
         block_ms: int = 200,
@@ -166,7 +169,7 @@ class RedisListener(Listener):
         self._delivered: set[bytes] = set()  # delivered, XACK not confirmed yet
         self._next_claim = 0.0
         self.name = f"{type(self).__name__}({mode} {key!r} at {safe_url(url)})"  # for logs
-        self._dropped = DropCount(self.name)
+        self._guard = DecodeGuard(self.name)
         self._backoff = Backoff(self.name)
 
     # -- connection ----------------------------------------------------------------
@@ -318,23 +321,20 @@ class RedisListener(Listener):
                 return
 
     def _decode(self, value: Any) -> list[Message]:
-        try:
-            return decode_value(self.codec, value)
-        except (WireError, ValueError, TypeError) as e:
-            self._drop("undecodable", f"undecodable value ({self.codec.name} codec): {e}")
-            return []
+        return self._guard.decode(decode_value, self.codec, value)
 
     def _drop(self, reason: str, why: str) -> None:
-        self._dropped.add(1, reason, why)
+        self._guard.drop(reason, why)
 
     @property
     def dropped(self) -> int:
-        return self._dropped.total
+        return self._guard.total
 
     def drops(self) -> dict[str, int]:
         """Values read but not delivered, by reason: ``deleted`` (trimmed from the
-        stream before delivery), ``no_field``, ``undecodable``."""
-        return dict(self._dropped.by_reason)
+        stream before delivery), ``no_field``, and the decode guard's (``undecodable``,
+        ``too_deep``, ``unencodable``: ``arroyo.io.guard``)."""
+        return self._guard.drops()
 
     def close(self) -> None:
         self._disconnect()
@@ -374,7 +374,7 @@ class RedisPublisher(Publisher):
         key: str,
         url: str = "redis://127.0.0.1:6379/0",
         mode: Literal["channel", "stream"] = "channel",
-        codec: str = "arroyo",
+        codec: Annotated[str, CodecName()] = "arroyo",
         maxlen: int = 100_000,
         field: str = "data",
         buffer: int = 10_000,

@@ -56,12 +56,15 @@ class Backoff:
 
 
 def worth_logging(before: int, after: int) -> bool:
-    """Log the first 10 drops, then one line per 1000 (a flood stays readable)."""
-    return before < 10 or before // 1000 != after // 1000
+    """Log the first of a kind, then one line per 1000 (a flood stays readable)."""
+    return before == 0 or before // 1000 != after // 1000
 
 
 class DropCount:
-    """What one end facing the outside world dropped: in all, and by reason for ``drops()``."""
+    """What one end facing the outside world dropped: in all, and by reason for ``drops()``.
+
+    Logs the first drop of each reason, then one line per 1000 of that reason, so a
+    flood of one kind neither fills the log nor hides the first of another kind."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -69,11 +72,20 @@ class DropCount:
         self.by_reason: Counter[str] = Counter()
 
     def add(self, n: int, reason: str, why: str) -> None:
-        before = self.total
+        before = self.by_reason[reason]
         self.total += n
         self.by_reason[reason] += n
-        if worth_logging(before, self.total):
-            log.warning("%s: dropped %d: %s (%d dropped so far)", self.name, n, why, self.total)
+        if worth_logging(before, before + n):
+            log.warning(
+                "%s: dropped %d (%s): %s (%d %s so far, %d in all)",
+                self.name,
+                n,
+                reason,
+                why,
+                before + n,
+                reason,
+                self.total,
+            )
 
 
 def describe_error(error: Exception) -> str:

@@ -10,7 +10,8 @@
     shape = 512, 512
 
 Unlike the links between Arroyo stages, these speak whatever the foreign peer speaks
-(see ``arroyo.io.codecs``). A message the codec cannot decode is counted and dropped.
+(see ``arroyo.io.codecs``). A message the codec cannot decode, for whatever reason, is
+counted and dropped (``arroyo.io.guard``): the listener never exits over its input.
 
 Both ends can use CURVE: ``curve_keys`` is a ZeroMQ certificate file with this end's
 key pair (e.g. ``arroyo keys``' ``HOST.key_secret``); a connecting end also needs
@@ -29,9 +30,8 @@ import zmq as pyzmq
 import zmq.auth
 
 from arroyo.convert import Binds, Bounds
-from arroyo.errors import WireError
-from arroyo.io.codecs import get_codec
-from arroyo.io.retry import DropCount
+from arroyo.io.codecs import CodecName, get_codec
+from arroyo.io.guard import DecodeGuard
 from arroyo.message import Message
 from arroyo.stage import Listener, Publisher
 
@@ -110,7 +110,7 @@ class ZMQListener(Listener):
         endpoint: Annotated[str, Binds("bind")],
         socket: Literal["pull", "sub"] = "pull",
         bind: bool = False,
-        codec: str = "arroyo",
+        codec: Annotated[str, CodecName()] = "arroyo",
         topic: str = "",
         hwm: Annotated[int, Bounds(ge=0)] = 1000,
         dtype: str = "",
@@ -127,7 +127,7 @@ class ZMQListener(Listener):
         self.hwm = hwm
         self.curve = Curve(curve_keys, curve_server, curve_clients, bind)
         self.sock: pyzmq.Socket[Any] | None = None
-        self.dropped = DropCount(f"zmq listener {endpoint}")
+        self.guard = DecodeGuard(f"zmq listener {endpoint} ({codec} codec)")
 
     def setup(self) -> None:
         self.sock = _open(self.kind, self.endpoint, self.bind, self.hwm, self.curve)
@@ -149,20 +149,14 @@ class ZMQListener(Listener):
                 self._deliver_frames(frames)
 
     def _deliver_frames(self, frames: list[Any]) -> None:
-        try:
-            result = self.codec.decode(frames)
-        except (WireError, ValueError, TypeError) as e:
-            reason = getattr(e, "reason", "malformed")
-            reason = "undecodable" if reason == "malformed" else reason
-            self.dropped.add(1, reason, f"{self.codec.name} codec: {e}")
-            return
-        for message in [result] if isinstance(result, Message) else list(result or []):
+        for message in self.guard.decode(self.codec.decode, frames):
             self.deliver(message)
 
     def drops(self) -> dict[str, int]:
-        """Messages received but not delivered, by reason: ``undecodable`` by the codec,
-        or the codec's own reason (``frame_size``, ``frame_count``, ``bad_header``)."""
-        return dict(self.dropped.by_reason)
+        """Messages received but not delivered, by reason: the codec's own
+        (``frame_size``, ``frame_count``, ``bad_header``), or the guard's
+        (``undecodable``, ``too_deep``, ``unencodable``: ``arroyo.io.guard``)."""
+        return self.guard.drops()
 
     def close(self) -> None:
         if self.sock is not None:
@@ -179,7 +173,7 @@ class ZMQPublisher(Publisher):
         endpoint: Annotated[str, Binds("bind")],
         socket: Literal["push", "pub"] = "push",
         bind: bool = True,
-        codec: str = "arroyo",
+        codec: Annotated[str, CodecName()] = "arroyo",
         topic: str = "",
         hwm: Annotated[int, Bounds(ge=0)] = 1000,
         curve_keys: Path | None = None,

@@ -31,6 +31,7 @@ from arroyo.runtime.link import (
     send_frames,
 )
 from arroyo.runtime.liveness import PING
+from arroyo.runtime.merge import AGAIN
 from arroyo.runtime.net import Net
 from arroyo.runtime.stats import LinkCounters
 from arroyo.topology import Link
@@ -96,9 +97,11 @@ class CreditSender(LinkEnd):
             self.peers[key] = Peer(key, payload.get("wm", 0), payload.get("wb", 0))
             if self.current_start is not None:
                 # A worker that joins mid-run (or a receiver that restarted) needs the
-                # run's Start before its events; a duplicate is dropped downstream.
+                # run's Start before its events; a duplicate is dropped downstream. It
+                # is marked: a stage whose run begins with it missed the run's start.
                 start = self.current_start
-                if self._send_to(key, start, wire.encode(start)):
+                again = replace(start, routing={**start.routing, AGAIN: True})
+                if self._send_to(key, start, wire.encode(again)):
                     run_key = (str(start.routing.get("o", "")), start.run)
                     self.run_members.setdefault(run_key, set()).add(key)
             log.info("link %s: receiver %s joined", self.link.name, key)

@@ -24,6 +24,37 @@ from arroyo.runtime.stats import RunReport
 
 log = logging.getLogger("arroyo.merge")
 
+# How long a stage with a single upstream process waits, once that process is found
+# dead mid-run, for its restart to take the run up (supervisord restarts it in about a
+# second) before it closes the run without it.
+RESTART_GRACE = 10.0
+
+# Stop.routing keys, events a run lost by reason (a count, or -1 when nobody knows how
+# many); any makes a run incomplete at every stage after the loss. LOSSES: lost before
+# the stage in front, reported by the stage that saw them go; every worker of a scaled
+# stage carries the same copy, so where they meet the copies are one figure. FAILED:
+# the sender's own share (events its process() failed on), added up where shares meet.
+LOSSES = "l"
+FAILED = "f"
+# Start.routing key: a Start sent again to a receiver that joined mid-run (it restarted,
+# or was added by scale); a stage whose run began so cannot count what it missed.
+AGAIN = "again"
+
+
+def add_up_losses(stops: Any) -> dict[str, int]:
+    """What the ``stops`` say their run lost, by reason: the copies of the losses before
+    them once, their own failures added up (an unknown count stays -1)."""
+    total: dict[str, int] = {}
+    for stop in stops:
+        for key, add in ((LOSSES, max), (FAILED, int.__add__)):
+            for reason, n in (stop.routing.get(key) or {}).items():
+                if isinstance(reason, str) and isinstance(n, int) and reason in total:
+                    known = total[reason]
+                    total[reason] = -1 if n < 0 or known < 0 else add(known, n)
+                elif isinstance(reason, str) and isinstance(n, int):
+                    total[reason] = n
+    return total
+
 
 def partial_stop(start: Start, cut: str = "") -> Stop:
     """The Stop a worker sends for its share of a run it leaves before the run's end;
@@ -65,11 +96,19 @@ class _Run:
     origin_dead: bool = False
     origin_fate: str = "died"  # or "stopped": it exited cleanly, its Stop went missing
     cut: str = ""  # why this stage closed the run as it stood ("stage stopped", "drain timeout")
+    joined_late: bool = False  # its first Start here was one sent again (see AGAIN)
     prev: Any = _UNSET  # the run id its source emitted before it (None: the first)
 
 
 class RunMerger:
-    """Orders one input link's messages into whole runs."""
+    """Orders one input link's messages into whole runs.
+
+    ``fan_in``: this stage receives whole runs (it is not one of a scaled stage's
+    workers), so it rebuilds each run from its senders' shares, holds later runs until
+    the current one ends, and reports every run's completeness. ``named``: the upstream
+    stage is scalable, so a Stop's ``w`` names the workers that carry the run; from a
+    single upstream process, the senders that forwarded the Start are the ones to wait
+    for. A worker of a scaled stage (``fan_in`` False) passes its share through."""
 
     def __init__(
         self,
@@ -80,8 +119,13 @@ class RunMerger:
         upstream_done: Callable[[], bool] = lambda: False,
         stopped: Callable[[str], bool] = lambda _: False,
         on_late: Callable[[], None] = lambda: None,
+        named: bool = True,
+        pub: bool = False,
     ) -> None:
         self.link_name = link_name
+        self.named = named
+        # what a shortfall on this link is, in the reports downstream
+        self.hop_loss = f"dropped on PUB link {link_name}" if pub else f"lost on link {link_name}"
         self.on_late = on_late
         self.upstream_done = upstream_done
         self.stopped = stopped  # this process identity exited cleanly (not alive)
@@ -96,6 +140,7 @@ class RunMerger:
         self._closed_keys: set[RunKey] = set()  # the same, to look up per message
         self._late_from: set[str] = set()
         self._last_check = time.monotonic()
+        self._dead_since: dict[str, float] = {}  # single upstream: when it was found dead
 
     # -- entry point ---------------------------------------------------------------
 
@@ -206,10 +251,12 @@ class RunMerger:
         return [*ended, (sender, size, message)]
 
     def _end_earlier_runs(self, key: RunKey) -> list[Item]:
-        """A Start of another run from the same origin while one is still open: the
-        upstream moved on without sending us that run's Stop (it restarted after
-        broadcasting it, before we reconnected). Our share of it ends here."""
-        earlier = [k for k in self.open_runs if k[0] == key[0] and k != key]
+        """A Start of another run from the same origin (or from the origin's restarted
+        process) while one is still open: the upstream moved on without sending us that
+        run's Stop (it restarted, before or after broadcasting it). Our share ends here."""
+        earlier = [
+            k for k in self.open_runs if k != key and (k[0] == key[0] or _restarted(key[0], k[0]))
+        ]
         for k in earlier:
             log.warning(
                 "link %s: run %d of %s got no Stop before run %d began; ending our share",
@@ -230,7 +277,8 @@ class RunMerger:
         if stop.routing.get("partial"):
             # A worker that left mid-run: its share is done, but the run is not.
             return
-        run.expected |= set(stop.routing.get("w") or [who])
+        named = stop.routing.get("w") if self.named else None
+        run.expected |= set(named or [who])
 
     def _apply(self, run: _Run, who: str, size: int, message: Message) -> list[Item]:
         if isinstance(message, Start):
@@ -238,6 +286,9 @@ class RunMerger:
             if run.started:
                 return [(who, size, None)]
             run.started = True
+            if message.routing.get(AGAIN):
+                run.joined_late = True
+                message.routing = {k: v for k, v in message.routing.items() if k != AGAIN}
             return [(who, size, message)]
         if isinstance(message, Event):
             run.events += 1
@@ -314,6 +365,9 @@ class RunMerger:
             received=run.events,
             expected=run.expected_events,
             missing_workers=missing,
+            losses=add_up_losses(run.stops.values()),
+            emitted_known=bool(stops),  # without a Stop, what the source emitted is unknown
+            joined_late=run.joined_late,
         )
         if run.cut:
             # it is this stage that stopped waiting: say so, and blame no one's death
@@ -333,11 +387,30 @@ class RunMerger:
         self.on_report(report)
         stops_seen = list(run.stops.values())
         data = add_up_shares(dict(last.data), stops_seen) if last else {"interrupted": True}
-        if report.missing_workers or report.missing:
-            data["incomplete"] = True
         routing: dict[str, Any] = {"o": key[0], "n": run.events}
+        if not report.complete:
+            data["incomplete"] = True
+            routing[LOSSES] = self._losses_on(report)
         stop = Stop(data=data, run=key[1], seq=report.emitted, routing=routing)
         return [("", 0, stop)]
+
+    def _losses_on(self, report: RunReport) -> dict[str, int]:
+        """What the Stop of an incomplete run tells the stages after this one: the
+        losses before this stage, and this link's own (-1: a count nobody knows)."""
+        losses = dict(report.losses)
+        # (where a process died, the source's count is the reference: it already
+        # covers what was lost before this link)
+        here = report.hop_missing - (report.upstream_lost if report.by_source_count else 0)
+        if here > 0:
+            # a stage that joined mid-run did not see the events before it joined
+            losses[self.hop_loss] = -1 if report.joined_late else here
+        if not report.emitted_known:
+            losses["lost with the source, which died before its Stop (count unknown)"] = -1
+        for who in report.missing_workers:
+            if "(" in who and report.hop_missing == 0:
+                # a share cut short at a timeout: how much it held back is not known here
+                losses[f"{self.hop_loss}: {who}"] = -1
+        return losses or {self.hop_loss: -1}
 
     def check_dead(self) -> list[Item]:
         """Give up on workers (and sources) that died holding the current run open."""
@@ -354,7 +427,7 @@ class RunMerger:
         key = self.current
         run = self.runs[key]
         owing = (run.expected | run.senders) - set(run.stops)
-        run.dead |= {w for w in owing if not self.alive(w)}
+        run.dead |= {w for w in owing if not self.alive(w) and self._let_go(w, key, run)}
         if key[0] and not run.expected and not self.alive(key[0]) and self._orphaned(key):
             run.origin_dead = True
             run.origin_fate = "stopped" if self.stopped(key[0]) else "died"
@@ -366,6 +439,23 @@ class RunMerger:
                 run.origin_fate,
             )
         return self._advance()
+
+    def _let_go(self, who: str, key: RunKey, run: _Run) -> bool:
+        """May this run stop waiting for ``who``, found dead? Among a scaled stage's
+        workers, at once: the others carry the stream. From a single upstream process
+        that is not the source, once its restarted process has taken the run up (it is
+        sent the run's Start again when it joins), or after ``RESTART_GRACE``: closing at
+        once would drop the rest of the run as late. (A stage that stops closes its
+        open runs as they stand anyway.)"""
+        if self.named or who == key[0]:
+            return True
+        if any(_restarted(who, other) for other in run.senders):
+            return True
+        since = self._dead_since.setdefault(who, time.monotonic())
+        if time.monotonic() - since <= RESTART_GRACE:
+            return False
+        del self._dead_since[who]
+        return True
 
     def _orphaned(self, key: RunKey) -> bool:
         """A run whose source is gone gets no Stop only if the source died: a source

@@ -50,6 +50,7 @@ from arroyo.runtime.stats import (
     RunReport,
     StageCounters,
     StatsWriter,
+    fold_predecessor,
     replace_file,
     stats_path,
     stopped_cleanly,
@@ -126,16 +127,26 @@ class StageProcess:
                     spec.max_message_bytes,
                     net,
                 )
-            fan_in = self.topology.stages[link.source].scalable
+            # A stage that is not scalable receives whole runs: it merges and reports
+            # each of them, whether one upstream process sends them or many.
+            upstream = self.topology.stages[link.source]
             stopped = partial(stopped_cleanly, self.topology)
             late = partial(end.counters.drop, "late")
             merger = RunMerger(
-                link.name, fan_in, end.alive, self._report, end.finished, stopped, late
+                link.name,
+                not spec.scalable or upstream.scalable,
+                end.alive,
+                self._report,
+                end.finished,
+                stopped,
+                late,
+                named=upstream.scalable,
+                pub=link.pattern == "pub",
             )
             self.inputs.append((end, merger))
 
     def _report(self, report: RunReport) -> None:
-        self.counters.runs.append(report)
+        self.counters.report(report)
         level = logging.INFO if report.complete else logging.WARNING
         log.log(level, "%s", report.line())
 
@@ -275,9 +286,9 @@ class StageProcess:
         if isinstance(user, Listener | Publisher):
             self.outside_end = user
         release_signals = self._catch_signals()
-        stats = StatsWriter(
-            stats_path(self.topology, self.spec.name, self.worker), self._stats_snapshot
-        )
+        path = stats_path(self.topology, self.spec.name, self.worker)
+        fold_predecessor(path, os.getpid())
+        stats = StatsWriter(path, self._stats_snapshot)
         self.stats = stats
         stats.start()
         try:

@@ -14,7 +14,7 @@ from arroyo.message import Event, Message, Start, Stop
 from arroyo.runtime.boundaries import keep_run
 from arroyo.runtime.credit import CreditSender
 from arroyo.runtime.live import Live
-from arroyo.runtime.merge import partial_stop
+from arroyo.runtime.merge import FAILED, partial_stop
 from arroyo.runtime.pubsub import PubSender
 from arroyo.runtime.stats import StageCounters
 from arroyo.runtime.stats import enabled as stats_enabled
@@ -84,6 +84,8 @@ class StageOperator(Operator):
         self.live: Live | None = None
         self.live_target: Any = None
         self._warned: dict[str, int] = {}  # reason -> the last run it was logged for
+        self.failed: dict[int, int] = defaultdict(int)  # run -> events process() failed on
+        self._logged: set[tuple[str, str, str, int]] = set()  # errors with a traceback out
 
     def add_publisher(self, publisher: Publisher) -> None:
         super().add_publisher(publisher)
@@ -111,6 +113,8 @@ class StageOperator(Operator):
             outputs = outputs_of(self.inner.process(message), message)
         except Exception as e:
             self.in_user = False
+            if isinstance(message, Event):
+                self.failed[message.run] += 1  # not a deliberate drop: the run is not whole
             self._failed("process", "operator_error", message, e)
             outputs, failed = [], True  # a boundary still goes out (below)
         self.in_user = False
@@ -172,17 +176,25 @@ class StageOperator(Operator):
             log.warning(text, *args)
 
     def _failed(self, call: str, reason: str, message: Message, error: Exception) -> None:
-        """Count and log a user-code exception; fatal only with ``on_error = stop``."""
+        """Count a user-code exception, and log it with its traceback the first time
+        this error happens in a run (an operator that fails on every frame would write
+        thousands); fatal only with ``on_error = stop``."""
         self.counters.errors += 1
         self.counters.drops[reason] += 1
-        log.exception(
-            "%s() failed on %s run %d seq %d: %s",
-            call,
-            type(message).__name__,
-            message.run,
-            message.seq,
-            error,
-        )
+        key = (call, type(error).__name__, str(error)[:200], message.run)
+        if key not in self._logged:
+            if len(self._logged) >= 1000:
+                self._logged.clear()  # a bound; an error seen again is logged again
+            self._logged.add(key)
+            log.exception(
+                "%s() failed on %s run %d seq %d: %s (the same error again in this run "
+                "is counted, not logged)",
+                call,
+                type(message).__name__,
+                message.run,
+                message.seq,
+                error,
+            )
         if self.on_error == "stop":
             msg = f"on_error = stop: {type(error).__name__}: {error}"
             raise StageFailed(msg) from error
@@ -191,11 +203,27 @@ class StageOperator(Operator):
         # Events carry no origin, so count by run id; a stage sees one run at a time.
         if isinstance(out, Event):
             self.out_events[out.run] += 1
+            self.counters.sent += 1
         elif isinstance(out, Stop):
             out.routing = {**out.routing, "n": self.out_events.pop(out.run, 0)}
             self.open_out.pop(out.run, None)
+            self._add_failures(out)
         elif isinstance(out, Start):
             self.open_out[out.run] = out
+
+    def _add_failures(self, stop: Stop) -> None:
+        """Write into the Stop the events of its run that ``process()`` failed on here,
+        so every stage downstream reports the run incomplete, and say it once."""
+        failed = self.failed.pop(stop.run, 0)
+        if not failed:
+            return
+        reason = f"failed in process() at {self.counters.stage}"
+        own = dict(stop.routing.get(FAILED) or {})
+        own[reason] = own.get(reason, 0) + failed
+        stop.routing = {**stop.routing, FAILED: own}
+        log.warning(
+            "run %d: process() failed on %d event(s), the run is incomplete", stop.run, failed
+        )
 
     def end_open_runs(self, cut: str) -> None:
         """End this worker's share of every run it began forwarding, without calling

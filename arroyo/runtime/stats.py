@@ -84,34 +84,66 @@ class LinkCounters:
 
 @dataclass
 class RunReport:
-    """Completeness of one run as seen by a stage after merging its workers."""
+    """Completeness of one run as seen by a stage that receives whole runs (after
+    merging its upstream's workers, or from its single upstream process)."""
 
     origin: str
     run: int
     emitted: int  # events the source says it emitted (Stop.seq)
     received: int  # events this stage received for the run
-    expected: int  # events the upstream workers say they forwarded
+    expected: int  # events the upstream processes say they forwarded
     missing_workers: list[str] = field(default_factory=list)
+    # events lost before this stage, by reason, as the upstream Stops reported them
+    # (``failed in process() at STAGE``, ``lost on LINK``...): any makes the run incomplete
+    losses: dict[str, int] = field(default_factory=dict)
+    emitted_known: bool = True  # False: the source died before its Stop said how many
+    joined_late: bool = False  # this process began the run mid-way (it restarted)
 
     @property
-    def complete(self) -> bool:
-        return not self.missing_workers and self.received == self.expected
+    def by_source_count(self) -> bool:
+        """Judge the run by what the source emitted: an upstream process died (its
+        share is unknown), this process joined mid-run, or a stage before could not
+        count its loss. Exact for chains that do not filter; covers the losses before."""
+        unknown = any(n < 0 for n in self.losses.values())
+        return bool(self.missing_workers or self.joined_late or unknown)
+
+    @property
+    def hop_missing(self) -> int:
+        """Events lost on the way from the upstream processes to this stage."""
+        reference = self.emitted if self.by_source_count else self.expected
+        return max(0, reference - self.received)
 
     @property
     def missing(self) -> int:
-        """Events lost on the way. When a worker died its share is unknown, so the
-        source's count is the reference (exact for chains that do not filter)."""
-        reference = self.emitted if self.missing_workers else self.expected
-        return max(0, reference - self.received)
+        """Events missing from the run here: on the way here, and before (the losses
+        the upstream Stops report, where the source's count did not already cover them)."""
+        if self.by_source_count:
+            return self.hop_missing
+        return self.hop_missing + self.upstream_lost
+
+    @property
+    def upstream_lost(self) -> int:
+        return sum(n for n in self.losses.values() if n > 0)
+
+    @property
+    def complete(self) -> bool:
+        """Every event the source emitted arrived or was dropped on purpose."""
+        if any(self.losses.values()) or self.missing:
+            return False
+        if not self.missing_workers:
+            return self.received == self.expected
+        # An upstream process died without sending its Stop: whole only if everything
+        # the source emitted arrived all the same. A worker that left at a timeout, or
+        # a source gone without its Stop ("source (died)"), is a loss in itself.
+        plain = not any("(" in w for w in self.missing_workers)
+        return plain and self.emitted_known and self.received >= self.emitted
+
+    def of(self) -> int:
+        """The number shown after the slash: what should have arrived, as well as known."""
+        return self.emitted if self.by_source_count and self.emitted_known else self.expected
 
     def line(self) -> str:
-        state = "complete" if self.complete else "INCOMPLETE"
-        text = f"run {self.run}: {self.received}/{self.expected} events ({state}"
-        if self.emitted != self.expected:
-            text += f"; source emitted {self.emitted}"
-        if self.missing_workers:
-            text += f"; {self.missing} missing; no Stop from {', '.join(self.missing_workers)}"
-        return text + ")"
+        return run_line(self.snapshot())
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -120,10 +152,33 @@ class RunReport:
             "received": self.received,
             "expected": self.expected,
             "emitted": self.emitted,
+            "emitted_known": self.emitted_known,
+            "of": self.of(),
             "complete": self.complete,
             "missing": self.missing,
             "missing_workers": self.missing_workers,
+            "losses": {k: v for k, v in self.losses.items() if v},
         }
+
+
+def run_line(run: Mapping[str, Any]) -> str:
+    """``run 17: 1000/1000 events (complete)``, or what is missing and why, from a
+    run report's snapshot (the stage log, ``arroyo status`` and the dashboard)."""
+    state = "complete" if run["complete"] else "INCOMPLETE"
+    of = run.get("of", run["expected"])
+    known = run.get("emitted_known", True)
+    text = f"run {run['run']}: {run['received']}/{of if known else '?'} events ({state}"
+    if run.get("emitted", of) != of and known:
+        text += f"; source emitted {run['emitted']}"
+    if not known:
+        text += "; how many the source emitted is unknown"
+    elif run["missing"]:
+        text += f"; {run['missing']} missing"
+    if run["missing_workers"]:
+        text += f"; no Stop from {', '.join(run['missing_workers'])}"
+    for reason, n in run.get("losses", {}).items():
+        text += f"; {n} {reason}" if n >= 0 else f"; {reason}"
+    return text + ")"
 
 
 @dataclass
@@ -135,8 +190,14 @@ class StageCounters:
     links: list[LinkCounters] = field(default_factory=list)
     errors: int = 0
     drops: Counter[str] = field(default_factory=Counter)
+    # events handed to the output links, once each however many links they go out on
+    sent: int = 0
     current_run: int | None = None
     runs: deque[RunReport] = field(default_factory=lambda: deque(maxlen=50))
+    # every run reported here so far, by outcome, and the events missing from them
+    runs_complete: int = 0
+    runs_incomplete: int = 0
+    events_missing: int = 0
     process_ns: deque[int] = field(default_factory=lambda: deque(maxlen=1000))
     started: float = field(default_factory=time.time)
     # (minor faults, events) when the current run started: faults per event since then
@@ -150,7 +211,16 @@ class StageCounters:
     def events(self) -> int:
         """Events this process handled: received, or sent for a source."""
         received = sum(c.events for c in self.links if c.direction == "in")
-        return received or sum(c.events for c in self.links if c.direction == "out")
+        return received or self.sent
+
+    def report(self, report: RunReport) -> None:
+        """Keep a run's report, and count it by outcome."""
+        self.runs.append(report)
+        if report.complete:
+            self.runs_complete += 1
+        else:
+            self.runs_incomplete += 1
+            self.events_missing += report.missing
 
     def mark_run_start(self) -> None:
         """Called at each Start (one ``getrusage`` per run, nothing per message)."""
@@ -181,7 +251,8 @@ class StageCounters:
             "links": [c.snapshot() for c in self.links],
             # events only: a Start/Stop is broadcast to every worker and merged after
             "received": sum(c.events for c in self.links if c.direction == "in"),
-            "sent": sum(c.events for c in self.links if c.direction == "out"),
+            # once per event: the links' own figures are in "links"
+            "sent": self.sent if any(c.direction == "out" for c in self.links) else 0,
             "errors": self.errors,
             "dropped": sum(drops.values()) + sum(sum(c.drops.values()) for c in self.links),
             "drops": dict(drops),
@@ -189,6 +260,9 @@ class StageCounters:
             "process_ms_mean": (sum(times) / len(times) / 1e6) if times else 0.0,
             "process_ms_p99": (times[int(len(times) * 0.99)] / 1e6) if times else 0.0,
             "runs": [r.snapshot() for r in self.runs],
+            "runs_complete": self.runs_complete,
+            "runs_incomplete": self.runs_incomplete,
+            "events_missing": self.events_missing,
             "minor_faults": faults,
             "faults_per_event": self.faults_per_event(faults),
         }
@@ -212,7 +286,8 @@ def link_totals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ``arroyo status`` rows)."""
     totals: dict[str, dict[str, Any]] = {}
     for row in rows:
-        for link in row.get("links", []):
+        # the row's process, and the worker's earlier (and removed) processes
+        for link in [*row.get("links", []), *row.get("past", {}).get("links", [])]:
             t = totals.setdefault(
                 link["link"],
                 {"link": link["link"], "sent": 0, "received": 0, "dropped": {}, "auth_refused": 0},
@@ -263,6 +338,7 @@ class StatsWriter(threading.Thread):
     """
 
     LOG_EVERY = 60.0  # s
+    RATE_WINDOW = 5.0  # s: rates are averages over this long, not one tick's difference
 
     def __init__(
         self, path: Path, snapshot: Callable[[], dict[str, Any]], interval: float = 1.0
@@ -272,7 +348,8 @@ class StatsWriter(threading.Thread):
         self.snapshot = snapshot  # called from this thread: reads counters, never waits
         self.interval = interval
         self.done = threading.Event()
-        self._last: tuple[float, int, int] | None = None
+        # (time, received, sent) of the writes of the last RATE_WINDOW seconds
+        self._history: deque[tuple[float, int, int]] = deque()
         self.exit = ""  # set before the last write: "stopped" when the stop was clean
         self._lock = threading.Lock()  # the stage's own thread writes too (ready, stop)
         self._failures = 0
@@ -289,12 +366,15 @@ class StatsWriter(threading.Thread):
             if self.exit:
                 snap["exit"] = self.exit
             now = time.monotonic()
-            if self._last is not None:
-                t0, rx, tx = self._last
+            history = self._history
+            while len(history) > 1 and now - history[1][0] >= self.RATE_WINDOW:
+                history.popleft()
+            if history:
+                t0, rx, tx = history[0]
                 dt = max(now - t0, 1e-6)
                 snap["rate_in"] = (snap["received"] - rx) / dt
                 snap["rate_out"] = (snap["sent"] - tx) / dt
-            self._last = (now, snap["received"], snap["sent"])
+            history.append((now, snap["received"], snap["sent"]))
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 replace_file(self.path, json.dumps(snap).encode())
@@ -326,6 +406,60 @@ class StatsWriter(threading.Thread):
 def stats_path(topology: Topology, stage: str, worker: int) -> Path:
     """Where one worker's stats file is: RUN_DIR/stats/STAGE.WORKER.json."""
     return topology.run_dir / "stats" / f"{stage}.{worker}.json"
+
+
+def past_path(stats_file: Path) -> Path:
+    """Where the counts of a worker's earlier processes are: STAGE.WORKER.past.json."""
+    return stats_file.with_name(stats_file.name.removesuffix(".json") + PAST_SUFFIX)
+
+
+PAST_SUFFIX = ".past.json"
+_SUMMED = (
+    *("received", "sent", "errors", "dropped"),
+    *("runs_complete", "runs_incomplete", "events_missing"),
+)
+_LINK_SUMMED = ("messages", "events", "bytes", "auth_refused")
+
+
+def add_counts(past: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
+    """``past`` (the counts of earlier processes) with ``last`` (one more process's
+    final stats) added: totals, drops by reason, per-link figures and run reports."""
+    out: dict[str, Any] = {k: past.get(k, 0) + last.get(k, 0) for k in _SUMMED}
+    out["processes"] = past.get("processes", 0) + last.get("processes", 1)
+    out["drops"] = dict(Counter(past.get("drops", {})) + Counter(last.get("drops", {})))
+    links: dict[tuple[str, str], dict[str, Any]] = {}
+    for link in [*past.get("links", []), *last.get("links", [])]:
+        key = (link["link"], link["direction"])
+        t = links.setdefault(key, {"link": key[0], "direction": key[1], "dropped": {}})
+        for k in _LINK_SUMMED:
+            t[k] = t.get(k, 0) + link.get(k, 0)
+        t["dropped"] = dict(Counter(t["dropped"]) + Counter(link.get("dropped", {})))
+    out["links"] = list(links.values())
+    out["runs"] = [*past.get("runs", []), *last.get("runs", [])][-50:]
+    return out
+
+
+def fold_predecessor(stats_file: Path, pid: int) -> None:
+    """A new process of a worker: add what its predecessor (the file's writer, another
+    pid) counted to the worker's past, so totals stay right across restarts, and
+    remove its file so it is never added twice. A killed predecessor's last second
+    is missing (its file is rewritten once a second)."""
+    try:
+        last = json.loads(stats_file.read_text())
+    except (OSError, ValueError):
+        return
+    if last.get("pid") in (None, pid):
+        return
+    past_file = past_path(stats_file)
+    try:
+        past = json.loads(past_file.read_text())
+    except (OSError, ValueError):
+        past = {}
+    try:
+        replace_file(past_file, json.dumps(add_counts(past, last)).encode())
+        stats_file.unlink()
+    except OSError as e:
+        log.warning("cannot keep the counts of %s's predecessor: %s", stats_file.name, e)
 
 
 class ProcessId(NamedTuple):

@@ -18,7 +18,11 @@ from arroyo.topology import load
 from tests.conftest import read_jsonl, wait_for
 from tests.integration.conftest import arroyo, pids
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
+# Each step below waits for a count of events or processes with its own deadline, so a
+# slow machine fails at the step that is slow; the whole-test timeout only guards
+# against a hang, and is far above what ten cycles take at any load seen (62-105 s
+# quiet; a fresh clone at load 16-23 went past 300 s).
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(1200)]
 
 KILLS = 10
 
@@ -86,6 +90,12 @@ def graph(topo, tmp_path):
         supervise.down(load(path), timeout=60)
 
 
+def lines(path: Path) -> int:
+    """Records the sink has written so far: counting newlines is cheap enough to poll,
+    where parsing a file of 100,000 records every 50 ms loads the machine itself."""
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
 def sink_report(path: Path) -> dict[int, dict]:
     rows = json.loads(arroyo("status", str(path), "--json").stdout)
     sink = next(r for r in rows if r["stage"] == "sink")
@@ -96,15 +106,15 @@ def sink_report(path: Path) -> dict[int, dict]:
 def test_sigkill_ten_times_under_load(graph, tmp_path, victim):
     path = graph()
     out = tmp_path / "out.jsonl"
-    wait_for(lambda: len(read_jsonl(out)) > 500, timeout=30)
+    wait_for(lambda: lines(out) > 500, timeout=30)
     for _ in range(KILLS):
         old = pids(path)[victim]
         os.kill(old, signal.SIGKILL)
         # back and flowing again (bounds for a loaded 2-core CI machine: it takes
         # about a second on a quiet one)
         wait_for(lambda old=old: pids(path).get(victim) not in (None, old), timeout=15)
-        n = len(read_jsonl(out))
-        wait_for(lambda n=n: len(read_jsonl(out)) > n + 100, timeout=15)
+        n = lines(out)
+        wait_for(lambda n=n: lines(out) > n + 100, timeout=15)
     time.sleep(1.5)  # let the last runs close and the stats files refresh
     reports = sink_report(path) if victim != "sink_0" else {}
     supervise.down(load(path), timeout=60)
@@ -127,8 +137,8 @@ def test_clean_stop_mid_run_ten_times_loses_nothing(graph, tmp_path, how):
     ctl = [str(Path(sys.executable).parent / "supervisorctl"), "-c", str(conf)]
     out = tmp_path / "out.jsonl"
     for cycle in range(KILLS):
-        n = len(read_jsonl(out))
-        wait_for(lambda n=n: len(read_jsonl(out)) > n + 300, timeout=30)
+        n = lines(out)
+        wait_for(lambda n=n: lines(out) > n + 300, timeout=30)
         if how == "supervisorctl":
             done = subprocess.run([*ctl, "stop", "main:*"], capture_output=True, timeout=120)
             assert done.returncode == 0, done

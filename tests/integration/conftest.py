@@ -86,15 +86,21 @@ def sup(topo, tmp_path) -> Iterator:
 
     yield make
     for path in made:
-        topology = load(path)
-        conf = supervise.paths(topology).conf
-        try:
-            supervise.down(topology, timeout=60)
-        finally:
-            for p in supervisord_procs(conf) + stage_procs(path):
-                p.kill()
-        assert not supervisord_procs(conf), "supervisord left running"
-        assert not stage_procs(path), "arroyo-stage left running"
+        bring_down(path)
+
+
+def bring_down(path: Path) -> None:
+    """``arroyo down`` for a test's topology; whatever of it is left then is killed,
+    and the test fails."""
+    topology = load(path)
+    conf = supervise.paths(topology).conf
+    try:
+        supervise.down(topology, timeout=60)
+    finally:
+        for p in supervisord_procs(conf) + stage_procs(path):
+            p.kill()
+    assert not supervisord_procs(conf), "supervisord left running"
+    assert not stage_procs(path), "arroyo-stage left running"
 
 
 def pids(path: Path) -> dict[str, int]:

@@ -226,16 +226,11 @@ def test_a_bursty_worker_shows_its_cpu_in_every_snapshot_and_in_top(bursty) -> N
     assert float(work[6]) > 0, top[-2000:]  # CPU% of the last table
 
 
-@pytest.mark.xfail(
-    reason="the 5 s rates are arroyo/runtime/stats.py's (issue 19, lead); this reader "
-    "shows what the stats file holds",
-    strict=True,
-)
 @pytest.mark.timeout(120)
 def test_a_bursty_chain_shows_its_rates_in_every_snapshot(bursty) -> None:
     _, url = bursty
     first = _snapshots(url, 1)[0]
-    for state in _snapshots(url, 5, after=first["time"] + 5.0):  # the stats' window
+    for state in _snapshots(url, 5, after=first["time"] + CpuMeter.WINDOW):  # the rates' too
         rates = (
             _rows(state, "det")[0]["rate_out"],
             _rows(state, "work")[0]["rate_in"],

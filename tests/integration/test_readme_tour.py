@@ -72,6 +72,28 @@ def test_tour_blocks_are_named_and_complete() -> None:
     ]
 
 
+def test_the_operator_test_snippet_runs(tmp_path: Path) -> None:
+    """The snippet after "Test it without sockets", run beside the tour's my_ops.py."""
+    section = tour_section(README.read_text())
+    after = section.split("Test it without sockets", 1)[1]
+    # the rest of that paragraph, then the block
+    snippet = re.match(r"[^\n]*\n(?:[^\n]+\n)*\n```python\n(.*?)^```", after, flags=re.M | re.S)
+    assert snippet, "a python block follows the paragraph 'Test it without sockets'"
+    (tmp_path / "my_ops.py").write_text(named_blocks(section)["my_ops.py"])
+    check = (
+        "\nkinds = [type(m).__name__ for m in kept]"
+        "\nassert kinds[0] == 'Start' and kinds[-1] == 'Stop' and 'Event' in kinds, kinds\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", snippet.group(1) + check],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
 def test_the_tour_runs_as_written(tmp_path: Path) -> None:
     section = tour_section(README.read_text())
     port = free_port()

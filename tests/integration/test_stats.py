@@ -54,7 +54,7 @@ def test_status_after_a_finite_chain(sup, tmp_path):
     assert totals["det->work"]["sent"] == totals["det->work"]["received"] == 1000
     assert totals["work->sink"]["difference"] == 0
     text = arroyo("status", str(path)).stdout
-    assert "det->work" in text and "sink: run 2: 500/500 (complete)" in text
+    assert "det->work" in text and "sink: run 2: 500/500 events (complete)" in text
 
 
 LOSSY = """

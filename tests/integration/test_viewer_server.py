@@ -115,3 +115,27 @@ def test_a_stalled_client_skips_frames_and_never_slows_publish(viewer: LiveViewe
     assert frames_seen == sorted(set(frames_seen)), "newest first, never an old frame again"
     assert stats["skipped"] == sum(by_client.values())
     assert stats["clients"] == 3
+
+
+def test_a_hostile_browser_message_is_ignored_and_the_client_still_served(
+    viewer: LiveViewer,
+) -> None:
+    """A browser's message is foreign input: one nested 30,000 deep is ignored, and
+    the same connection's next settings still apply."""
+
+    async def main() -> dict:
+        url = f"{viewer.server.url}ws?name=hostile"
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+            await ws.send_str("[" * 30_000 + "]" * 30_000)  # under the 64 KiB limit
+            await ws.send_str(json.dumps({"settings": {"scale": "log"}}))
+            viewer.publish(Start(run=1))
+            viewer.publish(Event(run=1, payload=np.ones((8, 8), np.uint16)))
+            while True:
+                msg = await ws.receive(timeout=10)
+                assert msg.type == aiohttp.WSMsgType.TEXT, msg
+                update = json.loads(msg.data)
+                if "frame" in update:
+                    return update
+
+    update = asyncio.run(main())
+    assert update["frame"]["run"] == 1

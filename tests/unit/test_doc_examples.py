@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from arroyo.topology import load
+from arroyo.errors import TopologyError
+from arroyo.topology import describe, load
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 STAND_IN = """
@@ -56,3 +57,92 @@ def test_doc_ini_example_checks(where: str, block: str, tmp_path: Path) -> None:
     path = tmp_path / "example.ini"
     path.write_text(as_topology(block))
     load(path)  # what `arroyo check` runs; raises TopologyError listing every problem
+
+
+# -- what the docs say about the repository itself ------------------------------------
+
+ROOT = DOCS.parent
+DEMO = ROOT / "deploy" / "demo.ini"
+
+
+def doc_section(doc: str, heading: str) -> str:
+    """The text of ``doc`` under the ``## `` heading that starts with ``heading``."""
+    sections = re.split(r"^## ", (DOCS / doc).read_text(), flags=re.M)
+    (found,) = [s for s in sections if s.startswith(heading)]
+    return found
+
+
+def code_blocks(text: str, lang: str = "") -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, flags=re.M | re.S)
+
+
+def without_comments(text: str) -> str:
+    """An INI text as the docs print it: comments and their blank lines gone."""
+    lines = []
+    for line in text.splitlines():
+        if line.lstrip().startswith((";", "#")):
+            continue
+        line = re.split(r"\s[;#]", line, maxsplit=1)[0].rstrip()
+        if line or (lines and lines[-1]):
+            lines.append(line)
+    return "\n".join(lines).strip() + "\n"
+
+
+def test_topology_md_first_example_is_deploy_demo_ini() -> None:
+    section = doc_section("topology.md", "1. A first example")
+    assert "`deploy/demo.ini` without its comments" in section
+    assert code_blocks(section, "ini")[0] == without_comments(DEMO.read_text())
+
+
+def test_topology_md_shows_what_check_prints_for_the_demo() -> None:
+    section = doc_section("topology.md", "1. A first example")
+    printed = code_blocks(section.split("`arroyo check deploy/demo.ini` prints:", 1)[1])[0]
+    topology = load(DEMO)
+    # the doc writes the clone's folder as /…, and the socket folder as under run_dir
+    # (where a short clone path puts it)
+    text = describe(topology).replace(str(topology.socket_dir), "/…/.arroyo/demo/sock")
+    assert printed == text.replace(str(ROOT), "/…") + "\n"
+
+
+CHECK_EXAMPLE = """
+[topology]
+name = x
+
+[chain:main]
+stages = det, op, ghost
+
+[stage:det]
+role = listener
+class = stages.synthetic:DetectorSimulator
+frames = abc
+shape = 4, 4
+
+[stage:op]
+class = stages.basic:Scale
+input = det
+"""
+
+
+def test_topology_md_check_messages_are_what_check_prints(tmp_path: Path) -> None:
+    section = doc_section("topology.md", "11. What `arroyo check` reports")
+    path = tmp_path / "topo.ini"
+    path.write_text(CHECK_EXAMPLE)
+    with pytest.raises(TopologyError) as caught:
+        load(path)
+    printed = {p.replace(str(path), "/abs/path/topo.ini") for p in caught.value.problems}
+    quoted = code_blocks(section)[0].splitlines()
+    assert set(quoted) <= printed, printed
+    # the lists of allowed keys and sections, quoted in the tables, as the loader says them
+    for bad in ("topology_unknown_key", "chain_unknown_key", "unknown_section"):
+        with pytest.raises(TopologyError) as caught:
+            load(ROOT / "tests" / "topologies" / "bad" / f"{bad}.ini")
+        (problem,) = caught.value.problems
+        expected = "(expected " + problem.split("(expected ", 1)[1]
+        assert expected in section, f"{bad}: docs/topology.md §11 lacks {expected!r}"
+
+
+def test_every_markdown_file_the_docs_name_exists() -> None:
+    for doc in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:
+        for name in set(re.findall(r"[\w./-]+\.md\b", doc.read_text())):
+            where = [ROOT / name, DOCS / name, doc.parent / name]
+            assert any(p.exists() for p in where), f"{doc.name} names {name}, not in the repo"

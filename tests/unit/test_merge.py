@@ -227,3 +227,47 @@ def test_a_worker_back_after_its_run_closed_without_it_is_dropped_as_late():
     alive["b/0"] = True
     out = _push(merger, [("b/0", start2), ("b/1", start2)])
     assert [type(m) for m in out] == [Start]
+
+
+def test_a_lost_workers_share_is_judged_against_what_the_source_emitted():
+    # multi-host, a worker's host cut after its events arrived but before its Stop:
+    # every event the source emitted arrived, so nothing is missing and the run is whole
+    report = RunReport("det/0/1@a", 1, emitted=1000, received=1000, expected=706,
+                       missing_workers=["w/1/9@b"])  # fmt: skip
+    assert report.complete and report.missing == 0
+    assert report.line() == "run 1: 1000/1000 events (complete; no Stop from w/1/9@b)"
+    short = RunReport("det/0/1@a", 2, 1000, 990, 706, ["w/1/9@b"])
+    assert not short.complete
+    assert short.line() == "run 2: 990/1000 events (INCOMPLETE; 10 missing; no Stop from w/1/9@b)"
+
+
+def test_a_single_upstream_process_is_waited_for_by_itself_not_by_the_w_it_carries():
+    # a Stop from one process carries the ``w`` its own sender wrote for the next hop;
+    # from a single upstream process that names this stage's workers, not the senders
+    reports: list[RunReport] = []
+    merger = RunMerger("op->sink", True, lambda _: True, reports.append, named=False)
+    out = _push(
+        merger,
+        [
+            ("op/0", Start(run=1, routing={"o": "det"})),
+            ("op/0", Event(run=1, seq=0)),
+            ("op/0", Stop(run=1, seq=1, routing={"o": "det", "n": 1, "w": ["sink/0"]})),
+        ],
+    )
+    assert [type(m).__name__ for m in out] == ["Start", "Event", "Stop"]
+    assert reports[0].complete
+
+
+def test_losses_reported_upstream_make_the_run_incomplete_downstream():
+    reports: list[RunReport] = []
+    merger = RunMerger("op->sink", True, lambda _: True, reports.append, named=False)
+    losses = {"failed in process() at op": 3}
+    out = _push(
+        merger,
+        [
+            ("op/0", Start(run=1, routing={"o": "det"})),
+            ("op/0", Stop(run=1, seq=3, routing={"o": "det", "n": 0, "l": losses})),
+        ],
+    )
+    assert out[-1].data["incomplete"] is True and out[-1].routing["l"] == losses
+    assert not reports[0].complete and reports[0].losses == losses

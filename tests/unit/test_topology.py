@@ -36,6 +36,7 @@ CLI_SAMPLE = [
     "class_no_module.ini",
     "cycle.ini",
     "several_mistakes.ini",
+    "option_unknown_codec.ini",
 ]
 
 
