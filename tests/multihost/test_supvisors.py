@@ -1,8 +1,8 @@
 """A topology on four namespace hosts under real supervisord + Supvisors, driven by
 the ``arroyo`` command line from one host: detector and sink on h1, two reduce
-workers allowed on h2, h3 and h4. Covers ``arroyo host``/``up``/``status``/``down``,
-placement, a lost host's worker restarted elsewhere by Supvisors (three times, the
-lost host coming back each time), and scaling across hosts mid-run."""
+workers allowed on every other host (h2, h3 and h4). Covers ``arroyo host``/``up``/
+``status``/``down``, placement, a lost host's worker restarted elsewhere by Supvisors
+(three times, the lost host coming back each time), and scaling across hosts mid-run."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ role = operator
 class = arroyo.stage:PassThrough
 input = det
 workers = 2
-hosts = h2, h3, h4
+hosts = {reduce_hosts}
 on_host_lost = restart
 stopwaitsecs = 15
 
@@ -91,7 +91,9 @@ def where(rows: list[dict[str, Any]], stage: str) -> dict[int, tuple[str, str]]:
 def start_cluster(topo: Any, hosts: NetnsHosts, marked_source: Any, **kw: int) -> Path:
     marked_source()
     lines = "\n".join(f"{h.name} = {h.address}" for h in hosts)
-    path = topo(TOPO.format(hosts=lines, tmp="{tmp}", **kw), name="sv.ini")
+    reduce_hosts = ", ".join(h.name for h in list(hosts)[1:])  # all but h1
+    text = TOPO.format(hosts=lines, reduce_hosts=reduce_hosts, tmp="{tmp}", **kw)
+    path = topo(text, name="sv.ini")
     cli(hosts[0], "keys", str(path))
     t0 = time.monotonic()
     for h in hosts:
