@@ -7,9 +7,10 @@ Supvisors then answers STILL_RUNNING, or reports the chain stopped while that co
 runs on. So ``down`` asks Supvisors first, then asks every host's own supervisord
 what still runs there; if anything does, it stops what it finds, round after round,
 until the cluster has settled: two rounds ``SETTLE`` apart find nothing running on
-any host. It gives up after ``DOWN_TIMEOUT``, or ``HOST_GRACE`` after only silent
+any host. It gives up after ``ROUNDS_TIMEOUT``, or ``HOST_GRACE`` after only silent
 hosts are left, and then names what still runs and which hosts did not answer (what
-runs there is unknown from here).
+runs there is unknown from here). A host where nothing listens on the supervisor port
+(connection refused) runs no supervisord, so nothing under one: it is not waited for.
 
 ``down --hosts`` then ends every host's supervisord (supervisord stops what it still
 runs before it exits) and waits until none answers any more, and until the one of
@@ -34,7 +35,8 @@ from arroyo.runtime.net import machine_host
 from arroyo.spec import Topology
 
 Say = Callable[[str], None]
-DOWN_TIMEOUT = 120.0  # s: Supvisors' stop of every chain, then the stragglers
+SUPVISORS_WAIT = 60.0  # s for Supvisors to be in OPERATION (or CONCILIATION) to stop
+ROUNDS_TIMEOUT = 60.0  # s of rounds stopping what still runs, after Supvisors' stop
 HOST_GRACE = 15.0  # s: about three Supvisors ticks, in which a healed host is seen again
 HOST_STOP_TIMEOUT = 60.0  # s: a supervisord stopping its processes, then exiting
 ROUND = 1.0  # s between two rounds of asking every host
@@ -56,32 +58,30 @@ class Survey:
         return not self.running and not self.silent
 
     def describe(self) -> str:
-        parts = [f"{name} on {host}" for host, name in self.running]
+        """One line: what still runs where, and which hosts did not answer."""
+        parts = []
+        if self.running:
+            parts.append("still running: " + ", ".join(f"{n} on {h}" for h, n in self.running))
         parts += [
-            f"host {host} did not answer ({why}): what runs there is unknown"
+            f"no answer from host {host} ({why}): what runs there is unknown"
             for host, why in self.silent.items()
         ]
         return "; ".join(parts)
 
 
-def down(
-    topology: Topology,
-    chains: tuple[str, ...] = (),
-    say: Say | None = None,
-    timeout: float = DOWN_TIMEOUT,
-) -> Survey:
+def down(topology: Topology, chains: tuple[str, ...] = (), say: Say | None = None) -> Survey:
     """Stop ``chains`` (default all) on every host, sources first. Returns the last
     survey of the hosts: ``clean`` when nothing of those chains runs anywhere."""
     names = chains_of(topology, chains)
-    deadline = time.monotonic() + timeout
     survey = _survey(topology, names)
     if survey.clean:
         return survey  # nothing to stop (and no need to wait for an election)
-    _ask_supvisors(topology, names, deadline, say)
-    survey = _survey(topology, names)
-    if survey.clean:
-        return survey  # Supvisors' view was right
-    return _rounds(topology, names, deadline, say)
+    if len(survey.silent) + len(survey.absent) < len(topology.hosts):
+        _ask_supvisors(topology, names, say)  # (some host answered)
+        survey = _survey(topology, names)
+        if survey.clean:
+            return survey  # Supvisors' view was right
+    return _rounds(topology, names, time.monotonic() + ROUNDS_TIMEOUT, say)
 
 
 def _rounds(topology: Topology, names: list[str], deadline: float, say: Say | None) -> Survey:
@@ -110,13 +110,11 @@ def _rounds(topology: Topology, names: list[str], deadline: float, say: Say | No
         time.sleep(ROUND)
 
 
-def _ask_supvisors(topology: Topology, names: list[str], deadline: float, say: Say | None) -> None:
+def _ask_supvisors(topology: Topology, names: list[str], say: Say | None) -> None:
     """Supvisors' own stop of each chain, in its stop sequence; what it cannot stop
     (the cluster reshaping under it, no host in OPERATION) is left to the rounds."""
     try:
-        server = wait_operational(
-            topology, max(1.0, deadline - time.monotonic()), say, ("OPERATION", "CONCILIATION")
-        )
+        server = wait_operational(topology, SUPVISORS_WAIT, say, ("OPERATION", "CONCILIATION"))
     except ConfigError as e:
         _tell(say, f"Supvisors cannot stop the chains ({e}); asking each host")
         return

@@ -145,7 +145,7 @@ def _down_hosts(topo: Topology, chains: tuple[str, ...], end_hosts: bool) -> Non
         click.echo(line, err=True)
 
     survey = clusterdown.down(topo, chains, say=say)
-    problems = [] if survey.clean else [f"still running: {survey.describe()}"]
+    problems = [] if survey.clean else [survey.describe()]
     if end_hosts:
         problems = clusterdown.shutdown_hosts(topo, say=say)
     if problems:

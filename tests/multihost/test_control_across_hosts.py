@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from arroyo.topology import load
 from tests.conftest import arroyo_bin, read_jsonl, runs_of, wait_for
 from tests.multihost.conftest import MARKED_SOURCE, hosts_or_skip
 from tests.multihost.netns import NetnsHosts
-from tests.multihost.test_supvisors import cli, start_cluster, status, where
+from tests.multihost.test_supvisors import TOPO, cli, start_cluster, status, where
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(300)]
 
@@ -112,6 +113,7 @@ def test_status_marks_a_cut_off_remote_worker(cluster: Cluster) -> None:
     pid = next(int(p.split("/")[2]) for p in stage_processes(path) if p.startswith("reduce/1/"))
     identity = f"reduce/1/{pid}@{victim_name}"
     cluster.victim = next(i for i, h in enumerate(cluster.hosts) if h.name == victim_name)
+    t0 = time.monotonic()
     cluster.hosts.cut(cluster.victim)
     seen: list[tuple[bool, str, str]] = []
 
@@ -127,6 +129,7 @@ def test_status_marks_a_cut_off_remote_worker(cluster: Cluster) -> None:
 
     wait_for(marked, timeout=60, interval=0.2)
     print(f"(let go by a peer, state, hosts) per status call after the cut: {seen}")
+    print(f"cut -> status shows it {seen[-1][1]}: {time.monotonic() - t0:.1f}s")
 
 
 def test_down_while_the_cut_off_host_heals(cluster: Cluster) -> None:
@@ -148,6 +151,7 @@ def test_down_while_the_cut_off_host_heals(cluster: Cluster) -> None:
 
     wait_for(moved, timeout=90, interval=0.5)
     log = cluster.tmp / "down.log"
+    t0 = time.monotonic()
     with log.open("wb") as f:
         down = hosts[0].popen(
             [arroyo_bin("arroyo"), "down", str(path)], stdout=f, stderr=subprocess.STDOUT
@@ -156,6 +160,7 @@ def test_down_while_the_cut_off_host_heals(cluster: Cluster) -> None:
         wait_for(lambda: not any(p.startswith("det/") for p in stage_processes(path)), timeout=90)
         hosts.heal(cluster.victim)
         rc = down.wait(timeout=240)
+        print(f"arroyo down took {time.monotonic() - t0:.1f}s")
     finally:
         if down.poll() is None:
             down.kill()
@@ -165,18 +170,61 @@ def test_down_while_the_cut_off_host_heals(cluster: Cluster) -> None:
     assert rc in (0, 1), text
     left = stage_processes(path)
     if rc == 1:
-        assert "still running" in text, text
+        assert "still running" in text or "no answer from" in text, text
     assert not left, f"stage processes left running after `arroyo down` ({rc}): {left}\n{text}"
 
 
 def test_down_hosts_ends_every_supervisord(cluster: Cluster) -> None:
     h1, path = cluster.hosts[0], cluster.path
     assert len(supervisords(path)) >= len(list(cluster.hosts))
+    t0 = time.monotonic()
     r = cli(h1, "down", str(path), "--hosts")
-    print(r.stdout, r.stderr)
+    print(f"arroyo down --hosts took {time.monotonic() - t0:.1f}s:\n{r.stderr}")
     assert "supervisord ended" in r.stderr, r.stderr
     assert not supervisords(path, "h1"), r.stderr  # where `down` ran: watched to its exit
     # another host's process cannot be watched from h1: it has closed its inet server
     # and exits next
     wait_for(lambda: not supervisords(path), timeout=30)
     assert not stage_processes(path)
+
+
+def one_run(hosts: str, reduce_hosts: str) -> str:
+    """``test_supvisors``' topology (for ``topo``) with these [hosts] lines."""
+    kw = {"runs": 1, "frames": 1, "rate": 1}
+    return TOPO.format(hosts=hosts, reduce_hosts=reduce_hosts, tmp="{tmp}", **kw)
+
+
+def test_down_names_a_host_that_does_not_answer(topo, marked_source) -> None:
+    """No cluster: h1 runs no supervisord (connection refused: nothing runs under one)
+    and h2 is declared but not there (no route). `down` waits a while for h2, then
+    exits 1 saying that what runs there is unknown."""
+    hosts = hosts_or_skip(1)
+    try:
+        marked_source()
+        declared = f"h1 = {hosts[0].address}\nh2 = 10.77.0.250"
+        path = topo(one_run(declared, "h1, h2"), name="sv.ini")
+        cli(hosts[0], "keys", str(path))
+        r = hosts[0].run([arroyo_bin("arroyo"), "down", str(path)], timeout=120)
+        print(r.stderr)
+        assert r.returncode == 1, r
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("no answer from host h2 ("), r.stderr
+        assert "h1" not in last, r.stderr
+    finally:
+        hosts.close()
+
+
+def test_down_hosts_with_chains_is_a_mistake(topo, marked_source) -> None:
+    path = topo(one_run("h1 = 10.77.0.11\nh2 = 10.77.0.12", "h2"), name="sv.ini")
+    marked_source()
+    r = subprocess.run(
+        [arroyo_bin("arroyo"), "down", str(path), "main", "--hosts"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 2, r
+    assert r.stderr.strip() == (
+        "--hosts ends every host's supervisord, so every chain stops: give no CHAINS (main)"
+    ), r.stderr

@@ -18,7 +18,12 @@ from arroyo.topology import load
 from tests.conftest import arroyo_bin, read_jsonl, runs_of, wait_for
 from tests.multihost.conftest import hosts_or_skip
 from tests.multihost.netns import Host, NetnsHosts
-from tests.multihost.test_links_across_hosts import check_losses, settled, sink_reports
+from tests.multihost.test_links_across_hosts import (
+    check_losses,
+    incomplete_after,
+    last_run,
+    settled,
+)
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(420)]
 
@@ -119,14 +124,12 @@ def test_runs_across_hosts_and_three_lost_hosts(topo, hosts4, marked_source, tmp
     for _ in range(3):
         victim_name = where(status(h1, path), "reduce")[1][1]
         victim = next(h for h in hosts4 if h.name == victim_name)
-        closed = len(sink_reports(path))
+        closed = last_run(path)
         wait_for(lambda: (r := read_jsonl(out)) and r[-1]["kind"] == "Event", timeout=30)
         t0 = time.monotonic()
         victim.kill_all()  # the whole host: supervisord, Supvisors and the worker
         wait_for(
-            lambda closed=closed: any(
-                not r["complete"] for r in list(sink_reports(path).values())[closed:]
-            ),
+            lambda closed=closed: incomplete_after(path, closed),
             timeout=60,
         )
         detected = time.monotonic() - t0
@@ -201,12 +204,12 @@ def test_a_cut_off_host_and_the_partition_healing(topo, hosts4, marked_source, t
     wait_for(lambda: len(runs_of(read_jsonl(out))) >= 2, timeout=90)
     victim_name = where(status(h1, path), "reduce")[1][1]
     index = next(i for i, h in enumerate(hosts4) if h.name == victim_name)
-    closed = len(sink_reports(path))
+    closed = last_run(path)
     wait_for(lambda: (r := read_jsonl(out)) and r[-1]["kind"] == "Event", timeout=30)
     t0 = time.monotonic()
     hosts4.cut(index)
     wait_for(
-        lambda: any(not r["complete"] for r in list(sink_reports(path).values())[closed:]),
+        lambda: incomplete_after(path, closed),
         timeout=60,
     )
     detected = time.monotonic() - t0
