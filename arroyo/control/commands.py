@@ -105,20 +105,20 @@ def up(topology: str, chains: tuple[str, ...]) -> None:
 @click.argument("chains", nargs=-1)
 @click.option(
     "--hosts",
-    "end_hosts",
     is_flag=True,
     show_envvar=True,
     help="With [hosts]: end every host's supervisord as well (every chain stops).",
 )
 @user_errors
-def down(topology: str, chains: tuple[str, ...], end_hosts: bool) -> None:
-    """Stop CHAINS (default all) sources first; supervisord exits when nothing runs."""
+def down(topology: str, chains: tuple[str, ...], hosts: bool) -> None:
+    """Stop CHAINS (default all) sources first; supervisord exits when nothing runs
+    (with [hosts], --hosts ends every host's supervisord)."""
     from arroyo.control.strays import describe
     from arroyo.control.supervise import down as do_down
 
     topo = _load(topology)
     if topo.multihost:
-        _down_hosts(topo, chains, end_hosts)
+        _down_cluster(topo, chains, end_hosts=hosts)
     else:
         strays = do_down(topo, chains)
         if strays:
@@ -129,7 +129,7 @@ def down(topology: str, chains: tuple[str, ...], end_hosts: bool) -> None:
     click.echo("stopped")
 
 
-def _down_hosts(topo: Topology, chains: tuple[str, ...], end_hosts: bool) -> None:
+def _down_cluster(topo: Topology, chains: tuple[str, ...], end_hosts: bool) -> None:
     """Multi-host ``down``: exit 1 with one line naming what still runs (or which host
     did not answer) when the cluster would not stop within the wait."""
     from arroyo.control import clusterdown
