@@ -1,9 +1,10 @@
 """Drive a multi-host topology through Supvisors (docs/multihost.md).
 
 ``start_host`` starts this host's supervisord (run once on every host). ``up``,
-``down``, ``status`` and ``scale`` work from any host: they talk XML-RPC to the first
-host whose inet server answers (this machine's first), wait while the cluster is
-still forming or electing, and let Supvisors place and start the processes.
+``status`` and ``scale`` (and ``down``, in ``clusterdown``) work from any host: they
+talk XML-RPC to the first host whose inet server answers (this machine's first), wait
+while the cluster is still forming or electing, and let Supvisors place and start the
+processes.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def _answers(topology: Topology, host: str) -> bool:
     return True
 
 
-def _chains(topology: Topology, chains: tuple[str, ...]) -> list[str]:
+def chains_of(topology: Topology, chains: tuple[str, ...]) -> list[str]:
     unknown = [c for c in chains if c not in topology.chains]
     if unknown:
         msg = f"{topology.path}: no chain {unknown[0]!r} (chains: {', '.join(topology.chains)})"
@@ -141,61 +142,78 @@ def _chains(topology: Topology, chains: tuple[str, ...]) -> list[str]:
     return list(chains or topology.chains)
 
 
-def _fault(e: xmlrpc.client.Fault, *names: str) -> bool:
+def is_fault(e: xmlrpc.client.Fault, *names: str) -> bool:
     return any(n in e.faultString for n in names)
 
 
 def up(topology: Topology, chains: tuple[str, ...] = (), say: Say | None = None) -> None:
     server = wait_operational(topology, say=say)
-    for chain in _chains(topology, chains):
+    for chain in chains_of(topology, chains):
         try:
             server.supvisors.start_application("LESS_LOADED", chain, True)
         except xmlrpc.client.Fault as e:
-            if not _fault(e, "ALREADY_STARTED"):
-                msg = f"chain {chain}: {e.faultString}"
-                raise ConfigError(msg) from e
-
-
-def down(topology: Topology, chains: tuple[str, ...] = (), say: Say | None = None) -> None:
-    server = wait_operational(topology, say=say)
-    for chain in reversed(_chains(topology, chains)):
-        try:
-            server.supvisors.stop_application(chain, True)
-        except xmlrpc.client.Fault as e:
-            if not _fault(e, "NOT_RUNNING"):
+            if not is_fault(e, "ALREADY_STARTED"):
                 msg = f"chain {chain}: {e.faultString}"
                 raise ConfigError(msg) from e
 
 
 def status_rows(topology: Topology) -> list[dict[str, Any]]:
-    """One row per process: chain, stage, worker, state, host (Supvisors' view)."""
+    """One row per process: chain, stage, worker, state and host (Supvisors' view), the
+    pid its host's supervisord last reported, and its counters where its stats file is
+    readable from here. A process that a live peer has let go (it answered no heartbeat
+    for ``peer_timeout``: frozen, or its host cut off) is STALLED. That verdict is read
+    from the peer's stats file, so ``status`` on the fan-in's host (or the detector's)
+    shows it within ``peer_timeout`` and the 1 s stats tick, long before Supvisors
+    notices a host is gone (two of its 5 s ticks)."""
     server = wait_operational(topology, 60, None, ("OPERATION", "DISTRIBUTION", "CONCILIATION"))
     nick = {
         i["identifier"]: i["nick_identifier"] for i in server.supvisors.get_all_instances_info()
     }
+    pids = _pids(server, nick)
     rows = []
     for info in server.supvisors.get_all_process_info():
         stage, worker = split_process_name(info["process_name"])
+        hosts = [nick.get(i, i) for i in info["identifiers"]]
         row: dict[str, Any] = {
             "chain": info["application_name"],
             "stage": stage,
             "worker": worker,
             "state": info["statename"],
-            "hosts": [nick.get(i, i) for i in info["identifiers"]],
+            "hosts": hosts,
         }
-        row.update(_counters(topology, stage, worker))
+        where = (row["chain"], info["process_name"], hosts[0]) if len(hosts) == 1 else None
+        row.update(_counters(topology, stage, worker, pids.get(where) if where else None))
         rows.append(row)
     mark_stalled(rows)
     return sorted(rows, key=lambda r: (r["chain"], r["stage"], r["worker"]))
 
 
-def _counters(topology: Topology, stage: str, worker: int) -> dict[str, Any]:
+def _pids(server: Any, nick: dict[str, str]) -> dict[tuple[str, str, str], int]:
+    """(chain, program, host) -> pid, as each host's supervisord last told Supvisors (a
+    host cut off keeps its last word)."""
+    found = {}
+    for identifier, host in nick.items():
+        try:
+            infos = server.supvisors.get_all_inner_process_info(identifier)
+        except xmlrpc.client.Fault:
+            continue
+        for i in infos:
+            if i.get("pid"):
+                found[(i["group"], i["name"], host)] = int(i["pid"])
+    return found
+
+
+def _counters(topology: Topology, stage: str, worker: int, pid: int | None) -> dict[str, Any]:
     """The process's own counters when its stats file is readable from here (its own
-    host, or a run_dir shared between hosts); empty otherwise."""
+    host, or a run_dir shared between hosts) and was written by ``pid`` (when known:
+    after a move or a partition the file may be another copy's); else the pid alone."""
+    alone = {"pid": pid} if pid else {}
     try:
         stats = json.loads(stats_path(topology, stage, worker).read_text())
     except (OSError, ValueError):
-        return {}
+        return alone
+    if pid and stats.get("pid") != pid:
+        return alone
     keys = ("pid", "received", "sent", "errors", "dropped", "current_run", "links", "runs")
     return {k: stats[k] for k in keys if k in stats}
 
@@ -220,7 +238,7 @@ def scale(topology: Topology, stage: str, count: int, timeout: float = 120.0) ->
             try:
                 server.supvisors.stop_process(name, True)
             except xmlrpc.client.Fault as e:
-                if not _fault(e, "NOT_RUNNING"):
+                if not is_fault(e, "NOT_RUNNING"):
                     msg = f"{name}: {e.faultString}"
                     raise ConfigError(msg) from e
     for host in candidates:
@@ -240,9 +258,9 @@ def _start_when_known(server: Any, name: str, timeout: float) -> None:
             server.supvisors.start_process("LESS_LOADED", name, "", True)
             return
         except xmlrpc.client.Fault as e:
-            if _fault(e, "ALREADY_STARTED"):
+            if is_fault(e, "ALREADY_STARTED"):
                 return
-            if not _fault(e, "BAD_NAME") or time.monotonic() > deadline:
+            if not is_fault(e, "BAD_NAME") or time.monotonic() > deadline:
                 msg = f"{name}: {e.faultString}"
                 raise ConfigError(msg) from e
         time.sleep(0.5)

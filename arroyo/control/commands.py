@@ -142,17 +142,22 @@ def up(topology: str, chains: tuple[str, ...], reset_scale: bool) -> None:
 @main.command()
 @TOPOLOGY
 @click.argument("chains", nargs=-1)
+@click.option(
+    "--hosts",
+    is_flag=True,
+    show_envvar=True,
+    help="With [hosts]: end every host's supervisord as well (every chain stops).",
+)
 @user_errors
-def down(topology: str, chains: tuple[str, ...]) -> None:
-    """Stop CHAINS (default all) sources first; supervisord exits when nothing runs."""
+def down(topology: str, chains: tuple[str, ...], hosts: bool) -> None:
+    """Stop CHAINS (default all) sources first; supervisord exits when nothing runs
+    (with [hosts], --hosts ends every host's supervisord)."""
     from arroyo.control.strays import describe
     from arroyo.control.supervise import down as do_down
 
     topo = _load_running(topology)
     if topo.multihost:
-        from arroyo.control import cluster
-
-        cluster.down(topo, chains, say=lambda line: click.echo(line, err=True))
+        _down_cluster(topo, chains, end_hosts=hosts)
     else:
         strays = do_down(topo, chains)
         if strays:
@@ -161,6 +166,32 @@ def down(topology: str, chains: tuple[str, ...]) -> None:
                 f"stopped {n} process{'es' * (n > 1)} outside supervisord: {describe(strays)}"
             )
     click.echo("stopped")
+
+
+def _down_cluster(topo: Topology, chains: tuple[str, ...], end_hosts: bool) -> None:
+    """Multi-host ``down``: exit 1 with one line naming what still runs (or which host
+    did not answer) when the cluster would not stop within the wait."""
+    from arroyo.control import clusterdown
+
+    if end_hosts and chains:
+        given = " ".join(chains)
+        msg = (
+            f"--hosts ends every host's supervisord, so every chain stops: give no CHAINS ({given})"
+        )
+        raise ConfigError(msg)
+
+    def say(line: str) -> None:
+        click.echo(line, err=True)
+
+    survey = clusterdown.down(topo, chains, say=say)
+    problems = [] if survey.clean else [survey.describe()]
+    if end_hosts:
+        problems = clusterdown.shutdown_hosts(topo, say=say)
+    if problems:
+        click.echo("; ".join(problems), err=True)
+        sys.exit(1)
+    if len(survey.absent) == len(topo.hosts):
+        click.echo(f"no supervisord runs on any host ({', '.join(topo.hosts)})")
 
 
 def _fmt_bytes(n: Any) -> str:

@@ -141,6 +141,7 @@ class RunMerger:
         self._late_from: set[str] = set()
         self._last_check = time.monotonic()
         self._dead_since: dict[str, float] = {}  # single upstream: when it was found dead
+        self.born_ns = time.time_ns()
 
     # -- entry point ---------------------------------------------------------------
 
@@ -286,6 +287,8 @@ class RunMerger:
             if run.started:
                 return [(who, size, None)]
             run.started = True
+            # a run its source began before this process existed: it restarted mid-run
+            run.joined_late = message.timestamp_ns < self.born_ns
             if message.routing.get(AGAIN):
                 run.joined_late = True
                 message.routing = {k: v for k, v in message.routing.items() if k != AGAIN}
@@ -367,7 +370,9 @@ class RunMerger:
             missing_workers=missing,
             losses=add_up_losses(run.stops.values()),
             emitted_known=bool(stops),  # without a Stop, what the source emitted is unknown
-            joined_late=run.joined_late,
+            # no Start here at all: this process came after it (its senders had
+            # already moved past it), so it cannot count the run either
+            joined_late=run.joined_late or not run.started,
         )
         if run.cut:
             # it is this stage that stopped waiting: say so, and blame no one's death

@@ -153,6 +153,7 @@ class RunReport:
             "expected": self.expected,
             "emitted": self.emitted,
             "emitted_known": self.emitted_known,
+            "joined_late": self.joined_late,
             "of": self.of(),
             "complete": self.complete,
             "missing": self.missing,
@@ -172,6 +173,9 @@ def run_line(run: Mapping[str, Any]) -> str:
         text += f"; source emitted {run['emitted']}"
     if not known:
         text += "; how many the source emitted is unknown"
+    elif run["missing"] and run.get("joined_late"):
+        # this process began mid-run: what came before went through its predecessor
+        text += f"; joined mid-run: at most {run['missing']} missing"
     elif run["missing"]:
         text += f"; {run['missing']} missing"
     if run["missing_workers"]:

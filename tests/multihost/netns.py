@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -126,13 +127,29 @@ class Host:
     bridge_port: str  # the veth end in the bridge namespace
     files: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    # (this host's own folder, the shared path it stands for on this host): a disk of
+    # its own for that path, as a separate machine has
+    binds: list[tuple[Path, Path]] = field(default_factory=list)
+
+    def own_folder(self, path: Path) -> Path:
+        """From now on, what this host's commands see at ``path`` (a folder) is a folder
+        of its own, which the caller reads at the returned path."""
+        mine = self.files / f"own{len(self.binds)}"
+        mine.mkdir()
+        path.mkdir(parents=True, exist_ok=True)
+        self.binds.append((mine, path))
+        return mine
 
     def argv(self, cmd: Sequence[str]) -> list[str]:
         """The command line that runs cmd on this host."""
+        own = "".join(
+            f"mount --bind {shlex.quote(str(mine))} {shlex.quote(str(path))} && "
+            for mine, path in self.binds
+        )
         setup = (
             'mount --bind "$1/hosts" /etc/hosts && '
             'mount --bind "$1/resolv.conf" /etc/resolv.conf && '
-            'hostname "$2" && shift 2 && exec "$@"'
+            f'{own}hostname "$2" && shift 2 && exec "$@"'
         )
         return [
             "ip",

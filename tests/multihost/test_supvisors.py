@@ -1,8 +1,8 @@
 """A topology on four namespace hosts under real supervisord + Supvisors, driven by
 the ``arroyo`` command line from one host: detector and sink on h1, two reduce
-workers allowed on h2, h3 and h4. Covers ``arroyo host``/``up``/``status``/``down``,
-placement, a lost host's worker restarted elsewhere by Supvisors (three times, the
-lost host coming back each time), and scaling across hosts mid-run."""
+workers allowed on every other host (h2, h3 and h4). Covers ``arroyo host``/``up``/
+``status``/``down``, placement, a lost host's worker restarted elsewhere by Supvisors
+(three times, the lost host coming back each time), and scaling across hosts mid-run."""
 
 from __future__ import annotations
 
@@ -18,7 +18,12 @@ from arroyo.topology import load
 from tests.conftest import arroyo_bin, read_jsonl, runs_of, wait_for
 from tests.multihost.conftest import hosts_or_skip
 from tests.multihost.netns import Host, NetnsHosts
-from tests.multihost.test_links_across_hosts import check_losses, settled, sink_reports
+from tests.multihost.test_links_across_hosts import (
+    check_losses,
+    incomplete_after,
+    last_run,
+    settled,
+)
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(420)]
 
@@ -49,7 +54,7 @@ role = operator
 class = arroyo.stage:PassThrough
 input = det
 workers = 2
-hosts = h2, h3, h4
+hosts = {reduce_hosts}
 on_host_lost = restart
 stopwaitsecs = 15
 
@@ -91,7 +96,9 @@ def where(rows: list[dict[str, Any]], stage: str) -> dict[int, tuple[str, str]]:
 def start_cluster(topo: Any, hosts: NetnsHosts, marked_source: Any, **kw: int) -> Path:
     marked_source()
     lines = "\n".join(f"{h.name} = {h.address}" for h in hosts)
-    path = topo(TOPO.format(hosts=lines, tmp="{tmp}", **kw), name="sv.ini")
+    reduce_hosts = ", ".join(h.name for h in list(hosts)[1:])  # all but h1
+    text = TOPO.format(hosts=lines, reduce_hosts=reduce_hosts, tmp="{tmp}", **kw)
+    path = topo(text, name="sv.ini")
     cli(hosts[0], "keys", str(path))
     t0 = time.monotonic()
     for h in hosts:
@@ -117,14 +124,12 @@ def test_runs_across_hosts_and_three_lost_hosts(topo, hosts4, marked_source, tmp
     for _ in range(3):
         victim_name = where(status(h1, path), "reduce")[1][1]
         victim = next(h for h in hosts4 if h.name == victim_name)
-        closed = len(sink_reports(path))
+        closed = last_run(path)
         wait_for(lambda: (r := read_jsonl(out)) and r[-1]["kind"] == "Event", timeout=30)
         t0 = time.monotonic()
         victim.kill_all()  # the whole host: supervisord, Supvisors and the worker
         wait_for(
-            lambda closed=closed: any(
-                not r["complete"] for r in list(sink_reports(path).values())[closed:]
-            ),
+            lambda closed=closed: incomplete_after(path, closed),
             timeout=60,
         )
         detected = time.monotonic() - t0
@@ -199,12 +204,12 @@ def test_a_cut_off_host_and_the_partition_healing(topo, hosts4, marked_source, t
     wait_for(lambda: len(runs_of(read_jsonl(out))) >= 2, timeout=90)
     victim_name = where(status(h1, path), "reduce")[1][1]
     index = next(i for i, h in enumerate(hosts4) if h.name == victim_name)
-    closed = len(sink_reports(path))
+    closed = last_run(path)
     wait_for(lambda: (r := read_jsonl(out)) and r[-1]["kind"] == "Event", timeout=30)
     t0 = time.monotonic()
     hosts4.cut(index)
     wait_for(
-        lambda: any(not r["complete"] for r in list(sink_reports(path).values())[closed:]),
+        lambda: incomplete_after(path, closed),
         timeout=60,
     )
     detected = time.monotonic() - t0
