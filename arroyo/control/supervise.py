@@ -300,8 +300,8 @@ def down(topology: Topology, chains: tuple[str, ...] = (), timeout: float = 120.
         server = rpc(topology)
         for _ in range(DOWN_PASSES):
             for chain in targets:
-                for stage in _by_priority(topology, chain, reverse=True):
-                    _stop_stage(server, chain, stage, timeout)
+                for level in _levels(topology, chain):
+                    _stop_stages(server, chain, level, timeout)
             if not _live_names(server, targets):
                 break
         if not _live_names(server, None):
@@ -324,8 +324,23 @@ def _live_names(server: Any, chains: list[str] | None) -> set[str]:
     }
 
 
-def _stop_stage(server: Any, chain: str, stage: str, timeout: float) -> None:
-    infos = [i for i in _processes_of(server, chain, stage) if i["statename"] not in STOPPED_STATES]
+def _levels(topology: Topology, chain: str) -> list[list[str]]:
+    """The chain's stages in stop order (sources first), those of one priority together:
+    stages at one depth of the graph do not feed each other, so they drain side by
+    side instead of one after the other (a viewer and a sink, say)."""
+    levels: dict[int, list[str]] = {}
+    for stage in _by_priority(topology, chain, reverse=True):
+        levels.setdefault(topology.stages[stage].supervision.priority, []).append(stage)
+    return list(levels.values())
+
+
+def _stop_stages(server: Any, chain: str, stages: list[str], timeout: float) -> None:
+    infos = [
+        i
+        for stage in stages
+        for i in _processes_of(server, chain, stage)
+        if i["statename"] not in STOPPED_STATES
+    ]
     names = {f"{chain}:{i['name']}" for i in infos}
     for name in names:
         with contextlib.suppress(xmlrpc.client.Fault):  # stopped, or removed by scale
