@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections import deque
 from dataclasses import replace
 from typing import Any
 
@@ -23,20 +24,44 @@ from arroyo.topology import Topology
 log = logging.getLogger("arroyo.inline")
 
 
-class InMemoryLink(Publisher):
-    """A link as a direct call into the next stage's operator."""
+class Deliveries:
+    """The in-memory links' messages, handed to their next stage in order from one
+    queue. A direct call into the next stage would nest a few Python frames per stage,
+    and a chain of several hundred stages would overflow the interpreter's stack. One
+    thread delivers at a time (``lock``); a stage's outputs are queued behind it."""
 
-    def __init__(self, target: Operator, lock: threading.RLock) -> None:
-        self.target = target
+    def __init__(self, lock: threading.RLock) -> None:
         self.lock = lock
+        self.queue: deque[tuple[Operator, Message]] = deque()
+        self.busy = False
+
+    def put(self, target: Operator, message: Message) -> None:
+        with self.lock:
+            self.queue.append((target, message))
+            if self.busy:
+                return  # called from a stage that the loop below is running
+            self.busy = True
+            try:
+                while self.queue:
+                    op, m = self.queue.popleft()
+                    op.handle(m)
+            finally:
+                self.busy = False
+
+
+class InMemoryLink(Publisher):
+    """A link as a delivery into the next stage's operator."""
+
+    def __init__(self, target: Operator, deliveries: Deliveries) -> None:
+        self.target = target
+        self.deliveries = deliveries
 
     def publish(self, message: Message) -> None:
         if isinstance(message, Stop) and SHARES in message.data:
             # one worker per stage inline: its shares are the run's totals (as a merge
             # between processes would leave them)
             message = replace(message, data=add_up_shares(message.data, [message]))
-        with self.lock:
-            self.target.handle(message)
+        self.deliveries.put(self.target, message)
 
 
 class KeptRuns(Operator):
@@ -61,22 +86,26 @@ class KeptRuns(Operator):
 
 
 def _order(topology: Topology) -> list[str]:
-    done: list[str] = []
-
-    def visit(name: str) -> None:
-        if name in done:
-            return
-        for link in topology.outputs_of(name):
-            visit(link.target)
-        done.append(name)
-
-    for name in topology.stages:
-        visit(name)
-    return done  # sinks first
+    """Every stage after all the stages it feeds (sinks first), walked with a stack of
+    its own: no recursion, however long the chain."""
+    done: dict[str, None] = {}
+    for root in topology.stages:
+        if root in done:
+            continue
+        stack = [(root, iter(topology.outputs_of(root)))]
+        while stack:
+            name, targets = stack[-1]
+            target = next((t.target for t in targets if t.target not in done), None)
+            if target is None:
+                stack.pop()
+                done.setdefault(name)
+            elif all(target != n for n, _ in stack):  # (a cycle is refused by check)
+                stack.append((target, iter(topology.outputs_of(target))))
+    return list(done)
 
 
 def run_inline(topology: Topology) -> None:
-    lock = threading.RLock()
+    deliveries = Deliveries(threading.RLock())
     operators: dict[str, Operator] = {}
     users: dict[str, Any] = {}
     listeners: list[Listener] = []
@@ -94,7 +123,7 @@ def run_inline(topology: Topology) -> None:
             op = PassThrough()
             op.add_publisher(user)
         for link in topology.outputs_of(name):
-            op.add_publisher(InMemoryLink(operators[link.target], lock))
+            op.add_publisher(InMemoryLink(operators[link.target], deliveries))
         operators[name] = op
     for name, user in users.items():
         if topology.stages[name].role != "listener":

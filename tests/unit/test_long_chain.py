@@ -3,6 +3,7 @@ render and status work on it (a recursive walk overflowed Python's stack at ~360
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -88,3 +89,18 @@ def test_a_thousand_stage_cycle_is_one_problem(tmp_path: Path) -> None:
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and "cycle: " in lines[0] and "Traceback" not in result.stderr
     assert lines[0].count(" -> ") == LENGTH - 1
+
+
+@pytest.mark.timeout(200)
+def test_a_thousand_stage_chain_runs_inline(tmp_path: Path) -> None:
+    """In one process the links are calls into the next stage: queued, not nested, so
+    the run's messages go the whole way (a direct call overflowed the stack)."""
+    text = _chain(LENGTH).replace("stages.sinks:Discard", "stages.sinks:JsonLinesLog")
+    out = tmp_path / "out.jsonl"
+    text = text.replace(f"input = s{LENGTH - 2}\n", f"input = s{LENGTH - 2}\npath = {out}\n", 1)
+    path = tmp_path / "long.ini"
+    path.write_text(text)
+    done = _arroyo("run", str(path), "--inline")
+    assert done.returncode == 0, done.stderr[-2000:]
+    kinds = [json.loads(line)["kind"] for line in out.read_text().splitlines()]
+    assert kinds == ["Start", "Event", "Stop"]
