@@ -141,7 +141,6 @@ class RunMerger:
         self._late_from: set[str] = set()
         self._last_check = time.monotonic()
         self._dead_since: dict[str, float] = {}  # single upstream: when it was found dead
-        self.born_ns = time.time_ns()
 
     # -- entry point ---------------------------------------------------------------
 
@@ -287,8 +286,8 @@ class RunMerger:
             if run.started:
                 return [(who, size, None)]
             run.started = True
-            # a run its source began before this process existed: it restarted mid-run
-            run.joined_late = message.timestamp_ns < self.born_ns
+            # (a Start's age cannot tell: a stage that connects late, at `up`, is given
+            # the run's Start as it was made, not again)
             if message.routing.get(AGAIN):
                 run.joined_late = True
                 message.routing = {k: v for k, v in message.routing.items() if k != AGAIN}

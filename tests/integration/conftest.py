@@ -43,6 +43,9 @@ input = work
 """
 
 
+WORK = "stages.basic:Delay\nmax_ms = 0.3"  # TOPO's {work}: the class of stage work
+
+
 def arroyo(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [arroyo_bin("arroyo"), *args], capture_output=True, text=True, timeout=150, check=False
@@ -76,7 +79,7 @@ def stage_procs(topology: Path) -> list[psutil.Process]:
 def sup(topo, tmp_path) -> Iterator:
     made: list[Path] = []
 
-    def make(frames=200, runs=1, rate=0, workers=1, work="stages.basic:Delay\nmax_ms = 0.3"):
+    def make(frames=200, runs=1, rate=0, workers=1, work=WORK):
         text = TOPO.format(
             frames=frames, runs=runs, rate=rate, workers=workers, work=work, tmp="{tmp}"
         )

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.conftest import TOPO, arroyo, supervisord_procs
+from tests.integration.conftest import TOPO, WORK, arroyo, supervisord_procs
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def write(topo, **replace: str):
-    text = TOPO.format(frames=10, runs=1, rate=0, workers=1, tmp="{tmp}")
+    text = TOPO.format(frames=10, runs=1, rate=0, workers=1, work=WORK, tmp="{tmp}")
     for old, new in replace.items():
         text = text.replace(old, new)
     return topo(text)
