@@ -75,7 +75,8 @@ def links(path: Path) -> dict[str, tuple[int, int]]:
     """Per link: (sent, received), from the text table a user reads."""
     text = arroyo("status", str(path)).stdout
     table = text.split("LINK", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
-    return {cols[0]: (int(cols[1]), int(cols[2])) for cols in (line.split() for line in table)}
+    rows = (line.split() for line in table)
+    return {cols[0]: (int(cols[1]), int(cols[2])) for cols in rows if "->" in cols[0]}
 
 
 def settled(path: Path, frames: int) -> dict[str, tuple[int, int]] | None:
