@@ -96,6 +96,10 @@ def lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
+def whole_runs(out: Path) -> int:
+    return sum(r["kind"] == "Stop" and not r["data"].get("incomplete") for r in read_jsonl(out))
+
+
 def sink_report(path: Path) -> dict[int, dict]:
     rows = json.loads(arroyo("status", str(path), "--json").stdout)
     sink = next(r for r in rows if r["stage"] == "sink")
@@ -115,6 +119,9 @@ def test_sigkill_ten_times_under_load(graph, tmp_path, victim):
         wait_for(lambda old=old: pids(path).get(victim) not in (None, old), timeout=15)
         n = lines(out)
         wait_for(lambda n=n: lines(out) > n + 100, timeout=15)
+    # The source keeps sending runs: let whole ones pass after the last kill (how many
+    # fit between two kills depends on the machine's load, not on what is tested).
+    wait_for(lambda: whole_runs(out) >= 5, timeout=60, interval=0.5)
     time.sleep(1.5)  # let the last runs close and the stats files refresh
     reports = sink_report(path) if victim != "sink_0" else {}
     supervise.down(load(path), timeout=60)
