@@ -166,3 +166,23 @@ def no_leaked_children() -> Iterator[None]:
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+@pytest.fixture
+def supervised(topo: Callable[[str], Path]) -> Iterator[Callable[[str], Path]]:
+    """``supervised(ini_text)``: the topology written (``topo``), started by ``arroyo up``
+    under the real supervisord, and always brought down after the test (``bring_down``:
+    whatever is left is killed and fails the test)."""
+    from tests.integration.conftest import arroyo, bring_down  # (it imports this module)
+
+    made: list[Path] = []
+
+    def up(text: str) -> Path:
+        path = topo(text)
+        made.append(path)
+        arroyo("up", str(path))
+        return path
+
+    yield up
+    for path in made:
+        bring_down(path)

@@ -81,11 +81,6 @@ input = op
 """
 
 
-@pytest.fixture
-def chain(supervised):
-    return supervised
-
-
 def sink_runs(path: Path) -> dict[int, dict]:
     rows = json.loads(arroyo("status", str(path), "--json").stdout)
     return {r["run"]: r for row in rows if row["stage"] == "sink" for r in row["runs"]}
@@ -95,8 +90,8 @@ def stops_at_sink(out: Path) -> int:
     return sum(r["kind"] == "Stop" for r in read_jsonl(out))
 
 
-def test_a_single_upstream_process_gets_its_runs_reported(chain, tmp_path):
-    path = chain(DIRECT.format(frames=100, runs=2, rate=0, tmp="{tmp}"))
+def test_a_single_upstream_process_gets_its_runs_reported(supervised, tmp_path):
+    path = supervised(DIRECT.format(frames=100, runs=2, rate=0, tmp="{tmp}"))
     out = tmp_path / "out.jsonl"
     wait_for(lambda: stops_at_sink(out) == 2, timeout=30)
     reports = wait_for(lambda: (r := sink_runs(path)) and len(r) == 2 and r, timeout=15)
@@ -108,8 +103,8 @@ def test_a_single_upstream_process_gets_its_runs_reported(chain, tmp_path):
     assert "sink: run 1: 100/100 events (complete)" in text, text
 
 
-def test_a_source_killed_mid_run_has_its_run_closed_before_the_next_passes(chain, tmp_path):
-    path = chain(DIRECT.format(frames=2000, runs=2, rate=1000, tmp="{tmp}"))
+def test_a_source_killed_mid_run_has_its_run_closed_before_the_next_passes(supervised, tmp_path):
+    path = supervised(DIRECT.format(frames=2000, runs=2, rate=1000, tmp="{tmp}"))
     out = tmp_path / "out.jsonl"
     wait_for(lambda: len(read_jsonl(out)) > 300, timeout=30)
     old = pids(path)["det_0"]
@@ -132,9 +127,9 @@ def test_a_source_killed_mid_run_has_its_run_closed_before_the_next_passes(chain
 
 
 @pytest.mark.parametrize("scaling", ["workers = 1", "scalable = false"])
-def test_events_that_process_fails_on_make_the_run_incomplete(chain, tmp_path, scaling):
+def test_events_that_process_fails_on_make_the_run_incomplete(supervised, tmp_path, scaling):
     (tmp_path / "brokenops.py").write_text(BROKEN)
-    path = chain(FAILING.format(scaling=scaling, tmp="{tmp}"))
+    path = supervised(FAILING.format(scaling=scaling, tmp="{tmp}"))
     out = tmp_path / "out.jsonl"
     wait_for(lambda: stops_at_sink(out) == 2, timeout=30)
     stops = [r for r in read_jsonl(out) if r["kind"] == "Stop"]
@@ -179,8 +174,8 @@ input = op
 """
 
 
-def test_a_single_operator_killed_mid_run_is_waited_for_and_the_loss_is_exact(chain, tmp_path):
-    path = chain(SINGLE_OP)
+def test_a_single_operator_killed_mid_run_is_waited_for_and_the_loss_is_exact(supervised, tmp_path):
+    path = supervised(SINGLE_OP)
     out = tmp_path / "out.jsonl"
     wait_for(lambda: len(read_jsonl(out)) > 500, timeout=30)
     at_kill = len(read_jsonl(out))

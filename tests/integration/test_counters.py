@@ -14,7 +14,7 @@ import pytest
 from arroyo.control import supervise
 from arroyo.topology import load
 from tests.conftest import read_jsonl, runs_of, wait_for
-from tests.integration.conftest import arroyo, bring_down
+from tests.integration.conftest import arroyo
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -53,18 +53,11 @@ input = det (pub)
 
 
 @pytest.fixture
-def tapped(topo):
-    made: list[Path] = []
-
+def tapped(supervised):
     def up(frames: int, rate: int, workers: int) -> Path:
-        path = topo(TAPPED.format(frames=frames, rate=rate, workers=workers, tmp="{tmp}"))
-        made.append(path)
-        arroyo("up", str(path))
-        return path
+        return supervised(TAPPED.format(frames=frames, rate=rate, workers=workers, tmp="{tmp}"))
 
-    yield up
-    for path in made:
-        bring_down(path)
+    return up
 
 
 def rows_of(path: Path) -> list[dict]:
