@@ -166,11 +166,16 @@ class RunMerger:
         key = (origin, message.run)
         if key not in self.runs and key in self._closed_keys:
             return adopted + self._late(who, size, key)
-        run = self.runs.setdefault(key, _Run())
+        run = self.runs.get(key)
+        if run is None:  # (not setdefault: it would build a _Run for every message)
+            run = self.runs[key] = _Run()
         if isinstance(message, Start) and not run.started and run.prev is _UNSET:
             run.prev = message.routing.get("p")
         if key == self.current:
-            return adopted + self._apply(run, who, size, message) + self._advance()
+            applied = self._apply(run, who, size, message)
+            if isinstance(message, Event):
+                return adopted + applied  # an event never ends a run: nothing to advance
+            return adopted + applied + self._advance()
         run.held.append((who, size, message))
         if isinstance(message, Stop):
             self._note_stop(run, who, message)
