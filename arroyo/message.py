@@ -13,11 +13,51 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
 Payload: TypeAlias = bytes | np.ndarray | dict[str, np.ndarray] | None
+
+# Stop.routing key a listener sets to what its outside source lost in the run, by
+# reason (``{"images the detector stream lost": 3}``): the runtime carries it to every
+# stage downstream, which reports the run incomplete with that count and reason.
+LOST = "l"
+
+
+class Encoded:
+    """An array that travels as the compressed bytes it arrived in (a detector's
+    bitshuffle-LZ4 frame) and is decoded the first time user code reads
+    ``Event.payload``, in whichever process that is (``arroyo.io.compression``).
+
+    ``dtype`` and ``shape`` describe the decoded array; ``data`` (any buffer) holds
+    the compressed bytes; ``codec`` names how (``bslz4``, ``lz4``, ``bszstd``...).
+    """
+
+    __slots__ = ("codec", "data", "dtype", "shape")
+
+    def __init__(self, codec: str, dtype: Any, shape: Any, data: Any) -> None:
+        self.codec = codec
+        self.dtype = np.dtype(dtype)
+        self.shape = tuple(int(n) for n in shape)
+        self.data = data
+
+    @property
+    def nbytes(self) -> int:
+        """The compressed size: what travels, and what credit and byte counters count."""
+        return memoryview(self.data).nbytes
+
+    @property
+    def decoded_nbytes(self) -> int:
+        return self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64))
+
+    def decode(self) -> np.ndarray:
+        from arroyo.compression import decompress  # (bitshuffle/lz4: an optional extra)
+
+        return decompress(self.codec, self.data, self.dtype, self.shape)
+
+    def __repr__(self) -> str:
+        return f"Encoded({self.codec!r}, {self.dtype.str!r}, {self.shape}, {self.nbytes} bytes)"
 
 
 def _now_ns() -> int:
@@ -33,6 +73,14 @@ class Message:
     timestamp_ns: int = field(default_factory=_now_ns, kw_only=True)
     # Runtime bookkeeping (origin, sender, worker set of a run); never user data.
     routing: dict[str, Any] = field(default_factory=dict, kw_only=True, repr=False)
+
+    def with_routing(self, routing: dict[str, Any]) -> Message:
+        """A shallow copy with other ``routing`` (``dataclasses.replace`` would read an
+        Event's payload, and so decode a compressed one)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.routing = routing
+        return new
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
@@ -54,12 +102,48 @@ class Event(Message):
     """One frame of a run: ``metadata`` plus a payload of bytes or numpy array(s)."""
 
     metadata: dict[str, Any] = field(default_factory=dict)
-    payload: Payload = None
+    payload: Payload = None  # a property after the class: decodes ``Encoded`` on first read
+
+    @property
+    def raw_payload(self) -> Any:
+        """The payload as held, without decoding (``Encoded`` arrays stay compressed):
+        what the wire format sends."""
+        return self.__dict__["_payload"]
 
     @property
     def nbytes(self) -> int:
-        """Size of the payload buffers in bytes."""
-        return payload_nbytes(self.payload)
+        """Size of the payload buffers in bytes (compressed ones as they travel)."""
+        return payload_nbytes(self.__dict__["_payload"])
+
+
+# The held payload lives in the instance dict as "_payload", with "_lazy" saying
+# whether it still holds compressed arrays (checked once, when it is set).
+def _get_payload(event: Event) -> Payload:
+    held = event.__dict__
+    payload = held["_payload"]
+    if held["_lazy"]:
+        if type(payload) is Encoded:
+            payload = payload.decode()
+        else:  # a dict holding compressed arrays
+            payload = {k: v.decode() if type(v) is Encoded else v for k, v in payload.items()}
+        held["_payload"], held["_lazy"] = payload, False
+    return payload
+
+
+def _set_payload(event: Event, payload: Any) -> None:
+    held = event.__dict__
+    held["_payload"] = payload
+    held["_lazy"] = type(payload) is Encoded or (
+        type(payload) is dict and any(type(v) is Encoded for v in payload.values())
+    )
+
+
+# Event's dataclass __init__ assigns ``self.payload``, which goes through the setter.
+# (Hidden from type checkers, for which ``payload`` stays the plain field it reads as.)
+if not TYPE_CHECKING:
+    Event.payload = property(
+        _get_payload, _set_payload, doc="The payload; a compressed one is decoded on first read."
+    )
 
 
 @dataclass(eq=False)
@@ -69,10 +153,10 @@ class Stop(Message):
     data: dict[str, Any] = field(default_factory=dict)
 
 
-def payload_nbytes(payload: Payload) -> int:
+def payload_nbytes(payload: Any) -> int:
     if payload is None:
         return 0
-    if isinstance(payload, np.ndarray):
+    if isinstance(payload, np.ndarray | Encoded):
         return int(payload.nbytes)
     if isinstance(payload, dict):
         return sum(int(a.nbytes) for a in payload.values())

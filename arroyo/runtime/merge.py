@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from arroyo.message import SHARES, Event, Message, Start, Stop, add_up_shares
+from arroyo.message import LOST, SHARES, Event, Message, Start, Stop, add_up_shares
 from arroyo.runtime.stats import RunReport
 
 log = logging.getLogger("arroyo.merge")
@@ -34,7 +34,7 @@ RESTART_GRACE = 10.0
 # the stage in front, reported by the stage that saw them go; every worker of a scaled
 # stage carries the same copy, so where they meet the copies are one figure. FAILED:
 # the sender's own share (events its process() failed on), added up where shares meet.
-LOSSES = "l"
+LOSSES = LOST  # (a listener sets it for its outside source: arroyo.message)
 FAILED = "f"
 # Start.routing key: a Start sent again to a receiver that joined mid-run (it restarted,
 # or was added by scale); a stage whose run began so cannot count what it missed.

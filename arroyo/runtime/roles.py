@@ -10,7 +10,7 @@ from collections import defaultdict
 from typing import Any
 
 from arroyo.errors import ConfigError
-from arroyo.message import Event, Message, Start, Stop
+from arroyo.message import LOST, Event, Message, Start, Stop
 from arroyo.runtime.boundaries import keep_run
 from arroyo.runtime.credit import CreditSender
 from arroyo.runtime.live import Live
@@ -270,7 +270,9 @@ class SourceOperator(Operator):
             self.events += 1
         elif isinstance(message, Stop):
             message.run, message.seq = self.run, self.events
-            message.routing = {"o": self.me}
+            # what the listener's outside source lost in the run (a detector's gaps)
+            lost = message.routing.get(LOST)
+            message.routing = {"o": self.me, LOST: lost} if lost else {"o": self.me}
             self.open = None
         return message
 
