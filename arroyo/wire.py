@@ -21,10 +21,17 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from arroyo.compression import CODECS
 from arroyo.errors import WireError
-from arroyo.message import Event, Message, Payload, Start, Stop
+from arroyo.message import Encoded, Event, Message, Start, Stop
 
-VERSION = 1
+VERSION = 2  # the newest this Arroyo writes; it reads every version in VERSIONS
+VERSIONS = (1, 2)
+# Version 2 adds, each only where used (a message that needs none of them is written
+# as version 1, so a version-1 peer still reads it): a 4th descriptor element naming
+# the compression of its buffer (``Encoded``), buffers inline in the header ("d"),
+# and arrays at the top level of a Start's or Stop's data carried as buffers.
+INLINE_MAX = 1024  # payloads up to this many bytes ride in the header frame
 MAX_HEADER_BYTES = 1 << 20
 MAX_BUFFERS = 256
 MAX_NDIM = 32
@@ -78,21 +85,47 @@ def _array_buffer(array: np.ndarray) -> tuple[list[Any], np.ndarray]:
     return [dtype.str, list(contiguous.shape)], contiguous.reshape(-1).view(np.uint8)
 
 
-def _encode_payload(payload: Payload) -> tuple[int, list[list[Any]], list[Any]]:
+def _encoded_buffer(array: Encoded) -> tuple[list[Any], Any]:
+    """An ``Encoded`` array goes out as it came: its compressed bytes, named codec."""
+    dtype = array.dtype
+    if dtype.kind not in ALLOWED_KINDS or dtype.shape != () or dtype.names is not None:
+        msg = f"cannot send arrays of dtype {dtype!s}; use a numeric, bool or fixed string dtype"
+        raise WireError(msg, reason="encode")
+    data = array.data
+    return [dtype.str, list(array.shape), array.codec], data if type(data) is bytes else (
+        getattr(data, "buffer", None) or memoryview(data)
+    )
+
+
+def _named_buffers(arrays: dict[Any, Any]) -> tuple[list[list[Any]], list[Any]]:
+    descs, bufs = [], []
+    for name, array in arrays.items():
+        if not isinstance(name, str):
+            msg = "a dict payload maps str names to numpy arrays"
+            raise WireError(msg, reason="encode")
+        if type(array) is Encoded:
+            desc, buf = _encoded_buffer(array)
+        elif isinstance(array, np.ndarray):
+            desc, buf = _array_buffer(array)
+        else:
+            msg = "a dict payload maps str names to numpy arrays"
+            raise WireError(msg, reason="encode")
+        descs.append([name, *desc])
+        bufs.append(buf)
+    return descs, bufs
+
+
+def _encode_payload(payload: Any) -> tuple[int, list[list[Any]], list[Any]]:
     if payload is None:
         return PAYLOAD_NONE, [], []
     if isinstance(payload, np.ndarray):
         desc, buf = _array_buffer(payload)
         return PAYLOAD_ARRAY, [[None, *desc]], [buf]
+    if type(payload) is Encoded:
+        desc, buf = _encoded_buffer(payload)
+        return PAYLOAD_ARRAY, [[None, *desc]], [buf]
     if isinstance(payload, dict):
-        descs, bufs = [], []
-        for name, array in payload.items():
-            if not isinstance(name, str) or not isinstance(array, np.ndarray):
-                msg = "a dict payload maps str names to numpy arrays"
-                raise WireError(msg, reason="encode")
-            desc, buf = _array_buffer(array)
-            descs.append([name, *desc])
-            bufs.append(buf)
+        descs, bufs = _named_buffers(payload)
         return PAYLOAD_DICT, descs, bufs
     if isinstance(payload, bytes | bytearray | memoryview):
         return PAYLOAD_BYTES, [[None, None, None]], [payload]
@@ -112,21 +145,34 @@ def encode(message: Message) -> list[Any]:
             msg = f"not an Arroyo message: {type(message).__name__}"
             raise WireError(msg, reason="encode")
     header: dict[str, Any] = {
-        "v": VERSION,
+        "v": 1,  # raised to 2 below where the message needs it
         "k": tag,
         "r": message.run,
         "q": message.seq,
         "t": message.timestamp_ns,
     }
     buffers: list[Any] = []
+    descs: list[list[Any]] = []
     if isinstance(message, Event):
         header["m"] = message.metadata
-        kind, descs, buffers = _encode_payload(message.payload)
+        kind, descs, buffers = _encode_payload(message.raw_payload)
         header["p"] = kind
-        if descs:
-            header["b"] = descs
     else:
-        header["m"] = message.data  # type: ignore[attr-defined]
+        data = message.data  # type: ignore[attr-defined]
+        arrays = {k: v for k, v in data.items() if isinstance(v, np.ndarray | Encoded)}
+        if arrays:  # a Start's pixel mask, flatfield...: buffers, not nested lists
+            header["m"] = {k: v for k, v in data.items() if k not in arrays}
+            descs, buffers = _named_buffers(arrays)
+        else:
+            header["m"] = data
+    if descs:
+        header["b"] = descs
+        if any(len(d) > 3 for d in descs) or not isinstance(message, Event):
+            header["v"] = 2
+        if buffers and _small(buffers):
+            header["v"] = 2
+            header["d"] = [b if type(b) is bytes else bytes(b) for b in buffers]
+            buffers = []
     if message.routing:
         header["x"] = message.routing
     try:
@@ -137,6 +183,17 @@ def encode(message: Message) -> list[Any]:
         msg = f"cannot encode message header: {e}"
         raise WireError(msg, reason="encode") from e
     return [head, *buffers]
+
+
+def _small(buffers: list[Any]) -> bool:
+    """Do these buffers ride in the header frame? One frame less per message costs
+    raw pyzmq itself 2-3x its rate at 100 B; copying a kilobyte costs nothing."""
+    total = 0
+    for b in buffers:
+        total += len(b) if type(b) is bytes or type(b) is bytearray else b.nbytes
+        if total > INLINE_MAX:
+            return False
+    return True
 
 
 def _buffer(frame: Frame) -> memoryview:
@@ -189,8 +246,8 @@ def _unpack_header(frame: Frame) -> dict[str, Any]:
         msg = "header is not a msgpack map"
         raise WireError(msg)
     version = header.get("v")
-    if type(version) is not int or version != VERSION:  # not 1.0, not True
-        msg = f"unknown wire format version {version!r} (this Arroyo reads {VERSION})"
+    if type(version) is not int or version not in VERSIONS:  # not 1.0, not True
+        msg = f"unknown wire format version {version!r} (this Arroyo reads 1 and 2)"
         raise WireError(msg, reason="version")
     return header
 
@@ -256,10 +313,16 @@ def _parse_shape(shape: Any) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _decode_array(desc: list[Any], frame: Frame) -> np.ndarray:
+def _decode_array(desc: list[Any], frame: Frame) -> np.ndarray | Encoded:
     dtype = _parse_dtype(desc[1])
     shape = _parse_shape(desc[2])
     buf = _buffer(frame)
+    if len(desc) == 4:  # (version 2) compressed: decoded where user code reads it
+        codec = desc[3]
+        if codec not in CODECS:  # (a list is unhashable: `in` on a tuple compares)
+            msg = f"unknown compression {codec!r:.40}"
+            raise WireError(msg, reason="encoding")
+        return Encoded(codec, dtype, shape, buf)
     declared = math.prod(shape) * dtype.itemsize
     if declared != len(buf):
         msg = f"array {dtype.str}{list(shape)} declares {declared} bytes; its frame has {len(buf)}"
@@ -272,40 +335,84 @@ def _decode_array(desc: list[Any], frame: Frame) -> np.ndarray:
         raise WireError(msg) from e
 
 
-def _decode_payload(header: dict[str, Any], frames: Sequence[Frame]) -> Payload:
-    kind = _int_field(header, "p", PAYLOAD_NONE)
+def _descriptors(header: dict[str, Any], frames: Sequence[Frame]) -> tuple[list[Any], Any]:
+    """The buffer descriptors and their buffers: the frames after the header, or
+    (version 2) the header's own ``d``."""
     descs = header.get("b", [])
     if not isinstance(descs, list) or len(descs) > MAX_BUFFERS:
         msg = f"buffer list must be a list of at most {MAX_BUFFERS} descriptors"
         raise WireError(msg)
-    if len(frames) != 1 + len(descs):
-        msg = f"header describes {len(descs)} buffers but {len(frames) - 1} frames follow it"
-        raise WireError(msg, reason="frames")
+    v2 = header["v"] >= 2
     for desc in descs:
-        if not isinstance(desc, list) or len(desc) != 3:
-            msg = "a buffer descriptor is a list [name, dtype, shape]"
+        if not isinstance(desc, list) or not (len(desc) == 3 or (v2 and len(desc) == 4)):
+            msg = "a buffer descriptor is a list [name, dtype, shape] (or + codec, version 2)"
             raise WireError(msg)
+    inline = header.get("d") if v2 else None
+    if inline is None:
+        if len(frames) != 1 + len(descs):
+            msg = f"header describes {len(descs)} buffers but {len(frames) - 1} frames follow it"
+            raise WireError(msg, reason="frames")
+        return descs, frames[1:]
+    if len(frames) != 1:
+        msg = f"a header with inline buffers is followed by {len(frames) - 1} frames"
+        raise WireError(msg, reason="frames")
+    if type(inline) is not list or len(inline) != len(descs):
+        msg = f"inline buffers must be a list of {len(descs)} byte strings"
+        raise WireError(msg)
+    for buf in inline:
+        if type(buf) is not bytes:
+            msg = "an inline buffer must be a byte string (msgpack bin)"
+            raise WireError(msg)
+    return descs, inline
+
+
+def _named_arrays(descs: list[Any], buffers: Any) -> dict[str, np.ndarray | Encoded]:
+    arrays: dict[str, np.ndarray | Encoded] = {}
+    for desc, frame in zip(descs, buffers, strict=True):
+        name = desc[0]
+        if not isinstance(name, str) or name in arrays:
+            msg = f"array name {name!r:.40} is missing or repeated"
+            raise WireError(msg)
+        arrays[name] = _decode_array(desc, frame)
+    return arrays
+
+
+def _decode_payload(header: dict[str, Any], frames: Sequence[Frame]) -> Any:
+    kind = _int_field(header, "p", PAYLOAD_NONE)
+    descs, buffers = _descriptors(header, frames)
     if kind == PAYLOAD_NONE and not descs:
         return None
-    if kind == PAYLOAD_BYTES and len(descs) == 1 and descs[0][1] is None:
-        frame = frames[1]
+    if kind == PAYLOAD_BYTES and len(descs) == 1 and descs[0][1] is None and len(descs[0]) == 3:
+        frame = buffers[0]
         if type(frame) is bytes:
             return frame
         copied = getattr(frame, "bytes", None)  # a zmq.Frame copies itself out the fastest
         return copied if type(copied) is bytes else bytes(_buffer(frame))
     if kind == PAYLOAD_ARRAY and len(descs) == 1:
-        return _decode_array(descs[0], frames[1])
+        return _decode_array(descs[0], buffers[0])
     if kind == PAYLOAD_DICT:
-        arrays: dict[str, np.ndarray] = {}
-        for desc, frame in zip(descs, frames[1:], strict=True):
-            name = desc[0]
-            if not isinstance(name, str) or name in arrays:
-                msg = f"array name {name!r:.40} is missing or repeated"
-                raise WireError(msg)
-            arrays[name] = _decode_array(desc, frame)
-        return arrays
+        return _named_arrays(descs, buffers)
     msg = f"payload kind {kind} does not match its {len(descs)} buffer descriptor(s)"
     raise WireError(msg)
+
+
+def _decode_data(header: dict[str, Any], frames: Sequence[Frame]) -> dict[str, Any]:
+    """A Start's or Stop's data; (version 2) with its arrays put back by name."""
+    data = _dict_field(header, "m")
+    if header["v"] < 2 or ("b" not in header and "d" not in header):
+        if len(frames) != 1 or "b" in header:
+            msg = "Start and Stop messages carry no buffers (in version 1)"
+            raise WireError(msg, reason="frames")
+        return data
+    descs, buffers = _descriptors(header, frames)
+    arrays = _named_arrays(descs, buffers)
+    for name, array in arrays.items():
+        if name in data:
+            msg = f"array {name!r:.40} is also a key of the message's data"
+            raise WireError(msg)
+        # a Start's arrays are few and read by every worker: decoded here, once
+        data[name] = array.decode() if type(array) is Encoded else array
+    return data
 
 
 def decode(frames: Sequence[Frame]) -> Message:
@@ -323,14 +430,13 @@ def decode(frames: Sequence[Frame]) -> Message:
         msg = f"unknown message kind {header.get('k')!r:.20}"
         raise WireError(msg)
     run, seq, stamp = _int_field(header, "r"), _int_field(header, "q"), _int_field(header, "t")
-    routing, meta = _dict_field(header, "x"), _dict_field(header, "m")
+    routing = _dict_field(header, "x")
     if cls is Event:
+        meta = _dict_field(header, "m")
         payload = _decode_payload(header, frames)
         return Event(meta, payload, run=run, seq=seq, timestamp_ns=stamp, routing=routing)
-    if len(frames) != 1 or "b" in header:
-        msg = "Start and Stop messages carry no buffers"
-        raise WireError(msg, reason="frames")
-    return cls(data=meta, run=run, seq=seq, timestamp_ns=stamp, routing=routing)  # type: ignore[call-arg]
+    data = _decode_data(header, frames)
+    return cls(data=data, run=run, seq=seq, timestamp_ns=stamp, routing=routing)  # type: ignore[call-arg]
 
 
 def frames_nbytes(frames: Sequence[Frame]) -> int:

@@ -47,7 +47,8 @@ input = work
 
 def bad_messages(rng: random.Random, n: int) -> list[list[bytes]]:
     """n message frame lists that are each certainly invalid, of many kinds."""
-    good = wire.encode(Event(metadata={"k": 1}, payload=np.arange(16, dtype="<u2"), run=1))
+    # (an array above wire.INLINE_MAX: its bytes follow the header in a frame of their own)
+    good = wire.encode(Event(metadata={"k": 1}, payload=np.arange(1024, dtype="<u2"), run=1))
     head = bytes(good[0])
     body = bytes(memoryview(good[1]))
     header = msgpack.unpackb(head)
