@@ -1,10 +1,12 @@
 """The wire format between Arroyo stages (see docs/wire-format.md).
 
 One Arroyo message is one ZMQ multipart message: a msgpack header frame followed by
-one raw frame per payload buffer. ``encode`` returns frames ready for
+one raw frame per payload buffer (version 2: small buffers ride inside the header,
+and a compressed buffer travels as it came). ``encode`` returns frames ready for
 ``socket.send_multipart(frames, copy=False)``; ``decode`` takes what
 ``recv_multipart(copy=False)`` returns (or bytes / memoryviews) and gives numpy arrays
-that are views over the received frames, without copying.
+that are views over the received frames, without copying, or ``Encoded`` arrays that
+are decoded when user code reads them.
 
 Decoding treats its input as untrusted: every limit is checked before anything is
 built, and any failure raises ``WireError`` (never pickle, never an allocation larger

@@ -34,6 +34,18 @@ class Delay(Operator):
         return message
 
 
+class Decode(Operator):
+    """Decodes an event's compressed arrays (a detector's bitshuffle-LZ4 frames,
+    ``arroyo.message.Encoded``) here, so they travel on decoded. Without it a frame is
+    decoded where user code first reads ``event.payload``; put it after the listener,
+    with ``workers = N``, to decode in N processes for stages that cannot."""
+
+    def process(self, message: Message) -> Result:
+        if isinstance(message, Event):
+            _ = message.payload  # reading it decodes it, once
+        return message
+
+
 class Scale(Operator):
     """Multiplies every array of an event's payload by ``factor`` (as float32)."""
 
