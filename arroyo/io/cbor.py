@@ -139,13 +139,15 @@ class _Reader:
 
     def string(self, major: int, arg: int | None, depth: int) -> Any:
         if arg is None:  # indefinite length: definite chunks of the same type, joined
-            chunks = []
+            chunks: list[Any] = []
             while (chunk := self.item(depth)) is not _BREAK:
                 if not isinstance(chunk, memoryview if major == 2 else str):
                     msg = "an indefinite-length string holds a chunk of another type"
                     raise WireError(msg, reason="bad_cbor")
-                chunks.append(bytes(chunk) if major == 2 else chunk)
-            return memoryview(b"".join(chunks)) if major == 2 else "".join(chunks)
+                chunks.append(chunk)
+            if major == 2:
+                return memoryview(b"".join(chunks))
+            return "".join(chunks)
         raw = self.take(arg)
         if major == 2:
             return raw
@@ -197,7 +199,9 @@ class _Reader:
         """Every item takes at least one byte: refuse a count the bytes left cannot
         hold before building anything for it."""
         if items > len(self.view) - self.pos:
-            msg = f"{items} items declared at byte {self.pos}, {len(self.view) - self.pos} bytes left"
+            msg = (
+                f"{items} items declared at byte {self.pos}, {len(self.view) - self.pos} bytes left"
+            )
             raise WireError(msg, reason="truncated")
 
     def value(self, depth: int) -> Any:

@@ -199,7 +199,7 @@ BUILTIN = {
 
 
 DETECTORS = ("dectris-stream2", "dectris-stream1", "htype")
-NAMES = "arroyo, raw, json, array, header, dectris-stream2, dectris-stream1, htype or module:function"
+NAMES = "arroyo, raw, json, array, header, " + ", ".join(DETECTORS) + " or module:function"
 
 
 def get_codec(
@@ -232,8 +232,13 @@ def _detector_codec(name: str, channel: str, series_timeout: float) -> Codec:
     from arroyo.io.htype import HType
 
     require()  # a listener without bitshuffle/lz4 fails at once, naming the extra
-    kinds = {"dectris-stream2": StreamV2, "dectris-stream1": StreamV1, "htype": HType}
-    decoder = kinds[name](channel=channel, series_timeout=series_timeout)
+    decoder: StreamV2 | StreamV1 | HType
+    if name == "dectris-stream2":
+        decoder = StreamV2(channel=channel, series_timeout=series_timeout)
+    elif name == "dectris-stream1":
+        decoder = StreamV1(channel=channel, series_timeout=series_timeout)
+    else:
+        decoder = HType(channel=channel, series_timeout=series_timeout)
     return Codec(name, decoder.decode, decodes_only(name), decoder.tick)
 
 

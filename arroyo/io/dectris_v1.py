@@ -135,11 +135,13 @@ class StreamV1:
         while parts:
             part, parts = parts[0], parts[1:]
             obj = _appendix(part)
-            name = HEADER_ARRAYS.get(obj.get("htype")) if isinstance(obj, dict) else None
+            name = HEADER_ARRAYS.get(str(obj.get("htype"))) if isinstance(obj, dict) else None
             if name is not None and parts:
                 assert isinstance(obj, dict)
                 shape = shape_of(obj)
-                data[name] = np.array(raw_array(view_of(parts[0]), dtype_of(obj.get("type")), shape))
+                data[name] = np.array(
+                    raw_array(view_of(parts[0]), dtype_of(obj.get("type")), shape)
+                )
                 parts = parts[1:]
             else:
                 data["appendix"] = obj
@@ -154,7 +156,7 @@ class StreamV1:
             msg = f"frame must be an integer, got {frame!r:.40}"
             raise WireError(msg, reason="bad_header")
         info = json_part(frames[1], "dimage_d-1.0")
-        payload = _payload(info, view_of(frames[2]))
+        payload: Any = _payload(info, view_of(frames[2]))  # (an array or an Encoded)
         times = json_part(frames[3], "dconfig-1.0")
         metadata: dict[str, Any] = {"image_id": frame, "series_id": header.get("series")}
         if "hash" in header:

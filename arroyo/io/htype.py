@@ -91,7 +91,7 @@ class HType:
             raise WireError(msg, reason="bad_header")
         dtype, shape = _dtype(header), _shape(header)
         codec = header.get("compression", header.get("encoding", ""))
-        payload = _payload(codec, dtype, shape, view_of(frames[1]))
+        payload: Any = _payload(codec, dtype, shape, view_of(frames[1]))
         metadata = _fields(header)
         for key in ("frame", "type", "shape", "compression", "encoding", "endianess"):
             metadata.pop(key, None)
@@ -108,8 +108,8 @@ def _dtype(header: dict[str, Any]) -> np.dtype[Any]:
     if name is None:
         msg = f"pixel type {header.get('type')!r:.40} (known: {', '.join(TYPES)})"
         raise WireError(msg, reason="unknown_type")
-    order = ">" if header.get("endianess", "little") == "big" else "<"
-    return np.dtype(name).newbyteorder(order)
+    big = header.get("endianess", "little") == "big"
+    return np.dtype(name).newbyteorder(">" if big else "<")
 
 
 def _shape(header: dict[str, Any]) -> tuple[int, ...]:
@@ -135,7 +135,9 @@ def _payload(codec: Any, dtype: np.dtype[Any], shape: tuple[int, ...], blob: mem
     if decoded > MAX_RATIO[name] * len(blob) + 64:
         msg = f"{len(blob)} bytes of {name} cannot hold a {dtype.str} {list(shape)} frame"
         raise WireError(msg, reason="size")
-    if name == "bslz4" and not (len(blob) >= HEADER.size and HEADER.unpack_from(blob)[0] == decoded):
+    if name == "bslz4" and not (
+        len(blob) >= HEADER.size and HEADER.unpack_from(blob)[0] == decoded
+    ):
         # A bare bitshuffle stream (bitshuffle.compress_lz4's output) starts with a
         # block's 4-byte size, never with the frame's 8-byte size: add the header.
         block = max(128, _BITSHUFFLE_BLOCK // dtype.itemsize // 8 * 8) * dtype.itemsize
