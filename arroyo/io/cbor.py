@@ -28,6 +28,7 @@ decode), ``size``.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from typing import Any
@@ -262,6 +263,9 @@ def _compressed(content: Any) -> Encoded:
     if codec not in CODECS:
         msg = f"unknown compression {codec!r:.40} in tag 56500 (known: {', '.join(CODECS)})"
         raise WireError(msg, reason="unknown_encoding")
+    if codec == "bszstd" and not _zstd_available():
+        msg = "bszstd (Jungfraujoch) needs bitshuffle built with zstd; this one has none"
+        raise WireError(msg, reason="unknown_encoding")
     size = _decoded_size(codec, data)
     if codec == "lz4":  # the modifier is unused (0)
         return Encoded(codec, np.uint8, (size,), data)
@@ -269,6 +273,15 @@ def _compressed(content: Any) -> Encoded:
         msg = f"{codec} element size {elem_size} for {size} bytes"
         raise WireError(msg, reason="bad_cbor")
     return Encoded(codec, f"u{elem_size}", (size // elem_size,), data)
+
+
+@functools.cache
+def _zstd_available() -> bool:
+    try:
+        import bitshuffle
+    except ImportError:
+        return True  # decoding will say which extra is missing
+    return hasattr(bitshuffle, "decompress_zstd")
 
 
 def _decoded_size(codec: str, data: memoryview) -> int:

@@ -14,7 +14,7 @@ from arroyo.errors import WireError
 from tests.conftest import in_ci
 
 try:
-    import bitshuffle  # noqa: F401  (used through arroyo.compression)
+    import bitshuffle
     import cbor2
     from cbor2 import CBORTag
 except ImportError as e:
@@ -154,6 +154,16 @@ def test_tag_56500_inside_a_typed_array_is_encoded_and_decodes_exactly(
     value = cbor.loads(cbor2.dumps(CBORTag(40, [[33, 47], CBORTag(tag, packed)])))
     assert isinstance(value, Encoded)
     assert (value.codec, value.dtype, value.shape) == (codec, np.dtype(dtype), (33, 47))
+    assert np.array_equal(value.decode(), array)
+
+
+def test_jungfraujoch_bitshuffle_zstd_decodes_exactly() -> None:
+    if not hasattr(bitshuffle, "decompress_zstd"):
+        pytest.skip("this bitshuffle was built without zstd")
+    array = np.random.default_rng(2).integers(0, 3000, size=(16, 24)).astype("<u2")
+    packed = CBORTag(56500, ["bszstd", 2, compress("bszstd", array)])
+    value = cbor.loads(cbor2.dumps(CBORTag(40, [[16, 24], CBORTag(69, packed)])))
+    assert isinstance(value, Encoded) and value.codec == "bszstd"
     assert np.array_equal(value.decode(), array)
 
 

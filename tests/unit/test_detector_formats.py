@@ -661,3 +661,44 @@ def test_a_thousand_malformed_messages_are_counted_by_reason_and_never_raise() -
             isinstance(a, np.ndarray)
             for a in (payload.values() if isinstance(payload, dict) else [payload])
         )
+
+
+# -- the listener: options and its tick, over a real ZMQ socket ---------------------------
+
+
+def test_zmq_listener_closes_a_series_that_never_ends_with_its_tick(tmp_path: Any) -> None:
+    import threading
+
+    import zmq
+
+    from arroyo.io.zmq import ZMQListener
+    from arroyo.testing import CollectingPublisher, compose
+    from tests.conftest import wait_for
+
+    endpoint = f"ipc://{tmp_path}/detector"
+    listener = ZMQListener(
+        endpoint, bind=True, codec="dectris-stream2", channel="threshold_1", series_timeout=0.5
+    )
+    sink = CollectingPublisher()
+    compose(listener, None, sink)
+    listener.setup()
+    thread = threading.Thread(target=listener.start, daemon=True)
+    thread.start()
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    try:
+        push.connect(endpoint)
+        image = frame("uint16", 9)
+        for frames in v2_series("u1", [0, 1], n=4):  # no end: the timeout closes it
+            push.send_multipart(frames)
+        stop = wait_for(lambda: [m for m in sink.messages if isinstance(m, Stop)])[0]
+        assert kinds(sink.messages) == ["Start", "Event", "Event", "Stop"]
+        assert stop.data["closed_by"] == "timeout" and lost(stop) == 2
+        assert np.array_equal(sink.messages[1].payload, frame("uint16", 0))
+        push.send_multipart(v2_image(2, {"threshold_1": v2_array(image, "none")}))
+        wait_for(lambda: listener.drops() == {"no_series": 1})
+    finally:
+        listener.stop()
+        thread.join(10)
+        listener.close()
+        push.close(0)
+    assert not thread.is_alive()
