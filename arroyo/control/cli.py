@@ -124,6 +124,12 @@ def stage_main(topology: str, stage: str, worker: int, log_level: str) -> None:
     help="all (flatfield, pixel mask, count-rate table too), basic or none.",
 )
 @click.option("--user-data", default="", show_envvar=True, help="JSON for user_data.")
+@click.option(
+    "--no-pixel-mask",
+    is_flag=True,
+    show_envvar=True,
+    help="pixel_mask_enabled false: gaps read 0, hot pixels their counts (not NODATA).",
+)
 @click.option("--series-id", default="1", show_envvar=True, help="The first series_id.")
 @click.option(
     "--hwm",

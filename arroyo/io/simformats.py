@@ -69,6 +69,7 @@ class Series:
     header_detail: str
     user_data: Any
     seed: int
+    pixel_mask: bool = True
     date: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property
@@ -148,7 +149,7 @@ class StreamV2:
             "incident_energy": ENERGY,
             "incident_wavelength": 12_398.4 / ENERGY,
             "number_of_images": s.images,
-            "pixel_mask_enabled": True,
+            "pixel_mask_enabled": s.pixel_mask,
             "pixel_size_x": PIXEL_SIZE,
             "pixel_size_y": PIXEL_SIZE,
             "saturation_value": simframes.saturation(s.dtype),
@@ -250,7 +251,7 @@ class StreamV1:
             "omega_increment": 0.1,
             "omega_start": 0.0,
             "photon_energy": ENERGY,
-            "pixel_mask_applied": True,
+            "pixel_mask_applied": s.pixel_mask,
             "sensor_material": "Si",
             "sensor_thickness": 450e-6,
             "threshold_energy": ENERGY / 2,

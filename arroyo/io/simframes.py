@@ -4,8 +4,9 @@ area detector sees it.
 Each frame holds Debye-Scherrer rings around a beam centre that is off the middle of
 the sensor, a diffuse background, Poisson counting noise, a few hot pixels, and the
 gaps between the detector's modules (a horizontal and a vertical band) filled with
-the NODATA value (the dtype's largest, as a DECTRIS detector does). The pixel mask of
-the Start marks the gaps (bit 0) and the hot pixels (bit 3, over-responding).
+the NODATA value (the dtype's largest), as a DECTRIS detector writes masked pixels
+when its pixel mask is enabled. The pixel mask of the Start marks the gaps (bit 0)
+and the hot pixels (bit 3, over-responding).
 
 Everything here follows from ``(shape, dtype, channels, seed)``: a test rebuilds the
 frames the simulator sent with ``synthesize`` and compares them with what arrived.
@@ -19,6 +20,7 @@ import numpy as np
 
 POOL = 4  # distinct frames a series cycles through (image i carries pool[i % POOL])
 HOT_PIXELS = 5
+HOT_COUNTS = 8  # a hot pixel counts this many times the brightest ring
 MASK_GAP, MASK_HOT = 1, 8  # DECTRIS pixel-mask bits: 0 gap, 3 over-responding
 # Expected counts at the brightest ring per dtype: a uint8 detector counts little. A
 # photon-counting frame is mostly zeros and ones away from the rings, which is why
@@ -106,26 +108,36 @@ def _expected(geo: Geometry, peak: float) -> np.ndarray:
 
 
 def synthesize(
-    shape: tuple[int, int], dtype: str | np.dtype, channels: int, seed: int
+    shape: tuple[int, int],
+    dtype: str | np.dtype,
+    channels: int,
+    seed: int,
+    masked: bool = True,
 ) -> list[list[np.ndarray]]:
     """``POOL`` frames, each a list of ``channels`` read-only arrays of ``shape`` and
-    ``dtype``: channel k (a higher energy threshold) counts ``0.7**k`` as much."""
+    ``dtype``: channel k (a higher energy threshold) counts ``0.7**k`` as much.
+
+    ``masked`` (the detector's ``pixel_mask_enabled``): gap and hot pixels hold
+    NODATA, as a DECTRIS detector writes masked pixels; otherwise the gaps read 0 (no
+    sensor there) and the hot pixels their own high counts."""
     dt = np.dtype(dtype)
     geo = Geometry(shape)
     rng = np.random.default_rng(seed)
-    base = _expected(geo, _PEAK_COUNTS[dt.itemsize])
+    peak = _PEAK_COUNTS[dt.itemsize]
+    base = _expected(geo, peak)
     hot = hot_pixels(shape, seed)
+    gap = nodata(dt) if masked else 0
     pool = []
     for _ in range(POOL):
         flicker = max(0.0, 1.0 + 0.05 * rng.standard_normal())
         frame = []
         for k in range(channels):
             counts = rng.poisson(base * flicker * 0.7**k)
-            np.clip(counts, 0, saturation(dt), out=counts)
+            counts[hot] = nodata(dt) if masked else HOT_COUNTS * peak
+            np.clip(counts, 0, nodata(dt), out=counts)
             image = counts.astype(dt)
-            image[hot] = saturation(dt)
-            image[geo.gap_rows(), :] = nodata(dt)
-            image[:, geo.gap_cols()] = nodata(dt)
+            image[geo.gap_rows(), :] = gap
+            image[:, geo.gap_cols()] = gap
             image.setflags(write=False)
             frame.append(image)
         pool.append(frame)

@@ -71,6 +71,7 @@ class Settings:
     header_detail: str = "basic"
     user_data: Any = None
     first_series_id: int = 1
+    pixel_mask: bool = True  # pixel_mask_enabled: gap and hot pixels read NODATA
     hwm: int = 100
     linger: float = 30.0
 
@@ -203,7 +204,7 @@ class Simulator:
         self.stop = stop or threading.Event()
         self.dtype = np.dtype(settings.dtype).newbyteorder("<")
         self.pool = simframes.synthesize(
-            settings.shape, self.dtype, settings.channels, settings.seed
+            settings.shape, self.dtype, settings.channels, settings.seed, settings.pixel_mask
         )
         self.encoder = simformats.FORMATS[settings.format]()
         codec = self.encoder.codecs[settings.compression]
@@ -234,6 +235,7 @@ class Simulator:
             header_detail=s.header_detail,
             user_data=s.user_data,
             seed=s.seed,
+            pixel_mask=s.pixel_mask,
         )
 
     def messages(self) -> Iterator[tuple[str, list[bytes]]]:
@@ -383,6 +385,7 @@ def settings_from(options: dict[str, Any]) -> Settings:
         header_detail=o["header_detail"],
         user_data=parse_user_data(o["user_data"]),
         first_series_id=_int("series id", o["series_id"]),
+        pixel_mask=not o["no_pixel_mask"],
         hwm=_int("hwm", o["hwm"]),
         linger=_float("linger", o["linger"]),
     )

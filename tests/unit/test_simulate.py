@@ -180,7 +180,10 @@ def test_frames_look_like_a_detector_and_follow_the_seed():
     frame = a.frame(0)[0]
     mask = simframes.pixel_mask((128, 160), 5)
     assert (frame[mask & simframes.MASK_GAP > 0] == 65535).all()  # NODATA in the gaps
-    assert (frame[mask == simframes.MASK_HOT] == 65534).all()  # hot pixels saturate
+    assert (frame[mask == simframes.MASK_HOT] == 65535).all()  # and on hot pixels
+    unmasked = Simulator(Settings(shape=(128, 160), seed=5, pixel_mask=False)).frame(0)[0]
+    assert (unmasked[mask & simframes.MASK_GAP > 0] == 0).all()  # no sensor in the gaps
+    assert (unmasked[mask == simframes.MASK_HOT] == 8 * 200).all()  # hot pixels count
     assert not (a.frame(0)[0] == a.frame(1)[0]).all()  # Poisson noise: frames differ
     ok = frame[mask == 0].astype(float)
     assert 0 < ok.mean() < 200 and ok.max() > 5 * ok.mean()  # rings above background
