@@ -18,6 +18,11 @@ A codec is a pair of plain functions, like pyzmq's ``send_serialized`` /
   event metadata) followed by the raw frame. A header ``{"kind": "start", ...}`` or
   ``{"kind": "stop", ...}`` alone is a run's Start or Stop, so a foreign stream can
   carry runs (docs/foreign-frames.md);
+* ``dectris-stream2``, ``dectris-stream1``, ``htype``: a detector's own stream
+  (``arroyo.io.dectris``, ``arroyo.io.dectris_v1``, ``arroyo.io.htype``;
+  docs/detectors.md), for listeners only. Unlike the others they are stateful (a
+  series is a run): ``get_codec`` builds a new one for each listener, and their
+  ``tick`` closes a series whose end never came;
 * ``module:function``: the user's own decode (for listeners) or encode (publishers).
 """
 
@@ -40,9 +45,14 @@ from arroyo.message import Event, Message, Start, Stop
 
 @dataclass(frozen=True)
 class Codec:
+    """``tick(now)``, for a stateful codec only, is called by its listener about every
+    100 ms with ``time.monotonic()`` and returns the messages time alone makes (the
+    Stop of a series that timed out)."""
+
     name: str
     decode: Callable[[list[Any]], Any]
     encode: Callable[[Message], list[Any] | None]
+    tick: Callable[[float], list[Message]] | None = None
 
 
 def _raw_decode(frames: list[Any]) -> Message:
@@ -188,19 +198,43 @@ BUILTIN = {
 }
 
 
-NAMES = "arroyo, raw, json, array, header or module:function"
+DETECTORS = ("dectris-stream2", "dectris-stream1", "htype")
+NAMES = "arroyo, raw, json, array, header, dectris-stream2, dectris-stream1, htype or module:function"
 
 
-def get_codec(name: str, dtype: str = "", shape: tuple[int, ...] = ()) -> Codec:
+def get_codec(
+    name: str,
+    dtype: str = "",
+    shape: tuple[int, ...] = (),
+    channel: str = "",
+    series_timeout: float = 300.0,
+) -> Codec:
     """A built-in codec by name, or ``module:function`` (used for both directions).
-    ``array`` needs the frame's ``dtype`` and ``shape``. ``ValueError`` names what is
-    wrong with ``name``."""
+    ``array`` needs the frame's ``dtype`` and ``shape``; the detector codecs take the
+    ``channel`` to keep (Stream V2) and the ``series_timeout`` in seconds, and are
+    built anew on each call. ``ValueError`` names what is wrong with ``name``."""
     if name == "array":
         return _array_codec(dtype, tuple(shape))
+    if name in DETECTORS:
+        return _detector_codec(name, channel, series_timeout)
     if name in BUILTIN:
         return BUILTIN[name]
     func = _user_function(name)
     return Codec(name, func, func)
+
+
+def _detector_codec(name: str, channel: str, series_timeout: float) -> Codec:
+    # Imported here: the detector formats need numpy views of CBOR and the
+    # compression extra only where a listener uses them.
+    from arroyo.compression import require
+    from arroyo.io.dectris import StreamV2, decodes_only
+    from arroyo.io.dectris_v1 import StreamV1
+    from arroyo.io.htype import HType
+
+    require()  # a listener without bitshuffle/lz4 fails at once, naming the extra
+    kinds = {"dectris-stream2": StreamV2, "dectris-stream1": StreamV1, "htype": HType}
+    decoder = kinds[name](channel=channel, series_timeout=series_timeout)
+    return Codec(name, decoder.decode, decodes_only(name), decoder.tick)
 
 
 def _user_function(name: str) -> Callable[..., Any]:
@@ -226,5 +260,5 @@ class CodecName:
     neither built in nor an importable ``module:function``."""
 
     def validate(self, value: str) -> None:
-        if value != "array" and value not in BUILTIN:
+        if value != "array" and value not in BUILTIN and value not in DETECTORS:
             _user_function(value)

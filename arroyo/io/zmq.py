@@ -23,6 +23,7 @@ CURVE alone admits any client key, so a ZAP authenticator checks them.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -118,11 +119,13 @@ class ZMQListener(Listener):
         curve_keys: Path | None = None,
         curve_server: str = "",
         curve_clients: Path | None = None,
+        channel: str = "",
+        series_timeout: Annotated[float, Bounds(ge=0)] = 300,
     ) -> None:
         self.endpoint = endpoint
         self.kind = _LISTEN[socket]
         self.bind = bind
-        self.codec = get_codec(codec, dtype, shape)
+        self.codec = get_codec(codec, dtype, shape, channel=channel, series_timeout=series_timeout)
         self.topic = topic
         self.hwm = hwm
         self.curve = Curve(curve_keys, curve_server, curve_clients, bind)
@@ -137,6 +140,9 @@ class ZMQListener(Listener):
     def start(self) -> None:
         assert self.sock is not None, "setup() opens the socket"
         while not self.stopping:
+            if self.codec.tick is not None:  # a detector series that never ended
+                for message in self.guard.decode(self.codec.tick, time.monotonic()):
+                    self.deliver(message)
             if not self.sock.poll(100):
                 continue
             while not self.stopping:  # drain until EAGAIN, then poll again
@@ -154,8 +160,12 @@ class ZMQListener(Listener):
 
     def drops(self) -> dict[str, int]:
         """Messages received but not delivered, by reason: the codec's own
-        (``frame_size``, ``frame_count``, ``bad_header``), or the guard's
-        (``undecodable``, ``too_deep``, ``unencodable``: ``arroyo.io.guard``)."""
+        (``frame_size``, ``frame_count``, ``bad_header``; the detector codecs' also
+        ``bad_message``, ``bad_cbor``, ``truncated``, ``size``, ``unknown_encoding``,
+        ``unknown_type``, ``no_channel``, and their series': ``no_series``,
+        ``other_series``, ``duplicate_image``, ``duplicate_start``, ``out_of_range``:
+        docs/detectors.md), or the guard's (``undecodable``, ``too_deep``,
+        ``unencodable``: ``arroyo.io.guard``)."""
         return self.guard.drops()
 
     def close(self) -> None:
