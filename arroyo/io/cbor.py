@@ -197,7 +197,9 @@ class _Reader:
         """Every item takes at least one byte: refuse a count the bytes left cannot
         hold before building anything for it."""
         if items > len(self.view) - self.pos:
-            msg = f"{items} items declared at byte {self.pos}, {len(self.view) - self.pos} bytes left"
+            msg = (
+                f"{items} items declared at byte {self.pos}, {len(self.view) - self.pos} bytes left"
+            )
             raise WireError(msg, reason="truncated")
 
     def value(self, depth: int) -> Any:

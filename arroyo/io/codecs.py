@@ -199,7 +199,9 @@ BUILTIN = {
 
 
 DETECTORS = ("dectris-stream2", "dectris-stream1", "htype")
-NAMES = "arroyo, raw, json, array, header, dectris-stream2, dectris-stream1, htype or module:function"
+NAMES = (
+    "arroyo, raw, json, array, header, dectris-stream2, dectris-stream1, htype or module:function"
+)
 
 
 def get_codec(

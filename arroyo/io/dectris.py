@@ -131,9 +131,11 @@ class StreamV2:
                 raise WireError(msg, reason="no_channel")
             return data[self.channel], [self.channel]
         if len(data) == 1:
-            (name, array), = data.items()
+            ((name, array),) = data.items()
             return array, [str(name)]
-        order = [c for c in self.channels if c in data] + [c for c in data if c not in self.channels]
+        order = [c for c in self.channels if c in data] + [
+            c for c in data if c not in self.channels
+        ]
         return {str(c): data[c] for c in order}, [str(c) for c in order]
 
 

@@ -139,7 +139,9 @@ class StreamV1:
             if name is not None and parts:
                 assert isinstance(obj, dict)
                 shape = shape_of(obj)
-                data[name] = np.array(raw_array(view_of(parts[0]), dtype_of(obj.get("type")), shape))
+                data[name] = np.array(
+                    raw_array(view_of(parts[0]), dtype_of(obj.get("type")), shape)
+                )
                 parts = parts[1:]
             else:
                 data["appendix"] = obj

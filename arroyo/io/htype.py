@@ -135,7 +135,9 @@ def _payload(codec: Any, dtype: np.dtype[Any], shape: tuple[int, ...], blob: mem
     if decoded > MAX_RATIO[name] * len(blob) + 64:
         msg = f"{len(blob)} bytes of {name} cannot hold a {dtype.str} {list(shape)} frame"
         raise WireError(msg, reason="size")
-    if name == "bslz4" and not (len(blob) >= HEADER.size and HEADER.unpack_from(blob)[0] == decoded):
+    if name == "bslz4" and not (
+        len(blob) >= HEADER.size and HEADER.unpack_from(blob)[0] == decoded
+    ):
         # A bare bitshuffle stream (bitshuffle.compress_lz4's output) starts with a
         # block's 4-byte size, never with the frame's 8-byte size: add the header.
         block = max(128, _BITSHUFFLE_BLOCK // dtype.itemsize // 8 * 8) * dtype.itemsize

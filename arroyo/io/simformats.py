@@ -226,7 +226,8 @@ class StreamV1:
                 ("dcountrate_table-1.0", None, simframes.countrate_table(s.dtype)),
             )
             for htype, shape, array in arrays:
-                shape = shape or list(array.shape)
+                # every array part says [x, y]; the table is one row of x entries
+                shape = shape or [array.size, 1]
                 parts.append(_json({"htype": htype, "shape": shape, "type": _v1_type(array.dtype)}))
                 parts.append(np.ascontiguousarray(array).tobytes())
         if s.user_data is not None:  # the header appendix
@@ -326,6 +327,7 @@ class Htype:
             "series_unique_id": s.unique_id,
             "count_time": s.count_time,
             "nimages": s.images,
+            "ntrigger": 1,
             "photon_energy": ENERGY,
         }
         if s.user_data is not None:

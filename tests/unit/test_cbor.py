@@ -19,8 +19,12 @@ try:
     from cbor2 import CBORTag
 except ImportError as e:
     if in_ci():
-        pytest.fail(f"{e.name} is required under CI (pip install 'arroyo[detectors]')", pytrace=False)
-    pytest.skip(f"{e.name} is not installed (pip install 'arroyo[detectors]')", allow_module_level=True)
+        pytest.fail(
+            f"{e.name} is required under CI (pip install 'arroyo[detectors]')", pytrace=False
+        )
+    pytest.skip(
+        f"{e.name} is not installed (pip install 'arroyo[detectors]')", allow_module_level=True
+    )
 
 from arroyo.compression import compress
 from arroyo.io import cbor
@@ -140,7 +144,9 @@ def test_tag_40_shapes_a_typed_array_row_major() -> None:
 
 @pytest.mark.parametrize("codec", ["bslz4", "lz4"])
 @pytest.mark.parametrize("dtype", ["<u2", "<u4", "|u1"])
-def test_tag_56500_inside_a_typed_array_is_encoded_and_decodes_exactly(codec: str, dtype: str) -> None:
+def test_tag_56500_inside_a_typed_array_is_encoded_and_decodes_exactly(
+    codec: str, dtype: str
+) -> None:
     array = np.random.default_rng(1).integers(0, 200, size=(33, 47)).astype(dtype)
     tag = {"|u1": 64, "<u2": 69, "<u4": 70}[dtype]
     elem = array.dtype.itemsize if codec == "bslz4" else 0
@@ -219,7 +225,10 @@ def test_malformed_cbor_is_refused_by_reason(data: bytes, expected: str) -> None
         (CBORTag(56500, ["bslz4", 2, b"\x00" * 5]), "truncated"),
         (CBORTag(56500, ["bslz4", 3, struct.pack(">QI", 12, 8192)]), "bad_cbor"),
         (CBORTag(56500, ["bslz4", 2, struct.pack(">QI", 2**40, 8192) + b"\x00" * 8]), "size"),
-        (CBORTag(70, CBORTag(56500, ["bslz4", 2, compress("bslz4", np.zeros(4, "<u2"))])), "bad_cbor"),
+        (
+            CBORTag(70, CBORTag(56500, ["bslz4", 2, compress("bslz4", np.zeros(4, "<u2"))])),
+            "bad_cbor",
+        ),
     ],
 )
 def test_malformed_tags_are_refused_by_reason(value: object, expected: str) -> None:
