@@ -255,7 +255,8 @@ def test_series_with_the_same_series_id_and_new_unique_ids_stay_two_runs(tmp_pat
 MALFORMED = r"""
 import sys, zmq, cbor2, numpy as np
 from arroyo.io.simulate import Settings, Simulator
-good = [f[0] for k, f in Simulator(Settings(shape=(32, 32), images=2)).messages() if k == "image"][0]
+sim = Simulator(Settings(shape=(32, 32), images=2))
+good = [f[0] for k, f in sim.messages() if k == "image"][0]
 bad_tag = cbor2.dumps(cbor2.CBORTag(55799, {"type": "image", "series_id": 1,
     "series_unique_id": "X", "image_id": 0, "data": {"threshold_1": cbor2.CBORTag(40,
     [[32, 32], cbor2.CBORTag(69, b"\x00" * 7)])}}))
