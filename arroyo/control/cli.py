@@ -76,3 +76,78 @@ def stage_main(topology: str, stage: str, worker: int, log_level: str) -> None:
         sys.exit(0)
     topo = load(topology)
     sys.exit(StageProcess(topo, stage, worker).run())
+
+
+@main.command()
+@click.option(
+    "--endpoint",
+    default="tcp://127.0.0.1:31001",
+    show_envvar=True,
+    help="Where to bind the PUSH socket (a DCU's Stream V2 port is 31001).",
+)
+@click.option(
+    "--format",
+    default="dectris-stream2",
+    show_envvar=True,
+    help="dectris-stream2, dectris-stream1 or htype.",
+)
+@click.option("--dtype", default="uint16", show_envvar=True, help="uint8, uint16 or uint32.")
+@click.option("--shape", default="512,512", show_envvar=True, help="ROWS,COLUMNS of a frame.")
+@click.option("--compression", default="bslz4", show_envvar=True, help="none, lz4 or bslz4.")
+@click.option(
+    "--channels",
+    default="1",
+    show_envvar=True,
+    help="Channels (energy thresholds) per image; several: dectris-stream2 only.",
+)
+@click.option("--images", default="100", show_envvar=True, help="Images per series.")
+@click.option("--series", default="1", show_envvar=True, help="Series to play, one after another.")
+@click.option("--rate", default="max", show_envvar=True, help="Images per second, or max.")
+@click.option(
+    "--drop",
+    default="",
+    show_envvar=True,
+    help="Image ids never sent, in every series (e.g. 3,7,10-12).",
+)
+@click.option(
+    "--repeat-series-id",
+    is_flag=True,
+    show_envvar=True,
+    help="Every series has the same series_id (each its own series_unique_id).",
+)
+@click.option("--no-end", is_flag=True, show_envvar=True, help="Send no end message.")
+@click.option("--seed", default="0", show_envvar=True, help="Seed of the frames.")
+@click.option(
+    "--header-detail",
+    default="basic",
+    show_envvar=True,
+    help="all (flatfield, pixel mask, count-rate table too), basic or none.",
+)
+@click.option("--user-data", default="", show_envvar=True, help="JSON for user_data.")
+@click.option(
+    "--no-pixel-mask",
+    is_flag=True,
+    show_envvar=True,
+    help="pixel_mask_enabled false: gaps read 0, hot pixels their counts (not NODATA).",
+)
+@click.option("--series-id", default="1", show_envvar=True, help="The first series_id.")
+@click.option(
+    "--hwm",
+    default="100",
+    show_envvar=True,
+    help="Messages queued for a slow peer before sending blocks.",
+)
+@click.option(
+    "--linger",
+    default="30",
+    show_envvar=True,
+    help="Seconds to wait at the end for the queue to reach the peer.",
+)
+@user_errors
+def simulate(**options: str) -> None:
+    """Play detector series like a DECTRIS DCU: bind a PUSH socket and send, in the
+    detector's own format, once a peer connects; one line per series on stdout.
+    SIGINT/SIGTERM stop it cleanly (exit 0)."""
+    from arroyo.io.simulate import run_simulator
+
+    sys.exit(run_simulator(options))

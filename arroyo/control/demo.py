@@ -1,13 +1,16 @@
 """``scripts/demo``: run deploy/demo.ini under supervisord, show it live, summarise.
 
 Starts the chain at the INI's worker counts (a count kept from an earlier ``arroyo
-scale`` is undone, and said) and the dashboard; prints the viewer's and the
-dashboard's URLs, and the status table every second while the detector streams and
-once more when every run has reached the sink; prints a summary. Then keeps the viewer
-and the dashboard serving until Ctrl-C, the detector sending the same runs again every
-``--again`` seconds (``--once``: stop after the summary, as the tests do). Ctrl-C
-prints the summary of every run the sink saw, brings everything down and exits 0 (1 if
-a run arrived incomplete). Only the last ``--keep`` runs stay on disk.
+scale`` is undone, and said) and the dashboard, and the simulated detector beside it:
+``arroyo simulate`` (a child process the demo always ends) plays ``SERIES`` series of
+DECTRIS Stream V2 on the endpoint the INI's detector stage connects to. Prints the
+viewer's and the dashboard's URLs, and the status table every second while the
+detector streams and once more when every run has reached the sink; prints a summary.
+Then keeps the viewer and the dashboard serving until Ctrl-C, the simulator playing
+the same series again every ``--again`` seconds (``--once``: stop after the summary,
+as the tests do). Ctrl-C prints the summary of every run the sink saw, brings
+everything down and exits 0 (1 if a run arrived incomplete). Only the last ``--keep``
+runs stay on disk.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -40,6 +44,10 @@ KEEP_RUNS = 9  # runs kept on disk: the sink's log and the writer's run folders
 DASHBOARD_PORT = 8764
 ROUND_TIMEOUT = 60.0  # seconds a round of runs may take to reach the sink
 RUN_FOLDER = re.compile(r"run_(\d+)(-\d+)?")  # RunFolderWriter's names
+SERIES = 3  # series (runs) per round of the simulated detector
+SIMULATE = ["--format", "dectris-stream2", "--series", str(SERIES), "--images", "200",
+            "--shape", "256,256", "--dtype", "uint16", "--compression", "bslz4",
+            "--rate", "400", "--no-pixel-mask", "--linger", "10"]  # fmt: skip
 
 
 def _option_path(topology: Topology, stage: str) -> Path | None:
@@ -181,6 +189,39 @@ def _serve_pages(topology: Topology, port: int) -> Any:
     return server
 
 
+class Detector:
+    """The simulated DCU: one ``arroyo simulate`` child per round of ``SERIES`` series,
+    bound where the topology's detector stage connects; ``end`` always ends it."""
+
+    def __init__(self, topology: Topology) -> None:
+        self.endpoint = str(topology.stages["detector"].options["endpoint"])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def play(self) -> None:
+        self.end()
+        arroyo = Path(sys.executable).with_name("arroyo")
+        cmd = [str(arroyo) if arroyo.exists() else "arroyo", "simulate"]
+        self.proc = subprocess.Popen(
+            [*cmd, "--endpoint", self.endpoint, *SIMULATE],
+            stdout=subprocess.DEVNULL,  # its one line per series; the sink says more
+        )
+
+    def done(self) -> bool:
+        return self.proc is None or self.proc.poll() is not None
+
+    def end(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()  # it stops between two messages and exits
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
 def _start_afresh(topology: Topology, keep: int) -> None:
     """Every demo starts from its INI: nothing left running by an earlier demo (a
     killed one leaves stage processes behind), no live values of ``arroyo set``, the
@@ -209,7 +250,8 @@ def main(
         msg = f"{topology.path}: the demo needs a [stage:detector] and a [stage:sink] with a path"
         raise ConfigError(msg)
     tally = Tally(sink)
-    expected_runs = topology.stages["detector"].options.get("runs", 1)
+    expected_runs = SERIES
+    detector = Detector(topology)
     print(f"arroyo demo: {topology.path}")
     _start_afresh(topology, keep)
     t0 = time.monotonic()
@@ -221,16 +263,18 @@ def main(
             print("\n".join(problems), file=sys.stderr)
             return 1
         pages = _serve_pages(topology, port) if serve else None
+        detector.play()
         _watch(topology, tally, expected_runs, t0, timeout)
         summarised = True
         if pages is not None:
             again_text = f"{expected_runs} more runs every {again:g}s"
             print(f"serving the viewer and the dashboard until Ctrl-C ({again_text})")
-            _keep_streaming(topology, tally, expected_runs, again, keep)
+            _keep_streaming(detector, tally, expected_runs, again, keep, topology)
     except KeyboardInterrupt:
         interrupted = True
         print("\nCtrl-C: stopping the chain")
     finally:
+        detector.end()
         _stop(topology, pages, tally, keep)
     if interrupted:
         _final_summary(tally)
@@ -277,22 +321,21 @@ def _watch(topology: Topology, tally: Tally, runs: int, t0: float, timeout: floa
     _summary(tally, runs, reports, elapsed)
 
 
-def _keep_streaming(topology: Topology, tally: Tally, runs: int, again: float, keep: int) -> None:
-    """While the pages are served: start the detector again every ``again`` seconds
-    once its runs have reached the sink, so there is always something new to look at
-    (run ids keep counting up across its restarts), and prune between rounds, while
-    nothing flows. Returns on Ctrl-C only."""
-    server = supervise.rpc(topology)
-    spec = topology.stages["detector"]
-    name = f"{spec.chain}:{supervise.process_name(spec.name, 0)}"
+def _keep_streaming(
+    detector: Detector, tally: Tally, runs: int, again: float, keep: int, topology: Topology
+) -> None:
+    """While the pages are served: play the detector's series again every ``again``
+    seconds once its runs have reached the sink, so there is always something new to
+    look at (run ids keep counting up; the listener stays up, as it would beside a real
+    detector), and prune between rounds, while nothing flows. Returns on Ctrl-C only."""
     settled = True
     while True:
         time.sleep(again)
         seen = len(tally.closed())
-        server.supervisor.stopProcess(name, True)
+        detector.end()  # long done when its runs settled
         if settled:  # every run so far is in: nothing writes to the files now
             prune(topology, keep)
-        server.supervisor.startProcess(name, True)
+        detector.play()
         deadline = time.monotonic() + ROUND_TIMEOUT
         while len(tally.closed()) < seen + runs and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -142,7 +142,11 @@ def _received_frame(frame: Any) -> Any:
     base = frame.base
     while type(base) is np.ndarray:
         base = base.base
-    if type(base) is memoryview and base.nbytes == frame.nbytes and type(base.obj) is zmq.Frame:
+    if (
+        type(base) is memoryview
+        and type(base.obj) is zmq.Frame
+        and base.nbytes == frame.nbytes == len(base.obj)  # a slice's obj is the whole Frame
+    ):
         return base.obj
     return frame
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from arroyo.control import supervise
+from arroyo.io import simframes
+from arroyo.io.simulate import Simulator, settings_from
 from arroyo.topology import load
 from tests.conftest import arroyo_bin, read_jsonl, runs_of, wait_for
 from tests.integration.conftest import arroyo, stage_procs, supervisord_procs
@@ -65,9 +69,11 @@ def test_inline_runs_the_whole_graph_in_one_process(topo, tmp_path):
 
 
 def demo_copy(tmp_path: Path) -> Path:
-    """deploy/demo.ini with its run_dir and outputs in tmp_path, the viewer on any port."""
+    """deploy/demo.ini with its run_dir and outputs in tmp_path, the viewer on any port,
+    the simulated detector on a free one."""
     text = (ROOT / "deploy" / "demo.ini").read_text()
     text = text.replace("../.arroyo/demo", str(tmp_path / "demo")).replace("8765", "0")
+    text = text.replace(":31001", f":{free_port()}")
     path = tmp_path / "demo.ini"
     path.write_text(text)
     return path
@@ -91,21 +97,21 @@ def test_demo_topology_under_supervisor_writes_correct_values(tmp_path, capsys):
     # the reference: the same frames through the same two operators, in this process
     import numpy as np
 
+    from arroyo.control.demo import SIMULATE
     from arroyo.message import Event
     from stages.reduce import DarkFlatCorrection, RadialProfile
-    from stages.synthetic import DetectorSimulator
 
-    opts = topology.stages["detector"].options
-    pool = DetectorSimulator(frames=1, shape=opts["shape"], dark=opts["dark"]).pool
-    correct, profile = DarkFlatCorrection(dark_value=100), RadialProfile(bins=128)
+    simulated = Simulator(simulator_settings(SIMULATE))
+    correct = DarkFlatCorrection(**topology.stages["correct"].options)
+    profile = RadialProfile(**topology.stages["profile"].options)
     expected = {}
-    for i, frame in enumerate(pool):
-        (corrected,) = [m for m in [correct.process(Event(payload=frame))] if m]
+    for i in range(simframes.POOL):
+        (corrected,) = [m for m in [correct.process(Event(payload=simulated.frame(i)[0]))] if m]
         (reduced,) = [m for m in [profile.process(corrected)] if m]
         expected[i] = reduced.payload
     for r in records:
         if r["kind"] == "Event":
-            want = expected[r["metadata"]["pool"]]
+            want = expected[r["metadata"]["image_id"] % simframes.POOL]
             assert r["payload"]["I"]["sum"] == pytest.approx(float(np.nansum(want["I"])))
             assert r["payload"]["I"]["shape"] == [128]
     for run in (1, 2, 3):
@@ -119,11 +125,25 @@ def test_demo_topology_under_supervisor_writes_correct_values(tmp_path, capsys):
         first = next(
             r for r in records if r["kind"] == "Event" and r["run"] == run and r["seq"] == 0
         )
-        np.testing.assert_allclose(seq0, expected[first["metadata"]["pool"]]["I"])
+        np.testing.assert_allclose(seq0, expected[first["metadata"]["image_id"] % 4]["I"])
     # the live viewer got whole runs (its run reports: where the profile workers merge)
     viewer = json.loads((tmp_path / "demo" / "stats" / "viewer.0.json").read_text())
     seen = {(r["run"], r["received"], r["complete"]) for r in viewer["runs"]}
     assert seen == {(1, 200, True), (2, 200, True), (3, 200, True)}
+
+
+def simulator_settings(args: list[str]) -> Any:
+    """The simulator's settings from its command line (``arroyo simulate ARGS``)."""
+    from arroyo.control.cli import simulate
+
+    ctx = simulate.make_context("simulate", list(args))
+    return settings_from(ctx.params)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def assert_final_status_table(printed: str) -> None:

@@ -189,10 +189,15 @@ def test_demo_topology_resolves() -> None:
     assert all(s.chain == "demo" for s in stages.values())
 
     det = stages["detector"].options
-    assert det == {"frames": 200, "runs": 3, "shape": (256, 256), "dark": 100.0, "rate_hz": 400.0}
-    assert isinstance(det["rate_hz"], float)
-    assert stages["correct"].options == {"dark_value": 100.0}
-    assert stages["profile"].options == {"bins": 128}
+    assert det == {
+        "socket": "pull",
+        "bind": False,
+        "endpoint": "tcp://127.0.0.1:31001",
+        "codec": "dectris-stream2",
+    }
+    assert isinstance(det["bind"], bool)
+    assert stages["correct"].options == {}
+    assert stages["profile"].options == {"bins": 128, "center": (135.68, 120.32)}
     assert stages["sink"].options["path"] == Path("../.arroyo/demo/out/events.jsonl")
     assert stages["viewer"].options == {"port": 8765, "scale": "log"}
 
