@@ -13,8 +13,9 @@ Unlike the links between Arroyo stages, these speak whatever the foreign peer sp
 (see ``arroyo.io.codecs``). A DECTRIS or htype detector stream (``codec =
 dectris-stream2``, ``dectris-stream1``, ``htype``: docs/detectors.md) also takes
 ``channel`` (the Stream V2 channel to keep) and ``series_timeout`` (seconds without a
-message before an unfinished series is closed; 0 never). A message the codec cannot decode, for whatever reason, is
-counted and dropped (``arroyo.io.guard``): the listener never exits over its input.
+message before an unfinished series is closed; 0 never). A message the codec cannot
+decode, for whatever reason, is counted and dropped (``arroyo.io.guard``): the
+listener never exits over its input.
 
 Both ends can use CURVE: ``curve_keys`` is a ZeroMQ certificate file with this end's
 key pair (e.g. ``arroyo keys``' ``HOST.key_secret``); a connecting end also needs
