@@ -29,7 +29,9 @@ shape = 8, 8
 
 def ini_blocks() -> list[tuple[str, str]]:
     found = []
-    for doc in ("stages.md", "foreign-frames.md", "redis.md", "topology.md", "operations.md"):
+    docs = ("stages.md", "foreign-frames.md", "redis.md", "topology.md", "operations.md",
+            "detectors.md")  # fmt: skip
+    for doc in docs:
         text = (DOCS / doc).read_text()
         for i, block in enumerate(re.findall(r"^```ini\n(.*?)^```", text, flags=re.M | re.S)):
             found.append((f"{doc}#{i + 1}", block))
