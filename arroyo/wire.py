@@ -441,6 +441,18 @@ def decode(frames: Sequence[Frame]) -> Message:
     return cls(data=data, run=run, seq=seq, timestamp_ns=stamp, routing=routing)  # type: ignore[call-arg]
 
 
+def event_run(frames: Sequence[Frame]) -> int | None:
+    """The run id of an Event whose header decodes though the message does not (a
+    size that does not match, a bad dtype): so a stage can charge the loss to its run.
+    None when there is no such header."""
+    try:
+        header = _unpack_header(frames[0])
+    except (WireError, IndexError, TypeError):
+        return None
+    run = header.get("r")
+    return run if header.get("k") == "E" and type(run) is int and run > 0 else None
+
+
 def frames_nbytes(frames: Sequence[Frame]) -> int:
     """Total size of a frame list in bytes, for byte counters and credit."""
     total = 0

@@ -432,6 +432,11 @@ class StageProcess:
                     "link %s: dropped a bad message from %s: %s", end.link.name, sender or "?", e
                 )
                 end.consumed(sender, size)
+                run = wire.event_run(frames)
+                if run is not None and not merger.fan_in:
+                    # a worker's share passes through uncounted: its Stop carries the loss
+                    # (a stage that merges runs counts it as missing on its own)
+                    op.dropped_on_arrival(run, end.link.name)
                 continue
             end.counters.count(size, isinstance(message, Event))
             try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 from arroyo.errors import ConfigError
@@ -85,6 +85,9 @@ class StageOperator(Operator):
         self.live_target: Any = None
         self._warned: dict[str, int] = {}  # reason -> the last run it was logged for
         self.failed: dict[int, int] = defaultdict(int)  # run -> events process() failed on
+        # run -> reason -> events of it dropped on arrival here (a message that did not
+        # decode): at a worker nobody else can count them, so its Stop says so
+        self.dropped_in: dict[int, Counter[str]] = defaultdict(Counter)
         self._logged: set[tuple[str, str, str, int]] = set()  # errors with a traceback out
 
     def add_publisher(self, publisher: Publisher) -> None:
@@ -211,19 +214,28 @@ class StageOperator(Operator):
         elif isinstance(out, Start):
             self.open_out[out.run] = out
 
+    def dropped_on_arrival(self, run: int, link: str) -> None:
+        """An event of ``run`` that arrived on ``link`` but did not decode: lost here."""
+        self.dropped_in[run][f"dropped as undecodable on {link} at {self.counters.stage}"] += 1
+
     def _add_failures(self, stop: Stop) -> None:
         """Write into the Stop the events of its run that ``process()`` failed on here,
-        so every stage downstream reports the run incomplete, and say it once."""
+        or that arrived here and did not decode, so every stage downstream reports the
+        run incomplete, and say it once."""
         failed = self.failed.pop(stop.run, 0)
-        if not failed:
+        dropped = self.dropped_in.pop(stop.run, None)
+        if not failed and not dropped:
             return
-        reason = f"failed in process() at {self.counters.stage}"
         own = dict(stop.routing.get(FAILED) or {})
-        own[reason] = own.get(reason, 0) + failed
+        for reason, n in (dropped or {}).items():
+            own[reason] = own.get(reason, 0) + n
+        if failed:
+            reason = f"failed in process() at {self.counters.stage}"
+            own[reason] = own.get(reason, 0) + failed
+            log.warning(
+                "run %d: process() failed on %d event(s), the run is incomplete", stop.run, failed
+            )
         stop.routing = {**stop.routing, FAILED: own}
-        log.warning(
-            "run %d: process() failed on %d event(s), the run is incomplete", stop.run, failed
-        )
 
     def end_open_runs(self, cut: str) -> None:
         """End this worker's share of every run it began forwarding, without calling
