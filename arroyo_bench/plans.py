@@ -23,18 +23,20 @@ class Plan:
     scale_events: int = 1_000
     scale_rounds: int = 12  # Temporaries rounds over a 256 x 256 frame: about 1.5 ms
     counter_repeats: int = 5
+    detector_frames: int = 2_000  # frames of 2,162 x 2,068 uint16 per detector series
 
     def count(self, size: int) -> int:
         return max(100, min(self.max_msgs, self.byte_budget // size))
 
 
-ALL_SUITES = ("one_hop", "chain", "scaling", "latency", "peer", "counters", "curve")
+ALL_SUITES = ("one_hop", "chain", "scaling", "latency", "peer", "counters", "curve", "detectors")
 PLANS = {
     "full": Plan("full", (SIZE_100B, 64 * KIB, MIB, 4 * MIB), ("ipc", "tcp"), 5, 100_000,
                  2_000 * MIB, ALL_SUITES),
     "quick": Plan("quick", (SIZE_100B, 64 * KIB, MIB), ("ipc",), 2, 30_000, 300 * MIB,
-                  ALL_SUITES, latency_count=10_000, scale_events=400, counter_repeats=2),
+                  ALL_SUITES, latency_count=10_000, scale_events=400, counter_repeats=2,
+                  detector_frames=400),
     "smoke": Plan("smoke", (SIZE_100B,), ("ipc",), 1, 2_000, 2_000 * SIZE_100B,
                   ("one_hop", "chain", "scaling", "latency", "counters"), latency_count=2_000,
-                  scale_events=100, scale_rounds=2, counter_repeats=1),
+                  scale_events=100, scale_rounds=2, counter_repeats=1, detector_frames=50),
 }  # fmt: skip

@@ -193,6 +193,12 @@ def curve(runner: Runner, plan: Plan) -> list[dict[str, Any]]:
     return interleaved(rows, ["plain", "curve"], plan.repeats, run)
 
 
+def _detectors(runner: Runner, plan: Plan) -> dict[str, Any]:
+    from arroyo_bench.detector_suite import detectors  # (it builds on this module)
+
+    return detectors(runner, plan)
+
+
 def run_suites(runner: Runner, plan: Plan, peer_check: Callable[[], str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     steps: dict[str, Callable[[], Any]] = {
@@ -203,6 +209,7 @@ def run_suites(runner: Runner, plan: Plan, peer_check: Callable[[], str]) -> dic
         "peer": lambda: peer(runner, plan, peer_check),
         "counters": lambda: counters(runner, plan),
         "curve": lambda: curve(runner, plan),
+        "detectors": lambda: _detectors(runner, plan),
     }
     for name, step in steps.items():
         if name in plan.suites:

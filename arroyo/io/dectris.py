@@ -118,9 +118,12 @@ class StreamV2:
                 raise WireError(msg, reason="bad_message")
         payload, names = self._payload(data)
         self.tracker.image(series_key(message), image_id)  # may drop it: counted last
-        metadata = {k: _time(k, v) if k in TIMES else plain(v) for k, v in message.items()}
-        for key in ("type", "data"):
-            metadata.pop(key, None)
+        # (never plain() the data map: it would decode every frame into a list)
+        metadata = {
+            k: _time(k, v) if k in TIMES else plain(v)
+            for k, v in message.items()
+            if k != "type" and k != "data"
+        }
         metadata["channels"] = names
         return [Event(metadata=metadata, payload=payload)]
 
