@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from statistics import median
 from typing import Any
 
-from arroyo.runtime import malloc
+from arroyo.runtime import malloc, threads
 from arroyo_bench.detectors import DTYPE, SHAPE
 from arroyo_bench.plans import Plan
 from arroyo_bench.run import Runner, free_port, stage_command
@@ -34,7 +35,9 @@ def _plain(runner: Runner, role: str, frames: int, endpoint: str = "") -> Measur
         count = frames + 2 if role == "recv" else frames  # recv: start, images, end
         cmd = [sys.executable, "-m", "arroyo_bench.detectors", role, "--count", str(count),
                "--out", str(out), "--endpoint", endpoint or ep]  # fmt: skip
-        runner.children.start(cmd, case / f"{role}.log", dict(malloc.ENVIRONMENT))
+        # what a stage worker gets: the malloc thresholds, one OpenMP thread
+        env = {**malloc.ENVIRONMENT, **threads.ENVIRONMENT}
+        runner.children.start(cmd, case / f"{role}.log", env)
         if role == "recv":
             runner.children.wait_log(case / "recv.log", "ready")
             _simulate(runner, case, ep, frames)
@@ -99,10 +102,10 @@ def _arroyo(runner: Runner, frames: int, op: str = "", workers: int = 1) -> Meas
 
 def detectors(runner: Runner, plan: Plan) -> dict[str, Any]:
     n = plan.detector_frames
-    base = {"transport": "tcp", "size": FRAME_BYTES, "count": n}
-    ingest = {"suite": "detector ingest", **base}
-    decode = {"suite": "detector decode", **base}
-    scale = {"suite": "detector scaling", **base}
+    base: dict[str, Any] = {"transport": "tcp", "size": FRAME_BYTES, "count": n}
+    ingest: dict[str, Any] = {"suite": "detector ingest", **base}
+    decode: dict[str, Any] = {"suite": "detector decode", **base}
+    scale: dict[str, Any] = {"suite": "detector scaling", **base}
     sides = {
         "detector ingest": {"plain PULL": _plain(runner, "recv", n),
                             "Stream V2 listener": _arroyo(runner, n)},
@@ -112,10 +115,14 @@ def detectors(runner: Runner, plan: Plan) -> dict[str, Any]:
                              "2 workers": _arroyo(runner, n, "DecodeReduce", 2)},
     }  # fmt: skip
     repeats = max(1, plan.repeats - 1)
-    out = {}
+    out: dict[str, Any] = {}
     for row in (ingest, decode, scale):
         names = list(sides[row["suite"]])
+        row["sides"] = names
         (out[row["suite"]],) = interleaved(
             [row], names, repeats, lambda r, side: sides[r["suite"]][side]
         )
+    # the compressed size of a frame, as the listener's sink counted it
+    runs = [r for r in ingest["Stream V2 listener"]["runs"] if r.get("count")]
+    out["compressed_frame_bytes"] = median(r["bytes"] / r["count"] for r in runs) if runs else 0
     return out

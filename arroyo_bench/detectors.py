@@ -8,7 +8,7 @@ Arroyo, beside the plain references, in the same run.
   frames by a plain process (``direct`` below), beside one worker of ``DecodeOnly``
   behind the listener (the frame crosses the link compressed and is decoded when the
   operator reads the payload).
-* scale: ``DecodeReduce`` (decode, then a column profile) with 2 workers against 1.
+* scale: ``DecodeReduce`` (decode, then a radial profile) with 2 workers against 1.
 
 The reference processes import neither zmq nor arroyo's runtime, and get the malloc
 thresholds a stage gets (``arroyo.runtime.malloc``), like ``arroyo_bench.plain``.
@@ -51,13 +51,23 @@ class DecodeOnly(Operator):
 
 
 class DecodeReduce(Operator):
-    """Decodes each frame and reduces it to its column profile (float64)."""
+    """Decodes each frame and reduces it to its radial profile around the middle (one
+    ``np.bincount`` over every pixel: about 15 ms per 4M frame here, decoding 3.5)."""
+
+    def __init__(self) -> None:
+        self.shape: tuple[int, ...] = ()
+        self.radius = np.empty(0, np.intp)
 
     def process(self, message: Message) -> Result:
         if isinstance(message, Event):
             frame = message.payload
             assert isinstance(frame, np.ndarray)
-            return Event(metadata={}, payload=frame.sum(axis=0, dtype=np.float64))
+            if frame.shape != self.shape:
+                rows, cols = np.indices(frame.shape)
+                r = np.hypot(rows - frame.shape[0] / 2, cols - frame.shape[1] / 2)
+                self.shape, self.radius = frame.shape, r.astype(np.intp).ravel()
+            profile = np.bincount(self.radius, weights=frame.ravel())
+            return Event(metadata={}, payload=profile)
         return message
 
 
@@ -99,7 +109,7 @@ def recv(args: argparse.Namespace) -> None:
 
     from arroyo_bench.procs import Recorder
 
-    sock = zmq.Context.instance().socket(zmq.PULL)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PULL)
     sock.connect(args.endpoint)
     print("ready", flush=True)
     rec = Recorder(args.count, Path(args.out))  # start + images + end
@@ -120,12 +130,12 @@ def direct(args: argparse.Namespace) -> None:
     from arroyo.io.simulate import Settings, Simulator
 
     sim = Simulator(Settings(shape=SHAPE, dtype=DTYPE, compression="bslz4", seed=args.seed))
-    blobs = [(np.frombuffer(b[0].data, np.uint8), b[0].dtype) for b in sim.blobs]
+    blobs = [(b[0].data, np.frombuffer(b[0].data, np.uint8), b[0].dtype) for b in sim.blobs]
     shape = (SHAPE[0] * SHAPE[1],)
     began = time.perf_counter()
     for i in range(args.count):
-        data, dtype = blobs[i % len(blobs)]
-        block = HEADER.unpack_from(data)[1] // dtype.itemsize
+        raw, data, dtype = blobs[i % len(blobs)]
+        block = HEADER.unpack_from(raw)[1] // dtype.itemsize
         out = bitshuffle.decompress_lz4(data[HEADER.size :], shape, dtype, block)
     seconds = time.perf_counter() - began
     _write(Path(args.out), {"count": args.count, "seconds": seconds, "n": int(out.size)})

@@ -19,7 +19,14 @@ TARGETS = [
     ("chain of three >= 1 MiB", "Arroyo/raw msg/s, worst size", 0.8, True),
     ("p99 latency, 10k msg/s of 100 B", "Arroyo p99 / raw p99, worst transport", 1.2, False),
     ("stats counters", "CPU per message, on/off - 1", 0.02, False),
+    # issue 20's, on a 4M-class detector's frames (2,162 x 2,068 uint16, bitshuffle-LZ4)
+    ("detector ingest", "Stream V2 listener / plain PULL, frames/s", 0.9, True),
+    ("decode in a stage", "1 worker / bitshuffle called directly, frames/s", 0.95, True),
+    ("2 workers decoding + reducing", "speed-up over 1 worker", 1.8, True),
 ]
+
+
+DETECTOR_ROWS = ("detector ingest", "detector decode", "detector scaling")
 
 
 def versions() -> dict[str, str]:
@@ -82,6 +89,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         _worst(chain, True),
         _worst([_p99_ratio(r) for r in results.get("latency", [])], False),
         results.get("counters", {}).get("cost"),
+        *(results.get("detectors", {}).get(k, {}).get("ratio") for k in DETECTOR_ROWS),
     ]
     out = []
     for (name, what, limit, higher), value in zip(TARGETS, measured, strict=True):
@@ -160,6 +168,24 @@ def _scaling(s: dict[str, Any]) -> list[str]:
     return _table(head, body)
 
 
+def _detectors(d: dict[str, Any]) -> list[str]:
+    packed = d.get("compressed_frame_bytes") or 0
+    head = ["case", "reference", "frames/s", "Arroyo", "frames/s", "GB/s compressed",
+            "GB/s decoded", "Arroyo/reference"]  # fmt: skip
+    body = []
+    for key in DETECTOR_ROWS:
+        row = d.get(key)
+        if not row:
+            continue
+        ref, ours = row["sides"]
+        fps = row[ours].get("msg_s") or 0.0
+        gb_packed = _n(fps * packed / 1e9 if fps else None, 2)
+        gb_decoded = _n(fps * row["size"] / 1e9 if fps else None, 2)
+        body.append([key.removeprefix("detector "), ref, _n(row[ref].get("msg_s")), ours,
+                     _n(fps), gb_packed, gb_decoded, _n(row["ratio"], 2)])  # fmt: skip
+    return _table(head, body)
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     out = [
@@ -212,6 +238,14 @@ def markdown(results: dict[str, Any]) -> str:
         ]  # fmt: skip
         head = ["payload", "plain msg/s", "plain MB/s", "curve msg/s", "curve MB/s", "curve/plain"]
         out += _table(head, body)
+    if "detectors" in results:
+        out += [
+            "",
+            "**Detector** (one Stream V2 series from `arroyo simulate` over tcp; "
+            "decoded = 2,162 x 2,068 uint16, 8.94 MB; 1 OpenMP thread per process)",
+            "",
+        ]
+        out += _detectors(results["detectors"])
     out += ["", "**Targets**", ""]
     rows = []
     for t in results["targets"]:

@@ -65,6 +65,9 @@ def run(topology: str, inline: bool, log_level: str) -> None:
 @user_errors
 def stage_main(topology: str, stage: str, worker: int, log_level: str) -> None:
     """Run one worker process of STAGE from TOPOLOGY in the foreground."""
+    from arroyo.runtime import threads
+
+    threads.one_thread()  # before the stage's code can import an OpenMP library
     from arroyo.runtime.parent import follow_parent
     from arroyo.runtime.process import StageProcess
     from arroyo.topology import load

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from arroyo.errors import ConfigError
-from arroyo.runtime import malloc
+from arroyo.runtime import malloc, threads
 from arroyo.topology import MAX_IPC_PATH, StageSpec, Topology
 
 
@@ -107,7 +107,8 @@ def _program(topology: Topology, spec: StageSpec, logs: Path) -> str:
     sup = spec.supervision
     # the malloc thresholds reach code that runs before the stage sets them itself
     tuned = malloc.ENVIRONMENT if spec.tune_malloc else {}
-    env = {"PYTHONUNBUFFERED": "1", **tuned, **dict(sup.environment)}
+    # one OpenMP thread per worker unless said otherwise (arroyo.runtime.threads)
+    env = {"PYTHONUNBUFFERED": "1", **tuned, **threads.defaults(), **dict(sup.environment)}
     env_text = ",".join(f'{k}="{v}"' for k, v in env.items())
     command = f"{_stage_command()} {topology.path} {spec.name} --worker %(process_num)d"
     return "\n".join(
