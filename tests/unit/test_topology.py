@@ -404,6 +404,43 @@ def test_rendered_programs_get_the_malloc_thresholds_unless_turned_off(tmp_path:
     assert "MALLOC_" not in programs["sink"]
 
 
+def test_workers_get_one_openmp_thread_unless_told_otherwise(tmp_path: Path, monkeypatch) -> None:
+    from arroyo.control.render import render
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    path = write(
+        tmp_path,
+        """
+        [topology]
+        name = omp
+        [stage:det]
+        role = listener
+        class = stages.synthetic:DetectorSimulator
+        frames = 1
+        shape = 2
+        [stage:op]
+        role = operator
+        class = stages.basic:Decode
+        input = det
+        workers = 2
+        environment = OMP_NUM_THREADS=4
+        [stage:sink]
+        role = publisher
+        class = stages.sinks:Discard
+        input = op
+        """,
+    )
+
+    def programs() -> dict[str, str]:
+        text = render(load(path))
+        return {block.split("]", 1)[0]: block for block in text.split("[program:")[1:]}
+
+    assert 'OMP_NUM_THREADS="1"' in programs()["det"]
+    assert 'OMP_NUM_THREADS="4"' in programs()["op"]  # the stage's own environment wins
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # so does the one `arroyo up` runs in
+    assert "OMP_NUM_THREADS" not in programs()["sink"]
+
+
 def test_deep_run_dir_falls_back_to_a_short_socket_dir(tmp_path: Path) -> None:
     deep = tmp_path / ("x" * 90)
     deep.mkdir()
