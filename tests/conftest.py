@@ -168,6 +168,21 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
+def need_detectors() -> None:
+    """Skip the calling test module without the detectors extra (bitshuffle, lz4,
+    cbor2), with the reason; under CI, where ./scripts/test installs it, fail."""
+    import importlib
+
+    for name in ("bitshuffle", "lz4", "cbor2"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            why = f"{name} is missing: pip install 'arroyo[detectors]'"
+            if in_ci():
+                pytest.fail(f"CI needs the detectors extra: {why}", pytrace=False)
+            pytest.skip(why, allow_module_level=True)
+
+
 @pytest.fixture
 def supervised(topo: Callable[[str], Path]) -> Iterator[Callable[[str], Path]]:
     """``supervised(ini_text)``: the topology written (``topo``), started by ``arroyo up``

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import read_jsonl, runs_of, wait_for
+from tests.conftest import need_detectors, read_jsonl, runs_of, wait_for
 from tests.integration.test_foreign_frames import free_port
 
 pytestmark = pytest.mark.timeout(120)
-pytest.importorskip("bitshuffle", reason="the detectors extra: pip install 'arroyo[detectors]'")
+need_detectors()
 
 FRAMES, SHAPE = 40, (256, 256)
 

@@ -6,6 +6,8 @@ compared exactly with the ones the simulator sent (rebuilt from its seed)."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -17,13 +19,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest.importorskip("cbor2")
-pytest.importorskip("bitshuffle")
-pytest.importorskip("lz4")
-
 from arroyo.io.simulate import Settings, Simulator
-from tests.conftest import arroyo_bin, wait_for
+from tests.conftest import arroyo_bin, need_detectors, wait_for
 from tests.integration.conftest import arroyo
+
+need_detectors()
 
 LOST_REASON = "images the detector stream lost"
 
@@ -310,6 +310,7 @@ for name in ("bitshuffle", "lz4", "lz4.block", "lz4.frame", "cbor2"):
     sys.modules[name] = None
 import arroyo, arroyo.io.zmq, arroyo.message, arroyo.compression
 from arroyo.control.cli import main, stage_main
+
 stage_main(sys.argv[2:]) if sys.argv[1] == "stage" else main(sys.argv[1:])
 """
 
@@ -364,3 +365,41 @@ def test_the_core_works_without_the_extra_and_a_detector_codec_names_it(topo, tm
         check=False,
     )
     assert sim.returncode == 2 and "arroyo[detectors]" in sim.stderr, sim.stderr
+
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "detectors.md"
+
+
+@pytest.mark.timeout(120)
+def test_the_docs_simulator_command_and_listener_section_work_as_written(tmp_path, supervised):
+    """docs/detectors.md, "Trying it without a detector": its listener section and its
+    command, on a free port instead of the DCU's (the only change)."""
+    text = DOC.read_text()
+    section = text[text.index("## Trying it without a detector") :]
+    command = re.search(r"^```\n(arroyo simulate .*?)^```", section, flags=re.M | re.S)
+    ini = re.search(r"^```ini\n(.*?)^```", section, flags=re.M | re.S)
+    assert command and ini, "the section lost its command or its INI block"
+    args = shlex.split(command.group(1).replace("\\\n", " "))
+    endpoint = free_endpoint()
+    listener = ini.group(1).replace("tcp://127.0.0.1:31001", endpoint)
+    path = supervised(
+        "[topology]\nname = doc\nrun_dir = {tmp}/.arroyo\n\n" + listener + SINK_AFTER_DETECTOR
+    )
+    out = simulate(endpoint, *args[2:])
+    assert out.count("200/200 images sent") == 2, out
+    folders = run_folders(tmp_path, 2)
+    for folder in folders:
+        stop = read_json(folder / "stop.json")
+        assert stop["events"] == 200 and not stop.get("incomplete"), stop
+    reports = wait_for(lambda: len(r := status_runs(path, "sink")) == 2 and r, timeout=30)
+    assert all(r["complete"] for r in reports), reports
+
+
+SINK_AFTER_DETECTOR = """
+[stage:sink]
+role = publisher
+class = stages.writers:RunFolderWriter
+path = {tmp}/runs
+format = npz
+input = detector
+"""

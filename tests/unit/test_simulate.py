@@ -10,15 +10,15 @@ import subprocess
 import numpy as np
 import pytest
 
-pytest.importorskip("cbor2")
-pytest.importorskip("bitshuffle")
-import cbor2
-
 from arroyo.compression import decompress
 from arroyo.errors import ConfigError
 from arroyo.io import simframes
 from arroyo.io.simulate import Settings, Simulator, parse_ids, unique_id
-from tests.conftest import arroyo_bin
+from tests.conftest import arroyo_bin, need_detectors
+
+need_detectors()
+
+import cbor2  # noqa: E402  (the detectors extra: checked just above)
 
 TYPED = {64: "|u1", 69: "<u2", 70: "<u4", 85: "<f4"}
 V1_CODECS = {"<": "none", "lz4<": "lz4-block"}

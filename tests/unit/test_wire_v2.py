@@ -14,10 +14,12 @@ from arroyo import wire
 from arroyo.compression import compress
 from arroyo.errors import WireError
 from arroyo.message import Encoded, Event, Start, Stop
+from tests.conftest import need_detectors
+
+need_detectors()
 
 pytestmark = pytest.mark.timeout(60)
 
-pytest.importorskip("bitshuffle", reason="the detectors extra: pip install 'arroyo[detectors]'")
 
 FRAME = (np.arange(64 * 48, dtype="<u2") % 97).reshape(64, 48)
 
