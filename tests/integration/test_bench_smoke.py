@@ -52,6 +52,9 @@ def test_bench_smoke_writes_a_complete_report(tmp_path):
         "chain of three >= 1 MiB",
         "p99 latency, 10k msg/s of 100 B",
         "stats counters",
+        "detector ingest",
+        "decode in a stage",
+        "2 workers decoding + reducing",
     ]
     # smoke measures 100 B only: the big-message targets are shown, not measured
     measured = {t["target"]: t["value"] for t in report["targets"]}
@@ -70,6 +73,44 @@ def test_the_compute_ceiling_imports_neither_zmq_nor_arroyo():
     code = (
         "import sys, arroyo_bench.plain; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('zmq', 'arroyo')]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.timeout(240)
+def test_bench_detector_suite_measures_each_side_beside_its_reference(tmp_path):
+    from tests.conftest import need_detectors
+
+    need_detectors()
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "arroyo_bench",
+        "--smoke",
+        "--only",
+        "detectors",
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())["detectors"]
+    for key in ("detector ingest", "detector decode", "detector scaling"):
+        row = report[key]
+        for side in row["sides"]:
+            assert row[side]["msg_s"] > 0, (key, side, row[side])
+        assert row["ratio"] > 0
+    # every frame crossed compressed: about 2 MB of the 8.94 decoded
+    assert 0 < report["compressed_frame_bytes"] < 8_941_912 / 2
+    assert "GB/s compressed" in proc.stdout
+
+
+def test_the_decoding_reference_imports_no_zmq():
+    code = (
+        "import sys, arroyo_bench.detectors, arroyo.io.simulate; "
+        "bad = [m for m in sys.modules if m.split('.')[0] == 'zmq']; "
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
