@@ -30,19 +30,29 @@ def _simulate(runner: Runner, case: Path, endpoint: str, frames: int) -> None:
     runner.children.start(["sh", "-c", script, arroyo, *args], case / "sim.log", first=True)
 
 
-def _plain(runner: Runner, role: str, frames: int, endpoint: str = "") -> Measure:
+def _plain(runner: Runner, role: str, frames: int) -> Measure:
+    """``recv`` (the simulator straight into a PULL), ``relay`` (through a plain pyzmq
+    relay to it, over ipc) or ``direct`` (decoding the simulator's frames)."""
+
     def start(case: Path, out: Path) -> None:
-        count = frames + 2 if role == "recv" else frames  # recv: start, images, end
-        cmd = [sys.executable, "-m", "arroyo_bench.detectors", role, "--count", str(count),
-               "--out", str(out), "--endpoint", endpoint or ep]  # fmt: skip
         # what a stage worker gets: the malloc thresholds, one OpenMP thread
         env = {**malloc.ENVIRONMENT, **threads.ENVIRONMENT}
+        ep = f"tcp://127.0.0.1:{free_port()}"
+        hop = f"ipc://{case}/relay.sk"
+        count = frames if role == "direct" else frames + 2  # recv: start, images, end
+        cmd = [sys.executable, "-m", "arroyo_bench.detectors", "recv" if role == "relay" else role,
+               "--count", str(count), "--out", str(out),
+               "--endpoint", hop if role == "relay" else ep]  # fmt: skip
         runner.children.start(cmd, case / f"{role}.log", env)
-        if role == "recv":
-            runner.children.wait_log(case / "recv.log", "ready")
-            _simulate(runner, case, ep, frames)
-
-    ep = endpoint or f"tcp://127.0.0.1:{free_port()}"
+        if role == "direct":
+            return
+        runner.children.wait_log(case / f"{role}.log", "ready")
+        if role == "relay":
+            cmd = [sys.executable, "-m", "arroyo_bench.detectors", "relay", "--count", "0",
+                   "--out", "-", "--endpoint", ep, "--forward", hop]  # fmt: skip
+            runner.children.start(cmd, case / "relay.log", env)
+            runner.children.wait_log(case / "relay.log", "ready")
+        _simulate(runner, case, ep, frames)
 
     def measure() -> dict[str, Any]:
         result = runner._measure(start, runner.timeout)
@@ -108,6 +118,7 @@ def detectors(runner: Runner, plan: Plan) -> dict[str, Any]:
     scale: dict[str, Any] = {"suite": "detector scaling", **base}
     sides = {
         "detector ingest": {"plain PULL": _plain(runner, "recv", n),
+                            "pyzmq relay + PULL": _plain(runner, "relay", n),
                             "Stream V2 listener": _arroyo(runner, n)},
         "detector decode": {"bitshuffle direct": _plain(runner, "direct", n),
                             "1 worker": _arroyo(runner, n, "DecodeOnly")},
@@ -122,6 +133,12 @@ def detectors(runner: Runner, plan: Plan) -> dict[str, Any]:
         (out[row["suite"]],) = interleaved(
             [row], names, repeats, lambda r, side: sides[r["suite"]][side]
         )
+    # the same two hops in plain pyzmq: what a listener with a stage behind it could be
+    relay, ours = (
+        ingest["pyzmq relay + PULL"].get("msg_s"),
+        ingest["Stream V2 listener"].get("msg_s"),
+    )
+    ingest["ratio_to_relay"] = ours / relay if ours and relay else None
     # the compressed size of a frame, as the listener's sink counted it
     runs = [r for r in ingest["Stream V2 listener"]["runs"] if r.get("count")]
     out["compressed_frame_bytes"] = median(r["bytes"] / r["count"] for r in runs) if runs else 0

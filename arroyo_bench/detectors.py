@@ -2,8 +2,10 @@
 Arroyo, beside the plain references, in the same run.
 
 * ingest: ``arroyo simulate`` plays a series of bitshuffle-LZ4 frames; a plain pyzmq
-  PULL (``recv`` below) receives it, then the real Stream V2 listener stage with a
-  counting sink behind it. Frames/s and GB/s (compressed and decoded) of each.
+  PULL (``recv`` below) receives it; then the same two hops a listener with a stage
+  behind it makes, in plain pyzmq (``relay`` -> ``recv`` over ipc); then the real
+  Stream V2 listener stage with a counting sink behind it. Frames/s and GB/s
+  (compressed and decoded) of each.
 * decode: bitshuffle's own ``decompress_lz4`` called in a loop on the simulator's
   frames by a plain process (``direct`` below), beside one worker of ``DecodeOnly``
   behind the listener (the frame crosses the link compressed and is decoded when the
@@ -123,6 +125,21 @@ def recv(args: argparse.Namespace) -> None:
     _stay()
 
 
+def relay(args: argparse.Namespace) -> None:
+    """The same two hops as a listener with a stage behind it, in plain pyzmq: PULL
+    from the simulator, PUSH on (``--forward``, bound) to a ``recv``."""
+    import zmq
+
+    ctx = zmq.Context.instance()
+    pull: zmq.Socket[bytes] = ctx.socket(zmq.PULL)
+    push: zmq.Socket[bytes] = ctx.socket(zmq.PUSH)
+    push.bind(args.forward)
+    pull.connect(args.endpoint)
+    print("ready", flush=True)
+    while True:
+        push.send_multipart(pull.recv_multipart(copy=False), copy=False)
+
+
 def direct(args: argparse.Namespace) -> None:
     """bitshuffle's decompress_lz4 on the simulator's frames, ``count`` times."""
     import bitshuffle
@@ -142,13 +159,14 @@ def direct(args: argparse.Namespace) -> None:
     _stay()
 
 
-ROLES = {"recv": recv, "direct": direct}
+ROLES = {"recv": recv, "relay": relay, "direct": direct}
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m arroyo_bench.detectors")
     p.add_argument("role", choices=sorted(ROLES))
     p.add_argument("--endpoint", default="")
+    p.add_argument("--forward", default="", help="relay: where to bind its PUSH")
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)

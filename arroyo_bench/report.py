@@ -177,13 +177,23 @@ def _detectors(d: dict[str, Any]) -> list[str]:
         row = d.get(key)
         if not row:
             continue
-        ref, ours = row["sides"]
+        ref, ours = row["sides"][0], row["sides"][-1]
         fps = row[ours].get("msg_s") or 0.0
         gb_packed = _n(fps * packed / 1e9 if fps else None, 2)
         gb_decoded = _n(fps * row["size"] / 1e9 if fps else None, 2)
         body.append([key.removeprefix("detector "), ref, _n(row[ref].get("msg_s")), ours,
                      _n(fps), gb_packed, gb_decoded, _n(row["ratio"], 2)])  # fmt: skip
-    return _table(head, body)
+    out = _table(head, body)
+    ingest = d.get("detector ingest") or {}
+    if "pyzmq relay + PULL" in ingest:
+        relay = _n(ingest["pyzmq relay + PULL"].get("msg_s"))
+        ratio = _n(ingest.get("ratio_to_relay"), 2)
+        out += [
+            "",
+            "Ingest through the same two hops in plain pyzmq (a relay, then ipc to the "
+            f"PULL): {relay} frames/s; the listener and its stage against it: {ratio}.",
+        ]
+    return out
 
 
 def markdown(results: dict[str, Any]) -> str:
