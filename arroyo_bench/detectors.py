@@ -130,7 +130,7 @@ def relay(args: argparse.Namespace) -> None:
     from the simulator, PUSH on (``--forward``, bound) to a ``recv``."""
     import zmq
 
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     pull: zmq.Socket[bytes] = ctx.socket(zmq.PULL)
     push: zmq.Socket[bytes] = ctx.socket(zmq.PUSH)
     push.bind(args.forward)
