@@ -11,9 +11,9 @@ from typing import Any
 
 from arroyo.runtime import malloc, threads
 from arroyo_bench.detectors import DTYPE, SHAPE
+from arroyo_bench.measure import Measure, interleaved
 from arroyo_bench.plans import Plan
 from arroyo_bench.run import Runner, free_port, stage_command
-from arroyo_bench.suites import Measure, interleaved
 
 FRAME_BYTES = SHAPE[0] * SHAPE[1] * 2  # decoded uint16
 HWM = 4  # a small credit window: frames go to whichever worker is free

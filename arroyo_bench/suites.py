@@ -6,57 +6,15 @@ A run that failed is kept with its error and left out of the medians.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
+from arroyo_bench.detector_suite import detectors
+from arroyo_bench.measure import Measure, _log, interleaved
 from arroyo_bench.plans import Plan
-from arroyo_bench.run import MIB, SIZE_100B, BenchError, Runner, median_of, size_label
-from arroyo_bench.run import throughput as rates
+from arroyo_bench.run import MIB, SIZE_100B, Runner
 
-Measure = Callable[[], dict[str, Any]]
 FRAME_BYTES = 256 * 256 * 2  # the compute suite's frame: 256 x 256 uint16
-
-
-def _log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def _attempt(label: str, measure: Measure, size: int) -> dict[str, Any]:
-    try:
-        result = rates(measure(), size)
-    except BenchError as e:
-        _log(f"  {label}: FAILED: {e}")
-        return {"error": str(e)}
-    extra = f" p99 {result['p99_us']:.0f} us" if "p99_us" in result else ""
-    state = "" if result["complete"] else f" (INCOMPLETE: {result['count']} messages)"
-    _log(f"  {label}: {result['msg_s']:,.0f} msg/s {result['mb_s']:,.1f} MB/s{extra}{state}")
-    return result
-
-
-def interleaved(
-    rows: list[dict[str, Any]], sides: list[str], repeats: int, run: Callable[..., Measure]
-) -> list[dict[str, Any]]:
-    """For each repeat, for each row, every side back to back: noise hits all alike."""
-    for row in rows:
-        for side in sides:
-            row[side] = {"runs": []}
-    for rep in range(repeats):
-        for row in rows:
-            for side in sides:
-                label = f"{row['suite']} {row['transport']} {size_label(row['size'])} {side} "
-                label += f"#{rep + 1}"
-                row[side]["runs"].append(_attempt(label, run(row, side), row["size"]))
-    for row in rows:
-        for side in sides:
-            runs = row[side]["runs"]
-            for key in ("msg_s", "mb_s", "cpu_us", "p50_us", "p99_us", "p999_us"):
-                value = median_of(runs, key)
-                if value is not None:
-                    row[side][key] = value
-        base, other = row[sides[0]].get("msg_s"), row[sides[-1]].get("msg_s")
-        row["ratio"] = other / base if base and other else None
-    return rows
 
 
 def one_hop(runner: Runner, plan: Plan, hops: int) -> list[dict[str, Any]]:
@@ -193,12 +151,6 @@ def curve(runner: Runner, plan: Plan) -> list[dict[str, Any]]:
     return interleaved(rows, ["plain", "curve"], plan.repeats, run)
 
 
-def _detectors(runner: Runner, plan: Plan) -> dict[str, Any]:
-    from arroyo_bench.detector_suite import detectors  # (it builds on this module)
-
-    return detectors(runner, plan)
-
-
 def run_suites(runner: Runner, plan: Plan, peer_check: Callable[[], str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     steps: dict[str, Callable[[], Any]] = {
@@ -209,7 +161,7 @@ def run_suites(runner: Runner, plan: Plan, peer_check: Callable[[], str]) -> dic
         "peer": lambda: peer(runner, plan, peer_check),
         "counters": lambda: counters(runner, plan),
         "curve": lambda: curve(runner, plan),
-        "detectors": lambda: _detectors(runner, plan),
+        "detectors": lambda: detectors(runner, plan),
     }
     for name, step in steps.items():
         if name in plan.suites:
