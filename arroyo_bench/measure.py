@@ -13,7 +13,7 @@ from arroyo_bench.run import throughput as rates
 Measure = Callable[[], dict[str, Any]]
 
 
-def _log(text: str) -> None:
+def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
@@ -21,11 +21,11 @@ def _attempt(label: str, measure: Measure, size: int) -> dict[str, Any]:
     try:
         result = rates(measure(), size)
     except BenchError as e:
-        _log(f"  {label}: FAILED: {e}")
+        log(f"  {label}: FAILED: {e}")
         return {"error": str(e)}
     extra = f" p99 {result['p99_us']:.0f} us" if "p99_us" in result else ""
     state = "" if result["complete"] else f" (INCOMPLETE: {result['count']} messages)"
-    _log(f"  {label}: {result['msg_s']:,.0f} msg/s {result['mb_s']:,.1f} MB/s{extra}{state}")
+    log(f"  {label}: {result['msg_s']:,.0f} msg/s {result['mb_s']:,.1f} MB/s{extra}{state}")
     return result
 
 

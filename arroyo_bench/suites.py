@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from arroyo_bench.detector_suite import detectors
-from arroyo_bench.measure import Measure, _log, interleaved
+from arroyo_bench.measure import Measure, interleaved, log
 from arroyo_bench.plans import Plan
 from arroyo_bench.run import MIB, SIZE_100B, Runner
 
@@ -94,7 +94,7 @@ def peer(runner: Runner, plan: Plan, check: Callable[[], str]) -> dict[str, Any]
 
     reason = check()
     if reason:
-        _log(f"  peer arroyopy: n/a ({reason})")
+        log(f"  peer arroyopy: n/a ({reason})")
         return {"suite": "peer", "rows": [], "note": reason}
     sizes = [s for s in plan.sizes if s in (SIZE_100B, MIB)] or list(plan.sizes[:1])
     rows: list[dict[str, Any]] = [
@@ -165,6 +165,6 @@ def run_suites(runner: Runner, plan: Plan, peer_check: Callable[[], str]) -> dic
     }
     for name, step in steps.items():
         if name in plan.suites:
-            _log(f"== {name}")
+            log(f"== {name}")
             out[name] = step()
     return out
