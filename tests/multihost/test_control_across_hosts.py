@@ -25,7 +25,7 @@ from arroyo.topology import load
 from tests.conftest import arroyo_bin, read_jsonl, runs_of, wait_for
 from tests.multihost.conftest import MARKED_SOURCE, hosts_or_skip
 from tests.multihost.netns import NetnsHosts
-from tests.multihost.test_supvisors import TOPO, cli, start_cluster, status, where
+from tests.multihost.test_supvisors import PASS, TOPO, cli, start_cluster, status, where
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(300)]
 
@@ -191,7 +191,7 @@ def test_down_hosts_ends_every_supervisord(cluster: Cluster) -> None:
 def one_run(hosts: str, reduce_hosts: str) -> str:
     """``test_supvisors``' topology (for ``topo``) with these [hosts] lines."""
     kw = {"runs": 1, "frames": 1, "rate": 1}
-    return TOPO.format(hosts=hosts, reduce_hosts=reduce_hosts, tmp="{tmp}", **kw)
+    return TOPO.format(hosts=hosts, reduce_hosts=reduce_hosts, reduce=PASS, tmp="{tmp}", **kw)
 
 
 def test_down_names_a_host_that_does_not_answer(topo, marked_source) -> None:

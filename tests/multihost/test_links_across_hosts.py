@@ -45,7 +45,7 @@ host = h1
 
 [stage:reduce]
 role = operator
-class = arroyo.stage:PassThrough
+{reduce}
 input = det
 workers = 2
 hosts = h2, h3
@@ -59,9 +59,23 @@ host = h2
 drain_timeout = 8
 """
 
+# The workers' operator. A worker that is lost while it holds no event of the run in
+# progress loses nothing, and the sink rightly closes that run complete (naming the
+# worker that sent no Stop): a test that loses a worker must make sure it holds some.
+# BUSY workers are slower together (2 x 80 events/s) than the source sends, so each
+# always holds a full window (hwm) of the run in progress while the source sends it.
+PASS = "class = arroyo.stage:PassThrough"
+BUSY = "class = stages.basic:Delay\nmin_ms = 12\nmax_ms = 12\nhwm = 8"
+
 
 def write_topology(
-    topo: Any, hosts: NetnsHosts, runs: int, frames: int, rate: int, security: str = "curve"
+    topo: Any,
+    hosts: NetnsHosts,
+    runs: int,
+    frames: int,
+    rate: int,
+    security: str = "curve",
+    reduce: str = PASS,
 ) -> Path:
     addresses = {h.name: h.address for h in hosts}
     text = TOPO.format(
@@ -70,6 +84,7 @@ def write_topology(
         rate=rate,
         marker=MARKER,
         security=security,
+        reduce=reduce,
         tmp="{tmp}",
         **addresses,
     )
@@ -102,6 +117,18 @@ def sink_reports(path: Path) -> dict[int, dict[str, Any]]:
 def last_run(path: Path) -> int:
     """The number of the last run the sink has closed (0: none yet)."""
     return max(sink_reports(path), default=0)
+
+
+def mid_run(out: Path, frames: int) -> bool:
+    """The sink has written two thirds to five sixths of the events of the run in
+    progress: the source still has the rest to send, so each BUSY worker holds a full
+    window now, and the run ends soon after a loss (a test's time to detect a loss
+    includes waiting for the run's Stop)."""
+    records = read_jsonl(out)
+    starts = [i for i, r in enumerate(records) if r["kind"] == "Start"]
+    if not starts or records[-1]["kind"] != "Event":
+        return False
+    return frames * 2 // 3 <= len(records) - starts[-1] - 1 <= frames * 5 // 6
 
 
 def incomplete_after(path: Path, run: int) -> bool:
@@ -203,17 +230,17 @@ def test_plain_tcp_shows_the_marker_to_a_sniffer(topo, hosts3, host_stages, mark
 def test_a_lost_worker_host_costs_its_share_of_one_run(
     topo, hosts3, host_stages, marked_source, tmp_path, how
 ) -> None:
-    """Three times: h3 (worker 1) is SIGKILLed, or cut off the bridge, mid-run. Each
-    time the sink closes that run incomplete with the right missing count, the chain
-    flows on, a new worker 1 joins (on h3 again: the host came back), and later runs
-    are complete."""
+    """Three times: h3 (worker 1) is SIGKILLed, or cut off the bridge, mid-run while
+    it holds events of the run. Each time the sink closes that run incomplete with the
+    right missing count, the chain flows on, a new worker 1 joins (on h3 again: the
+    host came back), and later runs are complete."""
     marked_source()
-    path = write_topology(topo, hosts3, runs=40, frames=600, rate=300)
+    path = write_topology(topo, hosts3, runs=40, frames=600, rate=300, reduce=BUSY)
     start_chain(host_stages, hosts3, path)
     out = tmp_path / "out.jsonl"
     detected: list[float] = []
     for _ in range(3):
-        wait_for(lambda: (r := read_jsonl(out)) and r[-1]["kind"] == "Event", timeout=60)
+        wait_for(lambda: mid_run(out, 600), timeout=60)
         closed = last_run(path)
         t0 = time.monotonic()
         if how == "killed":
