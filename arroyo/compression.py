@@ -9,6 +9,9 @@ whichever worker that is. Codecs, by the names the DECTRIS streams use:
   header (uint64 big-endian decoded size, uint32 big-endian block size in bytes),
   then the blocks, each a uint32 big-endian compressed size and its LZ4 data;
 * ``bszstd``: the same framing with zstd blocks (PSI's Jungfraujoch);
+* ``bslz4-bare``: the bitshuffle-LZ4 blocks without that header, as bitshuffle's own
+  ``compress_lz4`` writes them (areaDetector and MAX IV senders may), in blocks of
+  bitshuffle's default size (``default_block``);
 * ``lz4``: the HDF5 LZ4 filter's framing (filter 32004): uint64 big-endian decoded
   size, uint32 big-endian block size, then per block a uint32 big-endian compressed
   size and an LZ4 block (stored raw when it would not shrink);
@@ -34,13 +37,42 @@ import numpy as np
 
 from arroyo.errors import WireError
 
-CODECS = ("bslz4", "bszstd", "lz4", "lz4-block", "none")
+CODECS = ("bslz4", "bslz4-bare", "bszstd", "lz4", "lz4-block", "none")
 EXTRA = "pip install 'arroyo[detectors]'"
 HEADER = struct.Struct(">QI")  # the HDF5 filters' framing: decoded size, block size
 BLOCK = struct.Struct(">I")
 # LZ4 cannot shrink data more than 255:1; zstd can, but no detector frame holds
 # more than a few thousand identical bytes per byte sent.
-MAX_RATIO = {"lz4": 256, "lz4-block": 256, "bslz4": 256, "bszstd": 1 << 16, "none": 1}
+MAX_RATIO = {
+    **{"lz4": 256, "lz4-block": 256, "bslz4": 256, "bslz4-bare": 256},
+    **{"bszstd": 1 << 16, "none": 1},
+}
+
+
+def check_size(codec: str, nbytes: int, decoded: int) -> None:
+    """``WireError``: ``unknown_encoding`` for a codec not in ``CODECS``, ``size`` when
+    ``nbytes`` of it cannot decode to ``decoded`` bytes (cheap: a listener checks it on
+    arrival, before the frame travels on)."""
+    ratio = MAX_RATIO.get(codec)
+    if ratio is None:
+        msg = f"unknown compression {codec!r:.40} (known: {', '.join(CODECS)})"
+        raise WireError(msg, reason="unknown_encoding")
+    if decoded > ratio * nbytes + 64:
+        msg = f"{nbytes} bytes of {codec} cannot decode to {decoded} bytes"
+        raise WireError(msg, reason="size")
+
+
+def declared_size(data: Any) -> int | None:
+    """The decoded size an HDF5-filter framed buffer's header declares (None: too short
+    to have one)."""
+    view = _view(data)
+    return int(HEADER.unpack_from(view)[0]) if len(view) >= HEADER.size else None
+
+
+def default_block(itemsize: int) -> int:
+    """bitshuffle's block when asked for 0, in elements: 8 KiB, whole groups of 8, at
+    least 128."""
+    return max(128, (8192 // itemsize) // 8 * 8)
 
 
 class MissingExtra(ImportError):
@@ -84,13 +116,7 @@ def decompress(codec: str, data: Any, dtype: Any, shape: Any) -> np.ndarray:
     dtype, shape = np.dtype(dtype), tuple(shape)
     view = _view(data)
     size = dtype.itemsize * math.prod(shape)
-    ratio = MAX_RATIO.get(codec)
-    if ratio is None:
-        msg = f"unknown compression {codec!r:.40} (known: {', '.join(CODECS)})"
-        raise WireError(msg, reason="unknown_encoding")
-    if size > ratio * len(view) + 64:
-        msg = f"{len(view)} bytes of {codec} cannot hold a {dtype.str} {list(shape)} array"
-        raise WireError(msg, reason="size")
+    check_size(codec, len(view), size)
     if codec == "none":
         flat = _exact(np.frombuffer(view, np.uint8), size, codec)
     elif codec == "lz4-block":
@@ -165,14 +191,17 @@ def _hdf5_lz4(view: memoryview, size: int) -> np.ndarray:
 
 
 def _bitshuffled(codec: str, view: memoryview, dtype: np.dtype[Any], size: int) -> np.ndarray:
-    block_bytes = _header(view, size, codec)
+    if codec == "bslz4-bare":
+        block_bytes, start = default_block(dtype.itemsize) * dtype.itemsize, 0
+    else:
+        block_bytes, start = _header(view, size, codec), HEADER.size
     if block_bytes % dtype.itemsize:
         msg = f"{codec} block of {block_bytes} bytes is not whole {dtype.str} elements"
         raise WireError(msg, reason="undecodable")
     bs = _bitshuffle()
-    body = np.frombuffer(view, np.uint8)[HEADER.size :]
+    body = np.frombuffer(view, np.uint8)[start:]
     count = size // dtype.itemsize
-    unpack = bs.decompress_lz4 if codec == "bslz4" else bs.decompress_zstd
+    unpack = bs.decompress_zstd if codec == "bszstd" else bs.decompress_lz4
     try:
         out = unpack(body, (count,), dtype, block_bytes // dtype.itemsize)
     except Exception as e:  # bitshuffle raises RuntimeError/ValueError on garbage
@@ -192,15 +221,16 @@ def compress(codec: str, array: np.ndarray, block_size: int = 0) -> bytes:
         return bytes(_lz4().compress(raw, store_size=False))
     if codec == "lz4":
         return _hdf5_lz4_compress(raw, block_size * array.itemsize or 1 << 30)
-    if codec in ("bslz4", "bszstd"):
+    if codec in ("bslz4", "bszstd", "bslz4-bare"):
         bs = _bitshuffle()
         flat = array.reshape(-1)
-        if codec == "bslz4":
-            body = bs.compress_lz4(flat, block_size)
-        else:
+        if codec == "bszstd":
             body = bs.compress_zstd(flat, block_size)
-        # the library picks 8 KiB (rounded to whole 8-element groups) when asked for 0
-        elements = block_size or max(128, (8192 // array.itemsize) // 8 * 8)
+        else:
+            body = bs.compress_lz4(flat, block_size)
+        if codec == "bslz4-bare":  # (decoded in default blocks: it has no header to say)
+            return bytes(body.tobytes())
+        elements = block_size or default_block(array.itemsize)
         return HEADER.pack(raw.nbytes, elements * array.itemsize) + body.tobytes()
     msg = f"unknown compression {codec!r} (known: {', '.join(CODECS)})"
     raise ValueError(msg)

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from arroyo.compression import HEADER, MAX_RATIO
+from arroyo.compression import check_size, declared_size
 from arroyo.errors import WireError
 from arroyo.io.guard import MAX_DEPTH
 from arroyo.message import Encoded
@@ -287,13 +287,11 @@ def _zstd_available() -> bool:
 def _decoded_size(codec: str, data: memoryview) -> int:
     """The decoded size the HDF5-filter header of ``data`` declares, once it is known
     to be within what ``codec`` can make of ``len(data)`` bytes."""
-    if len(data) < HEADER.size:
+    size = declared_size(data)
+    if size is None:
         msg = f"{codec} data of {len(data)} bytes is shorter than its 12-byte header"
         raise WireError(msg, reason="truncated")
-    size = int(HEADER.unpack_from(data)[0])
-    if size > MAX_RATIO[codec] * len(data) + 64:
-        msg = f"{len(data)} bytes of {codec} cannot decode to the {size} bytes declared"
-        raise WireError(msg, reason="size")
+    check_size(codec, len(data), size)
     return size
 
 

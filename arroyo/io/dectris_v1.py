@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from arroyo.compression import HEADER, MAX_RATIO
+from arroyo.compression import check_size, declared_size
 from arroyo.errors import WireError
 from arroyo.io.dectris import plain
 from arroyo.io.guard import loads_json
@@ -190,10 +190,8 @@ def _payload(info: dict[str, Any], blob: memoryview) -> np.ndarray | Encoded:
     if bits and int(bits) != 8 * dtype.itemsize:
         msg = f"encoding {encoding} for {dtype.name} pixels"
         raise WireError(msg, reason="bad_header")
-    if decoded > MAX_RATIO[codec] * len(blob) + 64:
-        msg = f"{len(blob)} bytes of {codec} cannot hold a {dtype.str} {list(shape)} frame"
-        raise WireError(msg, reason="size")
-    if bits and (len(blob) < HEADER.size or HEADER.unpack_from(blob)[0] != decoded):
+    check_size(codec, len(blob), decoded)
+    if bits and declared_size(blob) != decoded:
         msg = f"the bitshuffle header does not declare the {decoded} bytes of the frame"
         raise WireError(msg, reason="size")
     return Encoded(codec, dtype, shape, blob)

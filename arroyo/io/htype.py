@@ -17,7 +17,7 @@ then the array's bytes. Two dialects, told apart by ``htype``:
 
 Compressions: ``none`` (a view of the received bytes), ``lz4`` (one bare LZ4 block, as
 areaDetector's codec writes it) and ``bslz4`` (bitshuffle-LZ4, with or without the
-HDF5 12-byte header: a bare stream gets the header it implies, one copy of the
+HDF5 12-byte header: a bare stream travels as it is (``bslz4-bare``), with no copy of the
 compressed bytes). Compressed frames stay compressed until user code reads them.
 
 Drops (beyond ``arroyo.io.series``'): ``frame_count``, ``bad_header``,
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from arroyo.compression import HEADER, MAX_RATIO
+from arroyo.compression import check_size, declared_size
 from arroyo.errors import WireError
 from arroyo.io.dectris import plain
 from arroyo.io.dectris_v1 import json_part, raw_array, view_of
@@ -46,7 +46,6 @@ TYPES = {
     "double": "float64",
 }
 _CODECS = {"": "none", "none": "none", "lz4": "lz4-block", "bslz4": "bslz4"}
-_BITSHUFFLE_BLOCK = 8192  # bytes: bitshuffle's default block, for a bare stream
 
 
 class HType:
@@ -132,16 +131,11 @@ def _payload(codec: Any, dtype: np.dtype[Any], shape: tuple[int, ...], blob: mem
     if name == "none":
         return raw_array(blob, dtype, shape)
     decoded = dtype.itemsize * math.prod(shape)
-    if decoded > MAX_RATIO[name] * len(blob) + 64:
-        msg = f"{len(blob)} bytes of {name} cannot hold a {dtype.str} {list(shape)} frame"
-        raise WireError(msg, reason="size")
-    if name == "bslz4" and not (
-        len(blob) >= HEADER.size and HEADER.unpack_from(blob)[0] == decoded
-    ):
+    check_size(name, len(blob), decoded)
+    if name == "bslz4" and declared_size(blob) != decoded:
         # A bare bitshuffle stream (bitshuffle.compress_lz4's output) starts with a
-        # block's 4-byte size, never with the frame's 8-byte size: add the header.
-        block = max(128, _BITSHUFFLE_BLOCK // dtype.itemsize // 8 * 8) * dtype.itemsize
-        blob = memoryview(HEADER.pack(decoded, block) + blob)
+        # block's 4-byte size, never with the frame's 8-byte size: it travels as it is.
+        name = "bslz4-bare"
     return Encoded(name, dtype, shape, blob)
 
 

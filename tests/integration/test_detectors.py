@@ -319,51 +319,26 @@ stage_main(sys.argv[2:]) if sys.argv[1] == "stage" else main(sys.argv[1:])
 def test_the_core_works_without_the_extra_and_a_detector_codec_names_it(topo, tmp_path):
     script = tmp_path / "without.py"
     script.write_text(WITHOUT_EXTRA)
-    plain = topo(
-        textwrap.dedent(TOPOLOGY)
-        .replace("{endpoint}", free_endpoint())
-        .replace("{codec}", "arroyo"),
-        "plain.ini",
-    )
-    ok = subprocess.run(
-        [sys.executable, str(script), "check", str(plain)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+
+    def without(*args: str) -> subprocess.CompletedProcess[str]:
+        """``arroyo ARGS`` in a Python where the detectors extra cannot be imported."""
+        command = [sys.executable, str(script), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+    def topology(codec: str) -> str:
+        text = textwrap.dedent(TOPOLOGY).replace("{endpoint}", free_endpoint())
+        return str(topo(text.replace("{codec}", codec), f"{codec}.ini"))
+
+    ok = without("check", topology("arroyo"))
     assert ok.returncode == 0, ok.stderr
-    detector = topo(
-        textwrap.dedent(TOPOLOGY)
-        .replace("{endpoint}", free_endpoint())
-        .replace("{codec}", "dectris-stream2"),
-        "detector.ini",
-    )
+    detector = topology("dectris-stream2")
     # the check passes (nothing to decode yet); the listener's process says what to install
-    checked = subprocess.run(
-        [sys.executable, str(script), "check", str(detector)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    checked = without("check", detector)
     assert checked.returncode == 0, checked.stderr
-    bad = subprocess.run(
-        [sys.executable, str(script), "stage", str(detector), "detector"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    bad = without("stage", detector, "detector")
     assert bad.returncode == 2, (bad.stdout, bad.stderr)
     assert bad.stderr.count("\n") == 1 and "pip install 'arroyo[detectors]'" in bad.stderr
-    sim = subprocess.run(
-        [sys.executable, str(script), "simulate", "--images", "1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    sim = without("simulate", "--images", "1")
     assert sim.returncode == 2 and "arroyo[detectors]" in sim.stderr, sim.stderr
 
 

@@ -10,25 +10,17 @@ import struct
 import numpy as np
 import pytest
 
-from arroyo.errors import WireError
-from tests.conftest import in_ci
-
-try:
-    import bitshuffle
-    import cbor2
-    from cbor2 import CBORTag
-except ImportError as e:
-    if in_ci():
-        pytest.fail(
-            f"{e.name} is required under CI (pip install 'arroyo[detectors]')", pytrace=False
-        )
-    pytest.skip(
-        f"{e.name} is not installed (pip install 'arroyo[detectors]')", allow_module_level=True
-    )
-
 from arroyo.compression import compress
+from arroyo.errors import WireError
 from arroyo.io import cbor
 from arroyo.message import Encoded
+from tests.conftest import need_detectors
+
+need_detectors()
+
+import bitshuffle  # noqa: E402
+import cbor2  # noqa: E402
+from cbor2 import CBORTag  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,22 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import in_ci
-
-try:
-    import bitshuffle  # noqa: F401  (used through arroyo.compression)
-    import cbor2
-    import lz4  # noqa: F401
-    from cbor2 import CBORTag
-except ImportError as e:
-    if in_ci():
-        pytest.fail(
-            f"{e.name} is required under CI (pip install 'arroyo[detectors]')", pytrace=False
-        )
-    pytest.skip(
-        f"{e.name} is not installed (pip install 'arroyo[detectors]')", allow_module_level=True
-    )
-
 from arroyo import wire
 from arroyo.compression import compress
 from arroyo.errors import WireError
@@ -37,6 +21,12 @@ from arroyo.io.codecs import Codec, CodecName, get_codec
 from arroyo.io.guard import DecodeGuard
 from arroyo.io.series import LOST_REASON, SeriesTracker
 from arroyo.message import LOST, Encoded, Event, Message, Start, Stop
+from tests.conftest import need_detectors
+
+need_detectors()
+
+import cbor2  # noqa: E402
+from cbor2 import CBORTag  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 

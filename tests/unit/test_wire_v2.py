@@ -53,7 +53,7 @@ def test_a_payload_above_the_inline_limit_keeps_its_frame_and_version_1() -> Non
     assert wire.decode(as_bytes(frames)) == event
 
 
-@pytest.mark.parametrize("codec", ["bslz4", "lz4", "bszstd", "lz4-block", "none"])
+@pytest.mark.parametrize("codec", ["bslz4", "bslz4-bare", "lz4", "bszstd", "lz4-block", "none"])
 def test_a_compressed_frame_travels_compressed_and_decodes_on_first_read(codec: str) -> None:
     packed = compress(codec, FRAME)
     event = Event(
