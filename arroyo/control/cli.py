@@ -12,10 +12,10 @@ import sys
 
 import click
 
-from arroyo.control import commands, live, web
+from arroyo.control import commands, live, recordings, web
 from arroyo.control.clibase import CONTEXT, TOPOLOGY, main, setup_logging, user_errors
 
-__all__ = ["commands", "live", "main", "stage_main", "web"]
+__all__ = ["commands", "live", "main", "recordings", "stage_main", "web"]
 
 
 @main.command()

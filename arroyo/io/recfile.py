@@ -27,6 +27,7 @@ crc32 of a 1 MiB frame costs about a fifth of writing it (docs/storage.md).
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -141,7 +142,7 @@ class RunWriter:
         if size < SMALL:
             self.pending += head
             for frame in frames:
-                self.pending += frame
+                self.pending += memoryview(frame).cast("B")  # (+= an array would add)
         else:
             _write_all(self.fd, [self.pending, head, *frames])
             self.pending.clear()
@@ -245,6 +246,12 @@ class RunFile:
             "start_ns": start,
             "duration_s": (max(stamps) - start) / 1e9 if stamps else 0.0,
         }
+
+    def close(self) -> None:
+        """Unmap the file, unless messages read from it are still in use (their arrays
+        are views of it): then it is unmapped when the last of them goes."""
+        with contextlib.suppress(BufferError):
+            self._map.close()
 
     def marked_incomplete(self) -> bool:
         """Did the recorded Stop say the run was incomplete or interrupted upstream?"""
@@ -392,15 +399,28 @@ def run_files(folder: Path) -> list[Path]:
     return [p for _, _, p in sorted(found)]
 
 
-def list_runs(folder: Path) -> list[RunFile | tuple[Path, str]]:
-    """Every run file of ``folder`` opened, oldest first; one that cannot be read is
-    ``(path, why)`` instead."""
-    out: list[RunFile | tuple[Path, str]] = []
+def list_runs(folder: Path) -> Iterator[RunFile | tuple[Path, str]]:
+    """Every run file of ``folder`` opened in turn, oldest first (close each: an open
+    one holds a file descriptor); one that cannot be read is ``(path, why)``."""
     for path in run_files(folder):
         try:
-            out.append(open_run(path))
+            yield open_run(path)
+        except FileNotFoundError:  # deleted since it was listed (a disk budget)
+            continue
         except (RecordingError, OSError) as e:
-            out.append((path, str(e)))
+            yield path, str(e)
+
+
+def summaries(folder: Path) -> list[dict[str, Any]]:
+    """``RunFile.summary()`` of every run file of ``folder``, oldest first; a file
+    that cannot be read gives ``{"file", "error"}``."""
+    out = []
+    for item in list_runs(folder):
+        if isinstance(item, RunFile):
+            out.append(item.summary())
+            item.close()
+        else:
+            out.append({"file": item[0].name, "error": item[1]})
     return out
 
 
