@@ -78,7 +78,7 @@ class Recorder(Publisher):
         if isinstance(message, Start):
             self._finish(run, "a new Start came before its Stop")
         writer = self.open.get(run) or self._open(run)
-        self.counts["bytes"] += writer.write(message)
+        writer.write(message)
         if isinstance(message, Stop):
             self._finish(run, "")
             self._budget()
@@ -88,8 +88,9 @@ class Recorder(Publisher):
             self._finish(run, "the recorder stopped")
 
     def stats(self) -> dict[str, Any]:
-        c = self.counts
-        return {"runs_written": c["runs"], "bytes_written": c["bytes"],
+        c = self.counts  # bytes: of the files, headers and indexes included
+        written = c["bytes"] + sum(w.size for w in list(self.open.values()))
+        return {"runs_written": c["runs"], "bytes_written": written,
                 "runs_deleted": c["deleted_runs"], "bytes_deleted": c["deleted_bytes"]}  # fmt: skip
 
     def _open(self, run: int) -> recfile.RunWriter:
@@ -114,6 +115,7 @@ class Recorder(Publisher):
         if why:
             log.warning("run %d left without its Stop in %s: %s", run, writer.path.name, why)
         writer.close()
+        self.counts["bytes"] += writer.size
 
     def _budget(self) -> None:
         """Delete the oldest closed run files until the folder is within budget."""
