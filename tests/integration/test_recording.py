@@ -196,8 +196,9 @@ def test_a_killed_recorder_leaves_a_file_readable_to_its_last_message(topo, stag
     listing = subprocess.run([arroyo_bin("arroyo"), "runs", str(folder)], capture_output=True,
                              text=True, timeout=30, check=True)  # fmt: skip
     assert "no (no Stop" in listing.stdout and "run_00001.arec" in listing.stdout
-    rows = json.loads(subprocess.run([arroyo_bin("arroyo"), "runs", "--json", str(folder)],
-                                     capture_output=True, text=True, timeout=30).stdout)  # fmt: skip
+    listing = subprocess.run([arroyo_bin("arroyo"), "runs", "--json", str(folder)],
+                             capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
+    rows = json.loads(listing.stdout)
     assert rows[0]["complete"] is False and rows[0]["events"] == run.events
     for key in ("det.0", "work.0", "work.1"):
         stages.signal(key, signal.SIGKILL)
