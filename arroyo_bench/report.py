@@ -23,10 +23,14 @@ TARGETS = [
     ("detector ingest", "Stream V2 listener / plain PULL, frames/s", 0.9, True),
     ("decode in a stage", "1 worker / bitshuffle called directly, frames/s", 0.95, True),
     ("2 workers decoding + reducing", "speed-up over 1 worker", 1.8, True),
+    # issue 21's (arroyo_bench.storage_suite)
+    ("recorder", "Recorder / plain Python file writes, MB/s", 0.9, True),
+    ("replay at max", "Replay into a sink / raw pyzmq one hop, msg/s", 0.8, True),
 ]
 
 
 DETECTOR_ROWS = ("detector ingest", "detector decode", "detector scaling")
+STORAGE_ROWS = ("recorder", "replay at max")
 
 
 def versions() -> dict[str, str]:
@@ -90,6 +94,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         _worst([_p99_ratio(r) for r in results.get("latency", [])], False),
         results.get("counters", {}).get("cost"),
         *(results.get("detectors", {}).get(k, {}).get("ratio") for k in DETECTOR_ROWS),
+        *(results.get("storage", {}).get(k, {}).get("ratio") for k in STORAGE_ROWS),
     ]
     out = []
     for (name, what, limit, higher), value in zip(TARGETS, measured, strict=True):
@@ -196,6 +201,19 @@ def _detectors(d: dict[str, Any]) -> list[str]:
     return out
 
 
+def _storage(s: dict[str, Any]) -> list[str]:
+    head = ["case", "reference", "msg/s", "MB/s", "Arroyo", "msg/s", "MB/s", "Arroyo/reference"]
+    body = []
+    for key in STORAGE_ROWS:
+        row = s.get(key)
+        if row:
+            ref, ours = row["sides"][0], row["sides"][-1]
+            body.append([key, ref, _n(row[ref].get("msg_s")), _n(row[ref].get("mb_s"), 1), ours,
+                         _n(row[ours].get("msg_s")), _n(row[ours].get("mb_s"), 1),
+                         _n(row["ratio"], 2)])  # fmt: skip
+    return _table(head, body)
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     out = [
@@ -256,6 +274,9 @@ def markdown(results: dict[str, Any]) -> str:
             "",
         ]
         out += _detectors(results["detectors"])
+    if "storage" in results:
+        out += ["", "**Storage** (1 MiB frames, ipc; MB = 10^6 payload bytes)", ""]
+        out += _storage(results["storage"])
     out += ["", "**Targets**", ""]
     rows = []
     for t in results["targets"]:

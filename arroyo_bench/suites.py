@@ -13,6 +13,7 @@ from arroyo_bench.detector_suite import detectors
 from arroyo_bench.measure import Measure, interleaved, log
 from arroyo_bench.plans import Plan
 from arroyo_bench.run import MIB, SIZE_100B, Runner
+from arroyo_bench.storage_suite import storage
 
 FRAME_BYTES = 256 * 256 * 2  # the compute suite's frame: 256 x 256 uint16
 
@@ -162,6 +163,7 @@ def run_suites(runner: Runner, plan: Plan, peer_check: Callable[[], str]) -> dic
         "counters": lambda: counters(runner, plan),
         "curve": lambda: curve(runner, plan),
         "detectors": lambda: detectors(runner, plan),
+        "storage": lambda: storage(runner, plan),
     }
     for name, step in steps.items():
         if name in plan.suites:
