@@ -211,7 +211,14 @@ def _storage(s: dict[str, Any]) -> list[str]:
             body.append([key, ref, _n(row[ref].get("msg_s")), _n(row[ref].get("mb_s"), 1), ours,
                          _n(row[ours].get("msg_s")), _n(row[ours].get("mb_s"), 1),
                          _n(row["ratio"], 2)])  # fmt: skip
-    return _table(head, body)
+    out = _table(head, body)
+    replay = s.get("replay at max") or {}
+    if "Arroyo one hop" in replay:
+        hop = _n(replay["Arroyo one hop"].get("msg_s"))
+        ratio = _n(replay.get("ratio_to_one_hop"), 2)
+        out += ["", f"Arroyo's own one hop at 1 MiB (a source stage -> the same sink) in the "
+                f"same run: {hop} msg/s; Replay against it: {ratio}."]  # fmt: skip
+    return out
 
 
 def markdown(results: dict[str, Any]) -> str:
