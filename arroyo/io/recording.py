@@ -40,7 +40,9 @@ class Recorder(Publisher):
     - A run's Stop writes the file's index and trailer and flushes it (``fsync =
       true`` also syncs it to disk). A run still open at ``close()``, or whose Start
       is followed by another Start, is left without Stop: it reads back incomplete.
-      Events of a run whose Start never came here open its file on first use.
+      Events of a run whose Start never came here open its file on first use. A
+      write that fails (a full disk) raises, ends that run's file there, and the
+      run's later messages are dropped and counted (``run file failed``).
     - Disk budget: when a run opens and after it closes, the oldest whole run files
       of ``path`` (by modification time) are deleted until the folder's ``.arec``
       files total at most ``max_bytes`` and number at most ``max_runs`` (0: no
@@ -67,6 +69,8 @@ class Recorder(Publisher):
         self.fsync = fsync
         self.open: dict[int, recfile.RunWriter] = {}
         self.counts: Counter[str] = Counter()
+        self.failed: set[int] = set()  # runs whose file a failed write ended
+        self.dropped: Counter[str] = Counter()
 
     def setup(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -75,13 +79,29 @@ class Recorder(Publisher):
         if message.routing:
             message = message.with_routing({})  # (a shallow copy: the payload stays as is)
         run = message.run
-        if isinstance(message, Start):
-            self._finish(run, "a new Start came before its Stop")
+        if isinstance(message, Start):  # runs do not interleave: any open one is over
+            self.failed.discard(run)
+            for other in list(self.open):
+                self._finish(other, "a new Start came before its Stop")
+        if run in self.failed:  # its file was cut by a failed write: the rest is lost
+            self.dropped["run file failed"] += 1
+            if isinstance(message, Stop):
+                self.failed.discard(run)
+            return
         writer = self.open.get(run) or self._open(run)
-        writer.write(message)
+        try:
+            writer.write(message)
+        except OSError:
+            # (a full disk) the file ends at the failed record; a reader stops there
+            self.failed.add(run)
+            self._finish(run, "a write failed")
+            raise  # counted and logged by the runtime as a publish error
         if isinstance(message, Stop):
             self._finish(run, "")
             self._budget()
+
+    def drops(self) -> dict[str, int]:
+        return dict(self.dropped)
 
     def close(self) -> None:
         for run in list(self.open):
@@ -114,7 +134,10 @@ class Recorder(Publisher):
             return
         if why:
             log.warning("run %d left without its Stop in %s: %s", run, writer.path.name, why)
-        writer.close()
+        try:
+            writer.close()
+        except OSError as e:  # what was still gathered could not be written
+            log.warning("%s: closing it failed: %s", writer.path.name, e)
         self.counts["bytes"] += writer.size
 
     def _budget(self) -> None:
@@ -300,10 +323,14 @@ class Replay(Listener):
             if self.stopping:
                 return
             try:
-                message = run.message(entry)
+                message = run.play(entry)
             except WireError as e:
                 self._drop("undecodable record", "%s at byte %d: %s", run.path, entry.offset, e)
                 continue
+            except OSError as e:  # deleted or cut meanwhile (a disk budget, a copy)
+                self._drop("unreadable file", "%s at byte %d: %s", run.path, entry.offset, e)
+                self._deliver(Stop(data={"interrupted": True}), info)
+                return
             self._deliver(message, info)
         if run.damaged:
             self._drop(f"{run.damaged} record", "%s: %d bytes after the last whole message",

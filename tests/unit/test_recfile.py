@@ -164,3 +164,16 @@ def test_the_layout_is_what_the_docs_say(tmp_path):
     assert n == 1 and size == 8 + 8 * n + header_len
     image = struct.unpack_from("<q", data, index_at + 16 + 48 + 32)[0]
     assert image == 9
+
+
+def test_playing_a_file_window_by_window_reads_the_same_messages(tmp_path, monkeypatch):
+    path = tmp_path / "r.arec"
+    sent = [Start(run=1)] + [
+        Event({"image_id": i}, np.full(3000 + i, i, np.uint16), run=1, seq=i) for i in range(40)
+    ]
+    write(path, [*sent, Stop(run=1, seq=40)])
+    monkeypatch.setattr(recfile, "WINDOW", 16384)  # records straddle many windows
+    run = recfile.open_run(path)
+    played = [run.play(e) for e in run.entries]
+    assert all(same(a, b) for a, b in zip(run.messages(), played, strict=True))
+    run.close()
