@@ -282,7 +282,9 @@ def markdown(results: dict[str, Any]) -> str:
         ]
         out += _detectors(results["detectors"])
     if "storage" in results:
-        out += ["", "**Storage** (1 MiB frames, ipc; MB = 10^6 payload bytes)", ""]
+        reps = results["storage"].get("repeats", "?")
+        out += ["", f"**Storage** (1 MiB frames, ipc, medians of {reps}; MB = 10^6 payload "
+                "bytes; a sync before every side)", ""]  # fmt: skip
         out += _storage(results["storage"])
     out += ["", "**Targets**", ""]
     rows = []
