@@ -304,3 +304,38 @@ def test_bad_replay_options_and_paths_are_one_line_exit_2(topo, stages, tmp_path
     missing = subprocess.run([arroyo_bin("arroyo"), "runs", str(tmp_path / "nowhere")],
                              capture_output=True, text=True, timeout=30)  # fmt: skip
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_arroyo_replay_plays_a_folder_to_a_zmq_socket(tmp_path):
+    import zmq
+
+    from arroyo import wire
+
+    folder = tmp_path / "recs"
+    folder.mkdir()
+    writer = recfile.RunWriter(folder / "run_00004.arec", run=4)
+    for message in [Start(data={"a": 1}, run=4), Event({"image_id": 0}, b"xyz", run=4),
+                    Stop(data={"frames": 1}, run=4, seq=1)]:  # fmt: skip
+        writer.write(message)
+    writer.close()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cmd = [arroyo_bin("arroyo"), "replay", str(folder), "--to", endpoint, "--run-ids", "recorded"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.connect(endpoint)
+    try:
+        assert sock.poll(30_000), "nothing replayed"
+        got = [wire.decode(sock.recv_multipart()) for _ in range(3)]
+    finally:
+        sock.close(0)
+        ctx.term()
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    start, event, stop = got
+    assert isinstance(start, Start) and start.run == 4 and start.data["a"] == 1
+    assert start.data["replay"] == {"run": 4, "file": "run_00004.arec"}
+    assert (
+        isinstance(event, Event) and event.payload == b"xyz" and event.metadata == {"image_id": 0}
+    )
+    assert isinstance(stop, Stop) and stop.data == {"frames": 1} and stop.seq == 1
