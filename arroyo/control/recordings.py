@@ -25,12 +25,14 @@ def _folder(path: str) -> Path:
     return folder
 
 
-def _state(row: dict[str, Any]) -> str:
+def _why(row: dict[str, Any]) -> str:
+    """Why a run is not complete ("" when it is)."""
     if row["complete"]:
-        return "yes"
+        return ""
     if not row["stop"]:
-        return f"no (no Stop: {row['damaged']} tail)" if row["damaged"] else "no (no Stop)"
-    return "no (marked upstream)"
+        tail = f", {row['damaged']} tail" if row["damaged"] else ""
+        return f"no Stop (the recorder stopped mid-run{tail})"
+    return "marked incomplete upstream"
 
 
 def _when(ns: int) -> str:
@@ -39,22 +41,25 @@ def _when(ns: int) -> str:
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
     """The lines ``arroyo runs`` prints for ``recfile.summaries`` rows."""
-    head = f"{'RUN':>6} {'EVENTS':>8} {'BYTES':>14} {'START':<19} {'SECONDS':>9}  COMPLETE  FILE"
-    lines = [head]
+    lines = [f"{'RUN':>6} {'EVENTS':>8} {'BYTES':>14} COMPLETE {'START':<19} {'SECONDS':>9}  FILE"]
     for r in rows:
         if "error" in r:
-            lines.append(f"{'?':>6} {'':>8} {'':>14} {'':<19} {'':>9}  unreadable: {r['error']}")
+            lines.append(f"{'?':>6} {'':>8} {'':>14} {'?':<8} {'':<19} {'':>9}  {r['file']}  "
+                         f"unreadable: {r['error']}")  # fmt: skip
             continue
+        done = "yes" if r["complete"] else "no"
         lines.append(
-            f"{r['run']:>6} {r['events']:>8} {r['bytes']:>14,} {_when(r['start_ns']):<19} "
-            f"{r['duration_s']:>9.2f}  {_state(r):<8}  {r['file']}"
+            f"{r['run']:>6} {r['events']:>8} {r['bytes']:>14,} {done:<8} "
+            f"{_when(r['start_ns']):<19} {r['duration_s']:>9.2f}  {r['file']}  {_why(r)}".rstrip()
         )
     return lines
 
 
 @main.command()
 @PATH
-@click.option("--json", "as_json", is_flag=True, help="One JSON list, for machines.")
+@click.option(
+    "--json", "as_json", is_flag=True, show_envvar=True, help="One JSON list, for machines."
+)
 @user_errors
 def runs(path: str, as_json: bool) -> None:
     """List the runs a recorder's folder PATH (or one .arec file) holds: run, events,
@@ -94,14 +99,27 @@ bind = {bind}
 
 @main.command()
 @PATH
-@click.option("--to", "to", required=True, help="ZMQ endpoint to send the runs to.")
-@click.option("--connect", is_flag=True, help="Connect to --to instead of binding it.")
-@click.option("--runs", "runs_", default="all", help="Run ids and ranges (1-3,7) or all.")
-@click.option("--pace", default="max", help="max, recorded, or a factor like 2x.")
-@click.option("--loop", is_flag=True, help="Play the selection again until Ctrl-C.")
+@click.option(
+    "--to", "to", required=True, show_envvar=True, help="ZMQ endpoint to send the runs to."
+)
+@click.option(
+    "--connect", is_flag=True, show_envvar=True, help="Connect to --to instead of binding it."
+)
+@click.option(
+    "--runs",
+    "runs_",
+    default="all",
+    envvar="ARROYO_REPLAY_RUNS",
+    show_envvar=True,
+    help="Run ids and ranges (1-3,7) or all.",
+)
+@click.option("--pace", default="max", show_envvar=True, help="max, recorded, or a factor like 2x.")
+@click.option(
+    "--loop", is_flag=True, show_envvar=True, help="Play the selection again until Ctrl-C."
+)
 @click.option("--run-ids", type=click.Choice(["new", "recorded"]), default="new",
-              help="Number the runs anew, or keep the recorded ids.")  # fmt: skip
-@click.option("--log-level", default="INFO", help="Logging level.")
+              show_envvar=True, help="Number the runs anew, or keep the recorded ids.")  # fmt: skip
+@click.option("--log-level", default="INFO", show_envvar=True, help="Logging level.")
 @user_errors
 def replay(
     path: str, to: str, connect: bool, runs_: str, pace: str, loop: bool, run_ids: str,

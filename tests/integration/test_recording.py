@@ -195,7 +195,7 @@ def test_a_killed_recorder_leaves_a_file_readable_to_its_last_message(topo, stag
 
     listing = subprocess.run([arroyo_bin("arroyo"), "runs", str(folder)], capture_output=True,
                              text=True, timeout=30, check=True)  # fmt: skip
-    assert "no (no Stop" in listing.stdout and "run_00001.arec" in listing.stdout
+    assert "no Stop" in listing.stdout and "run_00001.arec" in listing.stdout
     listing = subprocess.run([arroyo_bin("arroyo"), "runs", "--json", str(folder)],
                              capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
     rows = json.loads(listing.stdout)
