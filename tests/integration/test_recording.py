@@ -158,6 +158,12 @@ def test_three_runs_through_two_workers_replay_equal_at_max_and_recorded_pace(
     assert abs((last - first) - recorded) <= 0.1 * recorded, (last - first, recorded)
     [(run, count, stop)] = runs_of(read_jsonl(timed))
     assert count == 50 and stop["data"] == {"frames": 50}
+    # in the recorded order, with the recorded metadata and payloads
+    logged = [r for r in read_jsonl(timed) if r["kind"] == "Event"]
+    recorded_events = events_of(files[1])
+    assert [r["metadata"] for r in logged] == [e.metadata for e in recorded_events]  # type: ignore[attr-defined]
+    sums = [float(e.payload.sum()) for e in recorded_events]  # type: ignore[attr-defined]
+    assert [r["payload"]["sum"] for r in logged] == sums
     start = read_jsonl(timed)[0]
     assert start["data"]["replay"] == {"run": 2, "file": "run_00002.arec"}
 
