@@ -18,6 +18,7 @@ import pytest
 from arroyo.io import recfile
 from arroyo.message import Encoded, Event, Message, Start, Stop
 from tests.conftest import Stages, arroyo_bin, need_detectors, read_jsonl, runs_of, wait_for
+from tests.faults.test_full_disk import small_disk  # noqa: F401 (a fixture)
 from tests.integration.test_foreign_frames import free_port
 
 pytestmark = pytest.mark.timeout(90)
@@ -345,3 +346,31 @@ def test_arroyo_replay_plays_a_folder_to_a_zmq_socket(tmp_path):
         isinstance(event, Event) and event.payload == b"xyz" and event.metadata == {"image_id": 0}
     )
     assert isinstance(stop, Stop) and stop.data == {"frames": 1} and stop.seq == 1
+
+
+def test_a_full_disk_cuts_the_run_file_and_the_recorder_lives(
+    topo,
+    stages,
+    tmp_path,
+    small_disk,  # noqa: F811 (the fixture imported above)
+):
+    disk = small_disk(tmp_path / "recs")  # 2 MB: run 1 fits, run 2 does not
+    text = RECORD.format(frames=12, runs=2, rate=0, shape="256, 256", options="", tmp="{tmp}")
+    path = topo(text, "rec.ini")
+    started(stages, path, [("rec", 0), ("work", 0), ("work", 1), ("det", 0)])
+    dropped = wait_for(lambda: stat_drops(tmp_path / "r1", "rec").get("run file failed"), 30)
+    assert dropped >= 1
+    runs = [recfile.open_run(p) for p in recfile.run_files(disk)]
+    assert runs[0].complete and runs[0].events == 12
+    cut = runs[-1]
+    assert not cut.complete and cut.events < 12  # read back to its last whole message
+    assert all(isinstance(m, Start | Event) for m in cut.messages())
+    assert stages.procs["rec.0"].poll() is None  # the stage lives
+    assert "a write failed" in stages.log("rec.0")
+
+
+def stat_drops(run_dir: Path, stage: str) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / "stats" / f"{stage}.0.json").read_text())["drops"]
+    except (OSError, ValueError, KeyError):
+        return {}
