@@ -374,3 +374,30 @@ def stat_drops(run_dir: Path, stage: str) -> dict[str, Any]:
         return json.loads((run_dir / "stats" / f"{stage}.0.json").read_text())["drops"]
     except (OSError, ValueError, KeyError):
         return {}
+
+
+def test_loop_plays_the_selection_again_until_stopped(topo, stages, tmp_path):
+    folder = tmp_path / "recs"
+    folder.mkdir()
+    for run in (5, 6):
+        writer = recfile.RunWriter(folder / f"run_{run:05d}.arec", run=run)
+        writer.write(Start(data={"n": run}, run=run))
+        for i in range(3):
+            writer.write(Event({"image_id": i}, np.full(4, i), run=run, seq=i))
+        writer.write(Stop(run=run, seq=3))
+        writer.close()
+    play = PLAY.replace("runs = 2", "runs = 6\nloop = true").replace(
+        "pace = recorded", "pace = max"
+    )
+    path = topo(play, "play.ini")
+    started(stages, path, [("log", 0), ("timed", 0)])
+    out = tmp_path / "timed.jsonl"
+    wait_for(lambda: len(runs_of(read_jsonl(out))) >= 4, 30)
+    codes = stages.stop_all(["timed.0", "log.0"])
+    assert codes == {"timed.0": 0, "log.0": 0}, stages.dump()
+    runs = runs_of(read_jsonl(out))
+    whole = [n for _, n, stop in runs if not stop["data"].get("interrupted")]
+    assert len(whole) >= 4 and set(whole) == {3}  # (the last may be cut by the stop)
+    starts = [r for r in read_jsonl(out) if r["kind"] == "Start"]
+    assert {s["data"]["replay"]["file"] for s in starts} == {"run_00006.arec"}
+    assert [s["run"] for s in starts] == list(range(1, len(starts) + 1))  # new ids, in order
