@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pytest
 
-from arroyo.io import _render
+from arroyo.io import _render, _viewer_data
 from arroyo.io.viewer import LiveViewer
 from arroyo.message import Event, Start, Stop
 
@@ -76,9 +76,11 @@ def test_the_viewer_keeps_the_latest_frame_lines_scalars_and_runs() -> None:
     v.publish(Event(payload=np.zeros((2, 2)), run=8, seq=0))
     v.publish(Stop(data={"incomplete": True}, run=8, seq=4))
     state = v.state
-    n, run, seq, _, frame = state.frame
-    assert (n, run, seq) == (4, 8, 0) and frame.shape == (2, 2)
-    assert state.lines[2] == "r" and list(state.lines[4]) == ["I"]
+    slot = state.frame
+    assert (slot.n, slot.run, slot.seq, slot.index) == (4, 8, 0, 0)
+    assert _viewer_data.find_frame(slot)[2].shape == (2, 2)
+    lines = _viewer_data.lines_of(state.lines)
+    assert lines["x_name"] == "r" and list(lines["y"]) == ["I"]
     assert sorted(state.series) == ["bright", "roi_sums[0]", "roi_sums[1]"]
     assert [p[1] for p in state.series["bright"]] == [0.0, 2.0, 4.0]
     assert state.runs[7]["state"] == "complete" and state.runs[7]["events"] == 5
