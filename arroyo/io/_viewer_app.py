@@ -184,6 +184,7 @@ class Fanout:
                     client.view = _clean_view(request["view"], self.viewer.history)
                 except ValueError:
                     continue
+                client.drawn = client.told = ()  # whatever it shows now, send it whole
             else:
                 continue
             client.last_update = -1  # send the current frame again, as asked for
