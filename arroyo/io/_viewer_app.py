@@ -267,18 +267,17 @@ class Fanout:
     def _describe(self, shown: Slot | None, lines: Slot | None) -> dict[str, Any]:
         """The 1-D arrays and the scalars of the events shown (on the pool: 1-D arrays
         may be compressed too)."""
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"lines": None, "event": None}  # None: nothing to show
         if lines is not None:
             found = _viewer_data.lines_of(lines)
             out["lines"] = {"run": lines.run, "seq": lines.seq, "index": lines.index}
-            if found is not None:
+            if found is not None:  # (else: an event without 1-D arrays, looked back at)
                 x = found["x"]
                 out["lines"].update(found)
                 out["lines"]["x"] = _floats(x) if x is not None else None
                 out["lines"]["y"] = {k: _floats(v) for k, v in found["y"].items()}
-        if shown is not None or lines is not None:
-            slot = shown if shown is not None else lines
-            assert slot is not None
+        slot = shown if shown is not None else lines
+        if slot is not None:
             out["event"] = _viewer_data.event_scalars(slot, self.viewer.scalars)
         return out
 
