@@ -40,7 +40,7 @@ def arrays_of(payload: Any) -> dict[str, Any]:
 
 
 def _size(a: Any) -> int:
-    return int(np.prod(a.shape, dtype=np.int64))
+    return math.prod(a.shape)  # (np.prod costs microseconds: this is the stage's thread)
 
 
 def frame_in(arrays: dict[str, Any], name: str = "") -> tuple[str, Any] | None:
