@@ -247,11 +247,12 @@ class Fanout:
     ) -> dict[str, Any] | None:
         """The slot's frame drawn for this client, unless it has it already."""
         settings = {**self.defaults(), **client.settings}
+        # slot.n: 0 until a part with a frame arrives (one may come after the others)
         key = (
             slot.run,
             slot.index,
             slot.seq,
-            len(slot.parts),
+            slot.n,
             *(settings[k] for k in ("colormap", "scale", "vmin", "vmax")),
         )
         if key == client.drawn:
