@@ -29,12 +29,17 @@ def test_the_page_steps_back_in_the_run_shows_an_earlier_run_and_returns_to_live
     path = web_topology(frames=40, runs=100, rate=20)
     page = chromium.new_page(viewport={"width": 1280, "height": 900})
     page.goto(viewer_url(path) + "?name=lookback")
-    # live, on a run after the first (so an earlier one is kept), 6 frames into it
+    # live, 6 to 30 frames into a run (so that five back is in it), with an earlier
+    # run kept
     page.wait_for_function(
-        f"{FRAME} && {FRAME}.run >= 1 && {FRAME}.index >= 6 && arroyo.view.live", timeout=30_000
+        f"""{FRAME} && arroyo.view.live && {FRAME}.index >= 6 && {FRAME}.index <= 30
+        && arroyo.runs.some((r) => r.run < {FRAME}.run && r.count > r.first)""",
+        timeout=30_000,
     )
     page.click("#pause")
-    page.wait_for_function("!arroyo.view.live", timeout=10_000)
+    page.wait_for_function(
+        f"!arroyo.view.live && {FRAME}.index === arroyo.view.index", timeout=10_000
+    )
     paused = _frame(page)
     run, index, seq = paused["run"], paused["index"], paused["seq"]
 
@@ -61,11 +66,12 @@ def test_the_page_steps_back_in_the_run_shows_an_earlier_run_and_returns_to_live
     assert _frame(page) == back
 
     # an earlier run, from the run list: its last kept frame
-    page.click(f'#runs tr[data-run="{run - 1}"]')
-    page.wait_for_function(f"{FRAME}.run === {run - 1}", timeout=10_000)
-    earlier = _frame(page)
     runs = {r["run"]: r for r in page.evaluate("arroyo.runs")}
-    assert earlier["index"] == runs[run - 1]["count"] - 1 == 39, (earlier, runs[run - 1])
+    before = max(r for r in runs if r < run)
+    page.click(f'#runs tr[data-run="{before}"]')
+    page.wait_for_function(f"{FRAME}.run === {before}", timeout=10_000)
+    earlier = _frame(page)
+    assert earlier["index"] == runs[before]["count"] - 1 == 39, (earlier, runs[before])
     assert earlier["seq"] == 39 and earlier["digest"] != back["digest"]
     page.screenshot(path=str(tmp_path / "earlier-run.png"))
 
