@@ -31,8 +31,8 @@ from aiohttp import WSMsgType, web
 
 from arroyo.errors import WireError
 from arroyo.io import _render, _viewer_data, _webserve
-from arroyo.io._viewer_history import History, Slot
-from arroyo.io.guard import loads_json
+from arroyo.io._viewer_history import History, Part, Slot
+from arroyo.io.guard import DecodeGuard, describe, loads_json, reason_of
 
 log = logging.getLogger("arroyo.viewer")
 
@@ -92,6 +92,7 @@ class Fanout:
             collections.OrderedDict()
         )
         self._wake_pending = False
+        self.guard = DecodeGuard("viewer")  # frames that would not decode, on the pool
 
     def bind(self, server: Any) -> None:
         self.server = server
@@ -257,13 +258,15 @@ class Fanout:
         )
         if key == client.drawn:
             return None
+        live = client.view is None
         drawn = await loop.run_in_executor(self.pool, self._draw, key, slot)
         client.drawn = key
-        if drawn is None:  # an event without a frame (looked back at)
-            return {"run": slot.run, "seq": slot.seq, "index": slot.index, "none": True}
-        if client.view is None:
+        if live:
             client.took(slot.n)
-        return {**drawn, "n": slot.n, "run": slot.run, "seq": slot.seq, "index": slot.index}
+        where = {"run": slot.run, "seq": slot.seq, "index": slot.index}
+        if drawn is None or "error" in drawn:  # no frame in the event, or a broken one
+            return {**where, "none": True, "why": drawn and drawn["error"]}
+        return {**drawn, **where, "n": slot.n}
 
     def _describe(self, shown: Slot | None, lines: Slot | None) -> dict[str, Any]:
         """The 1-D arrays and the scalars of the events shown (on the pool: 1-D arrays
@@ -288,20 +291,28 @@ class Fanout:
 
     def _draw(self, key: tuple[Any, ...], slot: Slot) -> dict[str, Any] | None:
         """The slot's frame decoded (if it travelled compressed) and drawn for the
-        settings at the end of ``key``; None when the slot holds no frame."""
-        drawn = self.cache.get(key)
+        settings at the end of ``key``; None when the slot holds no frame, and
+        ``{"error": ...}`` when it cannot be drawn (counted once per frame)."""
+        drawn = self.cache.get(key) or self.cache.get(key[:4])
         if drawn is None:
             found = _viewer_data.find_frame(slot, self.viewer.array)
             if found is None:
                 return None
-            part, name, held = found
-            array = _viewer_data.decoded(held)
-            drawn = _render.render(array, self.viewer.max_side, *key[-4:])
-            drawn["unit"] = _viewer_data.frame_unit(name, part, slot.start)
-            drawn["emitted_ns"] = part.timestamp_ns
+            try:
+                drawn = self._render(key, slot, *found)
+            except Exception as e:  # a corrupt frame (foreign input) never ends a page
+                self.guard.drop(reason_of(e), describe(e))
+                drawn, key = {"error": f"cannot draw this frame ({describe(e)})"}, key[:4]
             self.cache[key] = drawn
             while len(self.cache) > 8:
                 self.cache.popitem(last=False)
+        return drawn
+
+    def _render(self, key: tuple[Any, ...], slot: Slot, part: Part, name: str, held: Any) -> dict:
+        array = _viewer_data.decoded(held)
+        drawn = _render.render(array, self.viewer.max_side, *key[-4:])
+        drawn["unit"] = _viewer_data.frame_unit(name, part, slot.start)
+        drawn["emitted_ns"] = part.timestamp_ns
         return drawn
 
 

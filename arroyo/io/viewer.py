@@ -183,13 +183,17 @@ class LiveViewer(Publisher):
     def stats(self) -> dict[str, Any]:
         fanout = self.fanout
         ring = self.ring
-        out: dict[str, Any] = {"frames": self.state.frames, "kept": ring.events}
-        out.update(kept_bytes=ring.nbytes, evicted=ring.evicted)
+        out: dict[str, Any] = {"frames": self.state.frames}
         if fanout is not None:
             out.update(fanout.stats())
+        out.update(kept=ring.events, kept_bytes=ring.nbytes, evicted=ring.evicted)
         if self.server is not None:
             out["url"] = self.server.url
         return out
+
+    def drops(self) -> dict[str, int]:
+        """Frames a page asked for that would not decode (counted once per frame)."""
+        return self.fanout.guard.drops() if self.fanout is not None else {}
 
     def apply_live(self, changes: dict[str, Any]) -> None:
         fps = changes.get("max_fps", self.max_fps)

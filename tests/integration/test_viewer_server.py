@@ -222,3 +222,40 @@ def test_a_client_looks_back_at_kept_frames_and_returns_to_live() -> None:
     runs = {r["run"]: r for r in updates[-1]["runs"]}
     assert (runs[1]["first"], runs[1]["count"]) == (8, 8)  # evicted since: none kept
     assert (runs[2]["first"], runs[2]["count"]) == (1, 6)
+
+
+def test_a_frame_that_will_not_decode_is_counted_and_the_page_served_on() -> None:
+    """A compressed frame is decoded only when a page asks for it, on the server's
+    thread: a corrupt one is a counted drop and a message on the page, never the end
+    of the page's connection."""
+    from arroyo.message import Encoded
+
+    v = LiveViewer(port=0, max_fps=50, max_side=64)
+    v.setup()
+
+    async def main() -> tuple[dict, dict]:
+        url = f"{v.server.url}ws?name=broken"
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+
+            async def frame() -> dict:
+                for _ in range(100):
+                    msg = await ws.receive(timeout=10)
+                    update = json.loads(msg.data)
+                    await ws.send_str("ack")
+                    if "frame" in update:
+                        return update["frame"]
+                raise AssertionError("no frame")
+
+            v.publish(Event(payload=Encoded("lz4", "uint16", (64, 64), b"\x00garbage"), run=1))
+            broken = await frame()
+            v.publish(Event(payload=np.ones((64, 64), np.uint16), run=1, seq=1))
+            return broken, await frame()
+
+    try:
+        broken, fine = asyncio.run(main())
+        drops = v.drops()
+    finally:
+        v.close()
+    assert broken["none"] and broken["why"].startswith("cannot draw this frame"), broken
+    assert fine["seq"] == 1 and fine["image"].startswith("data:image/png")
+    assert sum(drops.values()) == 1, drops
