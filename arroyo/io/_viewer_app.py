@@ -41,7 +41,7 @@ class Viewer(Protocol):
     """What the web side reads of ``arroyo.io.viewer.LiveViewer``."""
 
     state: Any  # its ViewerState
-    history: History
+    past: History  # where pages look back (its ring, or another History)
     array: str
     scalars: tuple[str, ...]
     title: str
@@ -182,7 +182,7 @@ class Fanout:
                 client.settings = _clean_settings(request["settings"])
             elif "view" in request:
                 try:
-                    client.view = _clean_view(request["view"], self.viewer.history)
+                    client.view = _clean_view(request["view"], self.viewer.past)
                 except ValueError:
                     continue
                 client.drawn = client.told = ()  # whatever it shows now, send it whole
@@ -213,14 +213,14 @@ class Fanout:
         viewer, state = self.viewer, self.viewer.state
         client.last_update = state.updates
         update: dict[str, Any] = {"t": time.time(), "defaults": self.defaults()}
-        kept = {r.run: r for r in viewer.history.runs()}
+        kept = {r.run: r for r in viewer.past.runs()}
         if client.view is None:
             shown, lines = state.frame, state.lines
             update["view"] = {"live": True}
         else:
             run, index = client.view
-            shown = lines = viewer.history.slot(run, index)
-            update["view"] = _view_info(run, index, kept.get(run), shown, viewer.history)
+            shown = lines = viewer.past.slot(run, index)
+            update["view"] = _view_info(run, index, kept.get(run), shown, viewer.past)
         if shown is not None:
             frame = await self._frame(client, shown, loop)
             if frame is not None:

@@ -135,7 +135,7 @@ class LiveViewer(Publisher):
         # The past a page can step through; another History (a recording folder) can
         # stand in for it behind the same interface (``_viewer_history.History``).
         self.ring = Ring(keep_frames, keep_bytes, keep_runs)
-        self.history: History = self.ring
+        self.past: History = self.ring
         self.server: Any = None
         self.fanout: Any = None
         self.t0 = time.time()

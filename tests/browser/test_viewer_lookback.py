@@ -143,6 +143,17 @@ def test_empty_panels_say_what_is_awaited_and_axes_carry_units(
     page.keyboard.press("ArrowLeft")
     page.wait_for_function("arroyo.event.seq === 1 && arroyo.lines.seq === 1 && !arroyo.view.live")
     assert "4.5" in _text(page, "#event tbody tr")
+    # the other controls: first, last, the frame box, the slider
+    for how, seq in (("#first", 0), ("#last", 2), ("box", 1), ("slider", 0)):
+        if how == "box":
+            page.fill("#index", str(seq))
+            page.press("#index", "Enter")
+        elif how == "slider":
+            page.fill("#slider", str(seq))
+        else:
+            page.click(how)
+        page.wait_for_function(f"arroyo.frame.seq === {seq} && arroyo.event.seq === {seq}")
+        assert page.evaluate("arroyo.view.index") == seq and "paused" in _text(page, "#shown")
     # run 1's frames are no longer kept (a ring of 3 events): the page says so
     page.click('#runs tr[data-run="1"]')
     page.wait_for_function("arroyo.view.run === 1 && !!arroyo.view.why")
