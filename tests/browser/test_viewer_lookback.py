@@ -11,6 +11,7 @@ import pytest
 
 from arroyo.io.viewer import LiveViewer
 from arroyo.message import Event, Start, Stop
+from stages.synthetic import POOL_SIZE
 from tests.browser.conftest import viewer_url
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(90)]
@@ -72,7 +73,9 @@ def test_the_page_steps_back_in_the_run_shows_an_earlier_run_and_returns_to_live
     page.wait_for_function(f"{FRAME}.run === {before}", timeout=10_000)
     earlier = _frame(page)
     assert earlier["index"] == runs[before]["count"] - 1 == 39, (earlier, runs[before])
-    assert earlier["seq"] == 39 and earlier["digest"] != back["digest"]
+    assert earlier["seq"] == 39
+    if back["seq"] % POOL_SIZE != 39 % POOL_SIZE:  # (the source cycles through its frames)
+        assert earlier["digest"] != back["digest"]
     page.screenshot(path=str(tmp_path / "earlier-run.png"))
 
     # live again: it follows new frames
