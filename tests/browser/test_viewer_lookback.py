@@ -26,14 +26,14 @@ def _frame(page) -> dict:
 def test_the_page_steps_back_in_the_run_shows_an_earlier_run_and_returns_to_live(
     chromium, web_topology, tmp_path: Path
 ) -> None:
-    # 40 frames a run at 20 Hz: the ring (200 events) holds the last five runs
-    path = web_topology(frames=40, runs=100, rate=20)
+    # 60 frames a run at 20 Hz: the ring (200 events) holds the last three runs
+    path = web_topology(frames=60, runs=100, rate=20)
     page = chromium.new_page(viewport={"width": 1280, "height": 900})
     page.goto(viewer_url(path) + "?name=lookback")
-    # live, 6 to 30 frames into a run (so that five back is in it), with an earlier
-    # run kept
+    # live, 6 to 25 frames into a run (so that five back is in it, and the run still
+    # goes on when the click lands), with an earlier run kept
     page.wait_for_function(
-        f"""{FRAME} && arroyo.view.live && {FRAME}.index >= 6 && {FRAME}.index <= 30
+        f"""{FRAME} && arroyo.view.live && {FRAME}.index >= 6 && {FRAME}.index <= 25
         && arroyo.runs.some((r) => r.run < {FRAME}.run && r.count > r.first)""",
         timeout=30_000,
     )
@@ -43,6 +43,7 @@ def test_the_page_steps_back_in_the_run_shows_an_earlier_run_and_returns_to_live
     )
     paused = _frame(page)
     run, index, seq = paused["run"], paused["index"], paused["seq"]
+    assert index >= 5, paused
 
     # five back: two with the keyboard, three with the button
     page.locator("body").click(position={"x": 5, "y": 5})
@@ -72,9 +73,9 @@ def test_the_page_steps_back_in_the_run_shows_an_earlier_run_and_returns_to_live
     page.click(f'#runs tr[data-run="{before}"]')
     page.wait_for_function(f"{FRAME}.run === {before}", timeout=10_000)
     earlier = _frame(page)
-    assert earlier["index"] == runs[before]["count"] - 1 == 39, (earlier, runs[before])
-    assert earlier["seq"] == 39
-    if back["seq"] % POOL_SIZE != 39 % POOL_SIZE:  # (the source cycles through its frames)
+    assert earlier["index"] == runs[before]["count"] - 1 == 59, (earlier, runs[before])
+    assert earlier["seq"] == 59
+    if back["seq"] % POOL_SIZE != 59 % POOL_SIZE:  # (the source cycles through its frames)
         assert earlier["digest"] != back["digest"]
     page.screenshot(path=str(tmp_path / "earlier-run.png"))
 
