@@ -22,6 +22,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
 from arroyo.message import Event, payload_nbytes
 
 
@@ -116,7 +118,9 @@ class Ring:
     # -- the stage's thread ----------------------------------------------------------
 
     def start(self, run: int, data: dict[str, Any]) -> None:
-        """A run begins (its Start data is what its slots' ``start`` holds)."""
+        """A run begins: its Start data is what its slots' ``start`` holds, without
+        arrays (a detector's pixel mask would weigh on the ring uncounted)."""
+        data = {k: v for k, v in data.items() if not isinstance(v, np.ndarray)}
         with self._lock:
             kept = self._runs.get(run)
             if kept is None:
