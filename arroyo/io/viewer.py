@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import threading
 import time
 from typing import Annotated, Any, ClassVar
 
@@ -139,7 +138,6 @@ class LiveViewer(Publisher):
         self.server: Any = None
         self.fanout: Any = None
         self.t0 = time.time()
-        self._lock = threading.Lock()
 
     # -- Publisher -------------------------------------------------------------------
 
