@@ -34,7 +34,8 @@ class Part:
     metadata: dict[str, Any]
     payload: Any
     timestamp_ns: int
-    when: float  # seconds since the viewer started, as on the scalars' time axis
+    when: float | None  # seconds since the viewer started (the series' time axis), or
+    # None for an event from before it started (one read back from a recording)
     nbytes: int
 
 
