@@ -1,47 +1,50 @@
-"""A live viewer in the browser: the latest frame, 1-D plots, scalars and the run list.
+"""A live viewer in the browser: the latest frame, 1-D plots, scalars and the run list,
+and the last runs' events to step back through.
 
 ``LiveViewer`` is a Publisher: put it at the end of any link (typically a ``pub`` tap)
-and open ``http://HOST:PORT/``. It keeps only the newest of everything; each browser
+and open ``http://HOST:PORT/``. Live pages see the newest of everything; each browser
 takes the newest frame when it has drawn the previous one, so a slow or stalled
 browser skips frames (counted, ``skipped`` in ``arroyo status``) and never slows the
 stage: ``publish`` stores a reference and returns, and the drawing (downsampling,
 colour, PNG) happens on the server's own thread for frames a browser asked for.
-See docs/web.md.
+The last events are kept in a bounded ring (``_viewer_history``) as they arrived, so
+a page can pause and step back through them. See docs/web.md.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import math
-import threading
 import time
 from typing import Annotated, Any, ClassVar
 
-import numpy as np
-
 from arroyo.convert import Bounds
 from arroyo.io import _render
+from arroyo.io._viewer_data import arrays_of, frame_in, has_lines, scalars_of
+from arroyo.io._viewer_history import History, Ring, Slot
 from arroyo.message import Event, Message, Start, Stop
 from arroyo.stage import Publisher
 
 log = logging.getLogger("arroyo.viewer")
 
-X_AXES = ("q", "r", "x")  # a 1-D array by one of these names is the x of the others
-IGNORED = ("frame", "pool", "center")  # not measurements: no series unless asked for
-
 
 class ViewerState:
     """What the main thread publishes and the server thread reads.
 
-    The main thread replaces whole tuples and appends to deques; the server thread
-    copies them (each a single C-level operation under the GIL), so neither waits."""
+    The main thread replaces references and appends to deques; the server thread
+    copies them (each a single C-level operation under the GIL), so neither waits.
+    ``frame`` and ``lines`` are the slots (``_viewer_history.Slot``) of the newest
+    event with a frame and the newest with 1-D arrays: what live pages show."""
 
     def __init__(self, history: int, max_series: int = 8) -> None:
         self.frames = 0  # 2-D frames published (the ``n`` of the latest)
-        self.frame: tuple[int, int, int, int, np.ndarray] | None = None  # n, run, seq, ns, a
+        self.frame: Slot | None = None
         self.updates = 0  # anything new: frame, line, scalar, run
-        self.lines: tuple[int, int, str, np.ndarray | None, dict[str, np.ndarray]] | None = None
+        self.lines: Slot | None = None
+        self.events = 0  # events published, and how many had 1-D arrays or scalars:
+        self.line_events = 0  # what the page's empty panels say depends on them
+        self.scalar_events = 0
+        self.stops = 0
         self.series: dict[str, collections.deque[tuple[float, float]]] = {}
         self.history = history
         self.max_series = max_series
@@ -76,8 +79,10 @@ class LiveViewer(Publisher):
     ``max_fps``: updates per second per browser at most; ``array``: which array of a
     dict payload is the frame (default: the first 2-D one); ``scalars``: metadata keys
     plotted as rolling series (default: every numeric key but ``frame`` and ``pool``);
-    ``history``: points kept per series. ``colormap``, ``scale``, ``vmin``, ``vmax`` and
-    ``max_fps`` are live (``arroyo set``).
+    ``history``: points kept per series; ``keep_frames``, ``keep_bytes``, ``keep_runs``:
+    the ring of past events a page can step through (payloads kept as they arrived,
+    compressed frames compressed), the oldest evicted first. ``colormap``, ``scale``,
+    ``vmin``, ``vmax`` and ``max_fps`` are live (``arroyo set``).
     """
 
     live_options: ClassVar[tuple[str, ...]] = ("colormap", "scale", "vmin", "vmax", "max_fps")
@@ -96,6 +101,9 @@ class LiveViewer(Publisher):
         scalars: tuple[str, ...] = (),
         history: Annotated[int, Bounds(ge=1)] = 600,
         title: str = "",
+        keep_frames: Annotated[int, Bounds(ge=1)] = 200,
+        keep_bytes: Annotated[int, Bounds(ge=0)] = 256 << 20,
+        keep_runs: Annotated[int, Bounds(ge=1)] = 10,
     ) -> None:
         if max_side < 16:
             msg = f"max_side must be >= 16, got {max_side}"
@@ -103,6 +111,14 @@ class LiveViewer(Publisher):
         if not max_fps > 0:
             msg = f"max_fps must be > 0, got {max_fps}"
             raise ValueError(msg)
+        for key, value, least in (
+            ("keep_frames", keep_frames, 1),
+            ("keep_bytes", keep_bytes, 0),
+            ("keep_runs", keep_runs, 1),
+        ):
+            if value < least:
+                msg = f"{key} must be >= {least}, got {value}"
+                raise ValueError(msg)
         self.host = host
         self.port = port
         self.max_side = max_side
@@ -115,10 +131,13 @@ class LiveViewer(Publisher):
         self.scalars = tuple(scalars)
         self.title = title
         self.state = ViewerState(history)
+        # The past a page can step through; another History (a recording folder) can
+        # stand in for it behind the same interface (``_viewer_history.History``).
+        self.ring = Ring(keep_frames, keep_bytes, keep_runs)
+        self.past: History = self.ring
         self.server: Any = None
         self.fanout: Any = None
         self.t0 = time.time()
-        self._lock = threading.Lock()
 
     # -- Publisher -------------------------------------------------------------------
 
@@ -139,12 +158,16 @@ class LiveViewer(Publisher):
     def publish(self, message: Message) -> None:
         state = self.state
         if isinstance(message, Event):
+            when = time.time() - self.t0
             state.run_entry(message.run)["events"] += 1
-            self._take_payload(message)
-            self._take_scalars(message)
+            state.events += 1
+            self._take_event(message, when)
+            self._take_scalars(message, when)
         elif isinstance(message, Start):
             state.run_entry(message.run)
+            self.ring.start(message.run, message.data)
         elif isinstance(message, Stop):
+            state.stops += 1
             self._end_run(message)
         state.updates += 1
         if self.fanout is not None:
@@ -157,12 +180,18 @@ class LiveViewer(Publisher):
 
     def stats(self) -> dict[str, Any]:
         fanout = self.fanout
+        ring = self.ring
         out: dict[str, Any] = {"frames": self.state.frames}
         if fanout is not None:
             out.update(fanout.stats())
+        out.update(kept=ring.events, kept_bytes=ring.nbytes, evicted=ring.evicted)
         if self.server is not None:
             out["url"] = self.server.url
         return out
+
+    def drops(self) -> dict[str, int]:
+        """Frames a page asked for that would not decode (counted once per frame)."""
+        return self.fanout.guard.drops() if self.fanout is not None else {}
 
     def apply_live(self, changes: dict[str, Any]) -> None:
         fps = changes.get("max_fps", self.max_fps)
@@ -177,49 +206,27 @@ class LiveViewer(Publisher):
 
     # -- what a message holds ---------------------------------------------------------
 
-    def _take_payload(self, event: Event) -> None:
-        payload = event.payload
-        arrays: dict[str, np.ndarray] = {}
-        if isinstance(payload, np.ndarray):
-            arrays = {"payload": payload}
-        elif isinstance(payload, dict):
-            arrays = {k: v for k, v in payload.items() if isinstance(v, np.ndarray)}
-        frame = self._frame_of(arrays)
+    def _take_event(self, event: Event, when: float) -> None:
+        """Keep the event in the ring and make it the live frame and/or lines. Only
+        shapes are looked at: a compressed frame is decoded when a page draws it."""
         state = self.state
-        if frame is not None:
+        slot = self.ring.add(event, when)  # before anything reads event.payload
+        arrays = arrays_of(event.raw_payload)
+        if frame_in(arrays, self.array) is not None:
             state.run_entry(event.run)["frames"] += 1
             state.frames += 1
-            state.frame = (state.frames, event.run, event.seq, event.timestamp_ns, frame)
-        lines = {k: v for k, v in arrays.items() if v.ndim == 1 and v.size}
-        if lines:
-            x_name = next((n for n in X_AXES if n in lines), "")
-            x = lines.pop(x_name) if x_name else None
-            if x is None and isinstance(event.metadata.get("q"), list | tuple):
-                x, x_name = np.asarray(event.metadata["q"], dtype=np.float64), "q"
-            if lines:
-                state.lines = (event.run, event.seq, x_name or "index", x, lines)
+            slot.n = state.frames
+            state.frame = slot
+        if has_lines(arrays) or isinstance(event.metadata.get("q"), list | tuple):
+            state.line_events += 1
+            state.lines = slot
 
-    def _frame_of(self, arrays: dict[str, np.ndarray]) -> np.ndarray | None:
-        if self.array:
-            found = arrays.get(self.array)
-            return found if found is not None and found.ndim >= 2 else None
-        return next((a for a in arrays.values() if a.ndim >= 2 and a.size), None)
-
-    def _take_scalars(self, event: Event) -> None:
-        when = time.time() - self.t0
-        for key, value in event.metadata.items():
-            if self.scalars and key not in self.scalars:
-                continue
-            if not self.scalars and key in IGNORED:
-                continue
-            if isinstance(value, bool):
-                continue
-            if isinstance(value, int | float) and math.isfinite(value):
-                self.state.add_scalar(key, float(value), when)
-            elif isinstance(value, list | tuple) and 0 < len(value) <= 8:
-                for i, v in enumerate(value):
-                    if isinstance(v, int | float) and not isinstance(v, bool):
-                        self.state.add_scalar(f"{key}[{i}]", float(v), when)
+    def _take_scalars(self, event: Event, when: float) -> None:
+        values = scalars_of(event.metadata, self.scalars)
+        if values:
+            self.state.scalar_events += 1
+        for key, value in values.items():
+            self.state.add_scalar(key, value, when)
 
     def _end_run(self, stop: Stop) -> None:
         entry = self.state.run_entry(stop.run)

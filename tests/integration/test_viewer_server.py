@@ -145,3 +145,117 @@ def test_a_hostile_browser_message_is_ignored_and_the_client_still_served(
 
     update = asyncio.run(main())
     assert update["frame"]["run"] == 1
+
+
+def test_a_client_looks_back_at_kept_frames_and_returns_to_live() -> None:
+    """The view protocol over a real websocket: junk requests are ignored, a kept
+    frame is drawn on request (and stays while the chain goes on), a frame no longer
+    kept is said to be so, and ``live`` follows new frames again."""
+    v = LiveViewer(port=0, max_fps=50, max_side=64, keep_frames=5)
+    v.setup()
+
+    def publish_run(run: int, frames: range) -> None:
+        for seq in frames:
+            v.publish(
+                Event(metadata={"level": seq}, payload=np.full((8, 8), seq), run=run, seq=seq)
+            )
+
+    async def main() -> list[dict]:
+        got: list[dict] = []
+        url = f"{v.server.url}ws?name=back"
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+
+            async def until(check, what: str) -> dict:
+                for _ in range(100):
+                    msg = await ws.receive(timeout=10)
+                    assert msg.type == aiohttp.WSMsgType.TEXT, msg
+                    update = json.loads(msg.data)
+                    got.append(update)
+                    await ws.send_str("ack")
+                    if check(update):
+                        return update
+                raise AssertionError(f"no update with {what}")
+
+            await until(lambda u: u["stats"]["frames"] == 11, "all frames")
+            for junk in (
+                '{"view": "pause"}',
+                '{"view": {"run": "1"}}',
+                '{"view": {"run": true}}',
+                '{"view": [1, 2]}',
+                '{"view": {"run": 1, "index": 1e400}}',
+                "[[[[",
+            ):
+                await ws.send_str(junk)
+            await ws.send_str(json.dumps({"view": {"run": 1, "index": 6}}))
+            back = await until(lambda u: "frame" in u and not u["view"]["live"], "run 1 frame 6")
+            assert (back["frame"]["run"], back["frame"]["seq"], back["frame"]["index"]) == (1, 6, 6)
+            assert back["view"] == {
+                "live": False,
+                "run": 1,
+                "index": 6,
+                "first": 6,
+                "count": 8,
+                "kept": True,
+            }
+            assert back["event"]["values"] == {"level": 6.0}
+
+            publish_run(2, range(3, 6))  # the chain goes on; this client stays on run 1
+            later = await until(lambda u: u["stats"]["frames"] == 14, "the new frames")
+            assert "frame" not in later and later["view"]["run"] == 1
+            await ws.send_str(json.dumps({"view": {"run": 1, "index": 2}}))
+            gone = await until(lambda u: u["view"].get("index") == 2, "run 1 frame 2")
+            assert not gone["view"]["kept"] and "frame no longer kept" in gone["view"]["why"]
+
+            await ws.send_str(json.dumps({"view": "live"}))
+            live = await until(lambda u: u["view"]["live"] and "frame" in u, "a live frame")
+            assert (live["frame"]["run"], live["frame"]["seq"]) == (2, 5)
+        return got
+
+    try:
+        v.publish(Start(run=1))
+        publish_run(1, range(8))
+        v.publish(Start(run=2))
+        publish_run(2, range(3))
+        updates = asyncio.run(main())
+    finally:
+        v.close()
+    runs = {r["run"]: r for r in updates[-1]["runs"]}
+    assert (runs[1]["first"], runs[1]["count"]) == (8, 8)  # evicted since: none kept
+    assert (runs[2]["first"], runs[2]["count"]) == (1, 6)
+
+
+def test_a_frame_that_will_not_decode_is_counted_and_the_page_served_on() -> None:
+    """A compressed frame is decoded only when a page asks for it, on the server's
+    thread: a corrupt one is a counted drop and a message on the page, never the end
+    of the page's connection."""
+    from arroyo.message import Encoded
+
+    v = LiveViewer(port=0, max_fps=50, max_side=64)
+    v.setup()
+
+    async def main() -> tuple[dict, dict]:
+        url = f"{v.server.url}ws?name=broken"
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+
+            async def frame() -> dict:
+                for _ in range(100):
+                    msg = await ws.receive(timeout=10)
+                    update = json.loads(msg.data)
+                    await ws.send_str("ack")
+                    if "frame" in update:
+                        return update["frame"]
+                raise AssertionError("no frame")
+
+            v.publish(Event(payload=Encoded("lz4", "uint16", (64, 64), b"\x00garbage"), run=1))
+            broken = await frame()
+            v.publish(Event(payload=np.ones((64, 64), np.uint16), run=1, seq=1))
+            return broken, await frame()
+
+    try:
+        broken, fine = asyncio.run(main())
+        drops = v.drops()
+    finally:
+        v.close()
+    assert broken["none"] and broken["why"].startswith("cannot draw this frame"), broken
+    assert fine["seq"] == 1 and fine["image"].startswith("data:image/png")
+    assert sum(drops.values()) == 1, drops
