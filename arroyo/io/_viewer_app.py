@@ -230,7 +230,7 @@ class Fanout:
             client.told = told
             update.update(await loop.run_in_executor(self.pool, self._describe, shown, lines))
         update["series"] = {k: list(v) for k, v in dict(state.series).items()}
-        update["runs"] = _runs(state.runs, kept)
+        update["runs"] = _runs(state.runs, kept, _recorded(viewer.past))
         update["stats"] = {
             **self.stats(),
             "frames": state.frames,
@@ -369,10 +369,21 @@ def _told(shown: Slot | None, lines: Slot | None) -> tuple[Any, ...]:
     )
 
 
-def _runs(runs: dict[int, dict[str, Any]], kept: dict[int, Any]) -> list[dict[str, Any]]:
-    """The run list, newest first, each with the range a page can step through."""
+def _recorded(history: History) -> dict[int, dict[str, Any]]:
+    """Run list entries of a recording folder's runs (``{}`` for the ring)."""
+    recorded = getattr(history, "recorded", None)
+    return recorded() if recorded is not None else {}
+
+
+def _runs(
+    runs: dict[int, dict[str, Any]], kept: dict[int, Any], recorded: dict[int, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The run list, newest first, each with the range a page can step through: the
+    runs seen live, and those of a recording folder from before the viewer started."""
+    seen = dict(runs)
+    older = [e for run, e in recorded.items() if run not in seen]
     out = []
-    for entry in reversed(dict(runs).values()):
+    for entry in [*reversed(seen.values()), *sorted(older, key=lambda e: -e["run"])]:
         k = kept.get(entry["run"])
         first, count = (k.first, k.count) if k is not None else (0, 0)
         out.append({**entry, "first": first, "count": count})

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 from arroyo.convert import Bounds
@@ -81,7 +82,10 @@ class LiveViewer(Publisher):
     plotted as rolling series (default: every numeric key but ``frame`` and ``pool``);
     ``history``: points kept per series; ``keep_frames``, ``keep_bytes``, ``keep_runs``:
     the ring of past events a page can step through (payloads kept as they arrived,
-    compressed frames compressed), the oldest evicted first. ``colormap``, ``scale``,
+    compressed frames compressed), the oldest evicted first; ``recording``: a folder a
+    ``arroyo.io.recording:Recorder`` writes, whose runs pages step through instead,
+    every event of them and runs from before the viewer started (docs/storage.md).
+    ``colormap``, ``scale``,
     ``vmin``, ``vmax`` and ``max_fps`` are live (``arroyo set``).
     """
 
@@ -104,6 +108,7 @@ class LiveViewer(Publisher):
         keep_frames: Annotated[int, Bounds(ge=1)] = 200,
         keep_bytes: Annotated[int, Bounds(ge=0)] = 256 << 20,
         keep_runs: Annotated[int, Bounds(ge=1)] = 10,
+        recording: Path | None = None,
     ) -> None:
         if max_side < 16:
             msg = f"max_side must be >= 16, got {max_side}"
@@ -135,6 +140,10 @@ class LiveViewer(Publisher):
         # stand in for it behind the same interface (``_viewer_history.History``).
         self.ring = Ring(keep_frames, keep_bytes, keep_runs)
         self.past: History = self.ring
+        if recording is not None:  # a Recorder's folder: every event of its runs
+            from arroyo.io._viewer_recording import Recorded
+
+            self.past = Recorded(recording, self.ring)
         self.server: Any = None
         self.fanout: Any = None
         self.t0 = time.time()

@@ -259,3 +259,79 @@ def test_a_frame_that_will_not_decode_is_counted_and_the_page_served_on() -> Non
     assert broken["none"] and broken["why"].startswith("cannot draw this frame"), broken
     assert fine["seq"] == 1 and fine["image"].startswith("data:image/png")
     assert sum(drops.values()) == 1, drops
+
+
+def test_a_client_looks_back_into_a_recording_folder(tmp_path) -> None:
+    """``recording = PATH``: a page steps through every event of the runs a Recorder
+    wrote, from before the viewer started and while one is still being written, and
+    through the ring for a run without a file."""
+    from arroyo.io import recfile
+    from arroyo.message import Stop
+
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    done = recfile.RunWriter(recfile.unique_path(folder, 1), 1)
+    done.write(Start(run=1, data={"units": {"q": "nm^-1"}}))
+    for seq in range(30):  # more than the ring keeps: the file has them all
+        spot = np.zeros((8, 8), np.uint16)
+        spot.flat[seq] = 1  # each frame its own image
+        done.write(Event(metadata={"level": seq}, payload=spot, run=1, seq=seq))
+    done.write(Stop(run=1, seq=30))
+    done.close()
+    growing = recfile.RunWriter(recfile.unique_path(folder, 2), 2)
+    growing.write(Start(run=2))
+    for seq in range(3):
+        growing.write(Event(payload=np.full((8, 8), 100 + seq), run=2, seq=seq))
+    growing.flush()
+
+    v = LiveViewer(port=0, max_fps=50, max_side=64, keep_frames=2, recording=folder)
+    v.setup()
+
+    async def main() -> None:
+        url = f"{v.server.url}ws?name=rec"
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+
+            async def until(check, what: str) -> dict:
+                for _ in range(200):
+                    msg = await ws.receive(timeout=10)
+                    assert msg.type == aiohttp.WSMsgType.TEXT, msg
+                    update = json.loads(msg.data)
+                    await ws.send_str("ack")
+                    if check(update):
+                        return update
+                raise AssertionError(f"no update with {what}")
+
+            first = await until(lambda u: u["stats"]["frames"] == 4, "the live frames")
+            runs = {r["run"]: r for r in first["runs"]}
+            assert (runs[1]["count"], runs[1]["state"]) == (30, "recorded")
+            assert (runs[2]["count"], runs[2]["state"]) == (3, "recording")
+            assert (runs[3]["first"], runs[3]["count"]) == (2, 4)  # from the ring
+
+            await ws.send_str(json.dumps({"view": {"run": 1, "index": 0}}))
+            back = await until(lambda u: "frame" in u and u["view"].get("run") == 1, "run 1")
+            assert (back["frame"]["seq"], back["view"]["kept"]) == (0, True)
+            assert back["event"]["values"] == {"level": 0.0}
+            await ws.send_str(json.dumps({"view": {"run": 1, "index": 29}}))
+            last = await until(lambda u: "frame" in u and u["view"].get("index") == 29, "29")
+            assert last["frame"]["seq"] == 29 and last["frame"]["digest"] != back["frame"]["digest"]
+
+            for seq in range(3, 5):  # the recorder writes on: the page's range follows
+                growing.write(Event(payload=np.full((8, 8), 100 + seq), run=2, seq=seq))
+            growing.flush()
+            v.publish(Event(payload=np.zeros((8, 8)), run=3, seq=4))  # (wakes the page)
+            grown = await until(
+                lambda u: {r["run"]: r for r in u["runs"]}[2]["count"] == 5, "run 2 grown"
+            )
+            assert grown["view"]["run"] == 1
+            await ws.send_str(json.dumps({"view": {"run": 3, "index": 3}}))
+            ring = await until(lambda u: "frame" in u and u["view"].get("run") == 3, "run 3")
+            assert ring["frame"]["seq"] == 3
+
+    try:
+        v.publish(Start(run=3))
+        for seq in range(4):
+            v.publish(Event(payload=np.full((8, 8), 200 + seq), run=3, seq=seq))
+        asyncio.run(main())
+    finally:
+        v.close()
+        growing.close()
