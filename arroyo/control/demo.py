@@ -43,7 +43,7 @@ AGAIN_EVERY = 10.0  # seconds between two rounds of runs while the pages are ser
 KEEP_RUNS = 9  # runs kept on disk: the sink's log and the writer's run folders
 DASHBOARD_PORT = 8764
 ROUND_TIMEOUT = 60.0  # seconds a round of runs may take to reach the sink
-RUN_FOLDER = re.compile(r"run_(\d+)(-\d+)?")  # RunFolderWriter's names
+RUN_FOLDER = re.compile(r"run_(\d+)(-\d+)?(\.h5)?")  # RunFolderWriter's, NexusWriter's
 SERIES = 3  # series (runs) per round of the simulated detector
 SIMULATE = ["--format", "dectris-stream2", "--series", str(SERIES), "--images", "200",
             "--shape", "256,256", "--dtype", "uint16", "--compression", "bslz4",
@@ -64,6 +64,7 @@ class Tally:
     data (None while the run is open)."""
 
     sink: Path
+    nexus: Path | None = None  # the NeXus writer's folder, if the topology has one
     events: dict[int, int] = field(default_factory=dict)
     stops: dict[int, dict[str, Any] | None] = field(default_factory=dict)
 
@@ -109,16 +110,19 @@ def _records(path: Path) -> list[dict[str, Any]]:
 
 
 def prune(topology: Topology, keep: int) -> None:
-    """Keep the last ``keep`` runs on disk, in the sink's log and the writer's folders.
-    Called only while no run flows (before ``up``, between two rounds, after ``down``):
+    """Keep the last ``keep`` runs on disk: in the sink's log, the writer's folders and
+    the NeXus writer's files. Called only while no run flows (before ``up``, between
+    two rounds, after ``down``):
     the log is rewritten in place because the sink keeps it open for appending (its
     next line goes to the new end), and a folder is removed only once written."""
-    sink, folders = _option_path(topology, "sink"), _option_path(topology, "writer")
+    sink = _option_path(topology, "sink")
+    folders = [_option_path(topology, stage) for stage in ("writer", "nexus")]
     with _ctrl_c_deferred():  # a log rewritten halfway would lose the runs it keeps
         if sink is not None and sink.exists():
             _prune_log(sink, keep)
-        if folders is not None and folders.is_dir():
-            _prune_folders(folders, keep)
+        for folder in folders:
+            if folder is not None and folder.is_dir():
+                _prune_folders(folder, keep)
 
 
 @contextlib.contextmanager
@@ -154,11 +158,14 @@ def _prune_folders(folder: Path, keep: int) -> None:
     by_run: dict[int, list[Path]] = {}
     for path in folder.iterdir():
         m = RUN_FOLDER.fullmatch(path.name)
-        if m and path.is_dir():
+        if m and path.is_dir() == (m.group(3) is None):
             by_run.setdefault(int(m.group(1)), []).append(path)
     for run in sorted(by_run)[:-keep]:
         for path in by_run[run]:
-            shutil.rmtree(path, ignore_errors=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def _viewer_urls(topology: Topology, timeout: float = 10.0) -> list[str]:
@@ -249,7 +256,7 @@ def main(
     if sink is None or "detector" not in topology.stages:
         msg = f"{topology.path}: the demo needs a [stage:detector] and a [stage:sink] with a path"
         raise ConfigError(msg)
-    tally = Tally(sink)
+    tally = Tally(sink, _option_path(topology, "nexus"))
     expected_runs = SERIES
     detector = Detector(topology)
     print(f"arroyo demo: {topology.path}")
@@ -362,6 +369,8 @@ def _summary(tally: Tally, expected_runs: int, reports: list[dict], elapsed: flo
         f"frames: {events}, {events * frame_bytes / 2**20 / elapsed:.1f} MB/s over {elapsed:.1f}s"
     )
     print(f"output: {tally.sink}")
+    if tally.nexus is not None:
+        print(f"NeXus files: {tally.nexus} (h5ls -r {tally.nexus}/run_00001.h5)")
 
 
 def _final_summary(tally: Tally) -> None:
