@@ -1,0 +1,220 @@
+"""Where a run's Start, event scalars and Stop go in a NeXus file (``arroyo.io.hdf5``).
+
+Pure layout: these functions take open h5py groups (typed ``Any``, so this module
+imports without the ``hdf5`` extra) and Python values, and know nothing of runs,
+SWMR or compression. The layout they make::
+
+    /                         NX_class=NXroot, default=entry, creator
+    /entry                    NXentry; default=data, arroyo_run; completeness at Stop
+    /entry/start_time         ISO 8601 (the Start's timestamp), end_time at Stop
+    /entry/start              NXcollection: every Start.data key but the detector arrays
+    /entry/instrument/detector   NXdetector: pixel_mask, flatfield, ... and the
+                              known detector fields under their NeXus names, with units
+    /entry/instrument/beam    NXbeam: incident_energy, incident_wavelength
+    /entry/data               NXdata, signal=data: the frames and the event scalars
+    /entry/stop               NXcollection: Stop.data (at Stop)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+#: Start.data keys that are NXdetector fields: key -> (NeXus name, units or "").
+DETECTOR_FIELDS = {
+    "pixel_mask": ("pixel_mask", ""),
+    "flatfield": ("flatfield", ""),
+    "countrate_correction_lookup_table": ("countrate_correction_lookup_table", ""),
+    "beam_center_x": ("beam_center_x", "pixel"),
+    "beam_center_y": ("beam_center_y", "pixel"),
+    "count_time": ("count_time", "s"),
+    "frame_time": ("frame_time", "s"),
+    "sensor_material": ("sensor_material", ""),
+    "sensor_thickness": ("sensor_thickness", "m"),
+    "pixel_size_x": ("x_pixel_size", "m"),
+    "pixel_size_y": ("y_pixel_size", "m"),
+    "detector_description": ("description", ""),
+    "detector_serial_number": ("serial_number", ""),
+    "saturation_value": ("saturation_value", ""),
+}
+#: Start.data keys that are NXbeam fields (DECTRIS units: eV, angstrom).
+BEAM_FIELDS = {
+    "incident_energy": ("incident_energy", "eV"),
+    "incident_wavelength": ("incident_wavelength", "angstrom"),
+}
+#: Per-channel detector arrays arrive as ``pixel_mask_<channel>`` (arroyo.io.dectris).
+_CHANNEL_ARRAY = re.compile(r"^(pixel_mask|flatfield)_.+$")
+#: Columns every run has in /entry/data, whatever the events carry.
+RESERVED = ("seq", "timestamp_ns")
+#: Arrays at least this big are stored chunked and compressed, smaller ones contiguous.
+COMPRESS_FROM = 1 << 16
+
+
+def safe_name(key: Any) -> str:
+    """An HDF5 link name for ``key``: '/' would make a path, '.' alone means the group."""
+    name = str(key).replace("/", "_")
+    return name if name not in ("", ".") else f"_{name}"
+
+
+def iso_time(timestamp_ns: int) -> str:
+    return datetime.fromtimestamp(timestamp_ns / 1e9, UTC).isoformat()
+
+
+def set_class(group: Any, nx_class: str, **attrs: Any) -> Any:
+    group.attrs["NX_class"] = nx_class
+    for name, value in attrs.items():
+        group.attrs[name] = value
+    return group
+
+
+def is_detector_array(key: str, value: Any) -> bool:
+    """True for Start arrays that belong in the NXdetector (pixel masks, flatfields...)."""
+    if not isinstance(value, np.ndarray):
+        return False
+    return key in DETECTOR_FIELDS or _CHANNEL_ARRAY.match(key) is not None
+
+
+def storable(value: Any, string_dtype: Any) -> Any:
+    """``value`` as something h5py stores, or None for nothing (a None value).
+
+    Numbers and strings as themselves, arrays of numbers as they are, lists of
+    numbers or of strings as 1-D datasets, anything else as its JSON text."""
+    if value is None:
+        return None
+    if isinstance(value, str | bool | int | float | np.generic):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 1 << 63:
+            return str(value)
+        return value
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
+        return value
+    if isinstance(value, list | tuple) and value:
+        if all(isinstance(v, str) for v in value):
+            return np.array(value, dtype=string_dtype)
+        array = np.asarray(value) if all(_plain_number(v) for v in value) else None
+        if array is not None and array.dtype.kind in "biuf":
+            return array
+    return json.dumps(value, default=str)
+
+
+def _plain_number(value: Any) -> bool:
+    return isinstance(value, int | float | np.number) and not isinstance(value, bool)
+
+
+def write_tree(group: Any, data: dict[str, Any], h5: Any, array_filter: dict[str, Any]) -> None:
+    """Each key of ``data`` a dataset of ``group`` (a nested dict a sub-NXcollection);
+    big arrays chunked with ``array_filter`` (create_dataset keywords)."""
+    for key, value in data.items():
+        name = safe_name(key)
+        if name in group:
+            continue  # two keys that differ only by '/': the first one stays
+        if isinstance(value, dict):
+            write_tree(set_class(group.create_group(name), "NXcollection"), value, h5, array_filter)
+            continue
+        _dataset(group, name, storable(value, h5.string_dtype()), array_filter)
+
+
+def _dataset(group: Any, name: str, value: Any, array_filter: dict[str, Any]) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray) and value.nbytes >= COMPRESS_FROM and value.ndim:
+        return group.create_dataset(name, data=value, chunks=value.shape, **array_filter)
+    return group.create_dataset(name, data=value)
+
+
+def write_start(entry: Any, data: dict[str, Any], h5: Any, array_filter: dict[str, Any]) -> None:
+    """The Start's data: detector arrays and fields into /entry/instrument (made only
+    when there are some), everything else, and the scalar detector fields too as they
+    came, into /entry/start."""
+    groups: dict[str, Any] = {}
+
+    def group(nx_class: str) -> Any:
+        if nx_class not in groups:
+            if "instrument" not in entry:
+                set_class(entry.create_group("instrument"), "NXinstrument")
+            name = {"NXdetector": "detector", "NXbeam": "beam"}[nx_class]
+            groups[nx_class] = set_class(entry["instrument"].create_group(name), nx_class)
+        return groups[nx_class]
+
+    rest: dict[str, Any] = {}
+    for key, value in data.items():
+        if is_detector_array(str(key), value):
+            _dataset(group("NXdetector"), safe_name(key), value, array_filter)
+            continue
+        rest[key] = value
+        for fields, nx_class in ((DETECTOR_FIELDS, "NXdetector"), (BEAM_FIELDS, "NXbeam")):
+            stored = storable(value, h5.string_dtype())
+            if key in fields and stored is not None:
+                name, units = fields[key]
+                made = _dataset(group(nx_class), name, stored, array_filter)
+                if units:
+                    made.attrs["units"] = units
+    write_tree(set_class(entry.create_group("start"), "NXcollection"), rest, h5, array_filter)
+
+
+def scalar_dtype(value: Any) -> np.dtype[Any] | None:
+    """The column type of an event metadata value, or None if it is not a number."""
+    if isinstance(value, bool | np.bool_):
+        return np.dtype(bool)
+    if isinstance(value, int | np.integer):
+        return np.dtype("<i8") if -(1 << 63) <= int(value) < 1 << 63 else None
+    if isinstance(value, float | np.floating):
+        return np.dtype("<f8")
+    return None
+
+
+def missing_value(dtype: np.dtype[Any]) -> Any:
+    """What a column holds for an event that lacks its key (NaN, -1, False)."""
+    return {"f": math.nan, "i": -1, "b": False}[dtype.kind]
+
+
+def scalar_columns(metadata: dict[str, Any], taken: set[str]) -> dict[str, np.dtype[Any]]:
+    """The 1-D columns a run's first event makes: its numeric metadata by name, in
+    order, without names ``taken`` (frames, the reserved columns)."""
+    columns = {}
+    for key, value in metadata.items():
+        name = safe_name(key)
+        dtype = scalar_dtype(value)
+        if dtype is not None and name not in taken and name not in columns:
+            columns[name] = dtype
+    return columns
+
+
+def stop_attrs(
+    stop_data: dict[str, Any] | None,
+    losses: dict[str, int],
+    emitted: int | None,
+    received: int,
+    written: int,
+) -> dict[str, Any]:
+    """The completeness attributes /entry gets at Stop (docs/storage.md).
+
+    ``incomplete`` as the runtime decided it (the Stop's ``data["incomplete"]``), or
+    True for a run closed without a Stop; ``missing`` the events lost upstream, from
+    the Stop's losses by reason where known, else emitted - received."""
+    closed_without_stop = stop_data is None
+    data = stop_data or {}
+    incomplete = closed_without_stop or data.get("incomplete") is True
+    known = {why: n for why, n in losses.items() if isinstance(n, int) and n > 0}
+    missing = sum(known.values())
+    if incomplete and not missing and emitted is not None:
+        missing = max(0, emitted - received)
+    reasons = [f"{n} {why}" if n >= 0 else str(why) for why, n in losses.items() if n]
+    if closed_without_stop:
+        reasons.append("closed without a Stop")
+    elif incomplete and not reasons:
+        reasons.append(str(data.get("reason", "the runtime marked the run incomplete")))
+    return {
+        "events_emitted": -1 if emitted is None else emitted,
+        "events_received": received,
+        "events_written": written,
+        "complete": not incomplete,
+        "incomplete": incomplete,
+        "missing": missing,
+        "missing_reason": "; ".join(reasons),
+        "closed_without_stop": closed_without_stop,
+    }

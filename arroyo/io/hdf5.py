@@ -1,0 +1,416 @@
+"""HDF5/NeXus files, one per run, that h5py + hdf5plugin read without Arroyo.
+
+    [stage:nexus]
+    role = publisher
+    class = arroyo.io.hdf5:NexusWriter
+    input = detector
+    path = /data/beamtime/raw        ; a folder: run_00001.h5, run_00002.h5, ...
+    compression = auto               ; auto | bslz4 | lz4 | gzip | none
+    flush_every = 1                  ; frames between two SWMR flushes
+
+The layout is in ``arroyo.io._nexus_layout`` and docs/storage.md. What a run's file
+holds of each event is decided by the run's first event it can store:
+
+- the frames: an array payload is ``/entry/data/data``; a dict of arrays is one
+  dataset per name (or only the one the ``array`` option names, as ``data``). Each
+  dataset is ``(n, *frame shape)``, one chunk per frame, growing as frames arrive.
+- the scalars: ``seq``, ``timestamp_ns`` and every numeric metadata key of that first
+  event, as 1-D datasets beside the frames, one row per frame.
+
+Compressed frames (``arroyo.message.Encoded``) whose codec is the dataset's filter
+are written as they came, with HDF5's direct chunk write: ``bslz4`` is exactly the
+bitshuffle filter's chunk (id 32008, LZ4), ``bslz4-bare`` gets the filter's 12-byte
+header put in front, ``lz4`` is the LZ4 filter's chunk (id 32004). Other frames are
+written through HDF5's filter (``compression``; ``auto``: the first frame's codec
+when it is one of those three, else bitshuffle-LZ4).
+
+Dropped events (``drops()``, by reason; the run's file counts them too): a bytes
+payload (``bytes_payload``: opaque bytes have no shape a reader could use), a frame
+whose shape or dtype differs from the run's first (``shape_mismatch``,
+``dtype_mismatch``), other array names (``layout``), an array that is not numbers
+(``dtype_unsupported``), a compressed frame whose header disagrees with its shape
+(``size``, ``undecodable``).
+
+Files are written in SWMR mode from the first frame on, so a reader opening with
+``swmr=True`` and calling ``refresh()`` follows a run while it is written. At Stop the
+file is closed and reopened without SWMR to add the Stop's data and completeness
+(HDF5 cannot create objects or attributes under SWMR).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+
+from arroyo.compression import HEADER, MissingExtra, declared_size, default_block
+from arroyo.convert import Bounds
+from arroyo.errors import ConfigError, WireError
+from arroyo.io import _nexus_layout as nx
+from arroyo.io.retry import DropCount
+from arroyo.message import LOST, Encoded, Event, Message, Start, Stop
+from arroyo.stage import Publisher
+
+log = logging.getLogger("arroyo.io.hdf5")
+
+EXTRA = "pip install 'arroyo[hdf5]'"
+COMPRESSIONS = ("auto", "bslz4", "lz4", "gzip", "none")
+#: Codecs a dataset with that filter takes as direct chunks.
+DIRECT = {"bslz4": ("bslz4", "bslz4-bare"), "lz4": ("lz4",)}
+SCALAR_CHUNK = 4096  # rows per chunk of a scalar column
+
+
+def require() -> tuple[Any, Any]:
+    """h5py and hdf5plugin, or ``MissingExtra`` naming the extra to install."""
+    try:
+        import h5py
+    except ImportError as e:
+        msg = f"h5py is not installed: {EXTRA}"
+        raise MissingExtra(msg) from e
+    try:
+        import hdf5plugin
+    except ImportError as e:
+        msg = f"hdf5plugin is not installed: {EXTRA}"
+        raise MissingExtra(msg) from e
+    return h5py, hdf5plugin
+
+
+def filter_keywords(compression: str, plugin: Any) -> dict[str, Any]:
+    """``create_dataset`` keywords of a compression (``bslz4``: bitshuffle's filter with
+    LZ4 and its default block, the options detector file writers use)."""
+    if compression == "bslz4":
+        return dict(plugin.Bitshuffle(cname="lz4"))
+    if compression == "lz4":
+        return dict(plugin.LZ4())
+    if compression == "gzip":
+        return {"compression": "gzip", "compression_opts": 4}
+    return {}
+
+
+def direct_chunk(item: Encoded, filter_name: str) -> Any:
+    """The bytes of ``item`` as one chunk of a dataset compressed with ``filter_name``,
+    or None when they are not (the frame is decoded and written through the filter).
+    Raises ``WireError`` when the header disagrees with the frame's dtype and shape: a
+    chunk a reader could not decode must not go into the file."""
+    if item.codec not in DIRECT.get(filter_name, ()):
+        return None
+    data = item.data
+    view = getattr(data, "buffer", None) or memoryview(data)  # (a zmq.Frame has .buffer)
+    view = view.cast("B") if view.ndim != 1 or view.itemsize != 1 else view
+    size, itemsize = item.decoded_nbytes, item.dtype.itemsize
+    if item.codec == "bslz4-bare":
+        return HEADER.pack(size, default_block(itemsize) * itemsize) + view
+    if declared_size(view) != size:
+        msg = f"{item.codec} header declares {declared_size(view)} bytes, the frame {size}"
+        raise WireError(msg, reason="size")
+    block = HEADER.unpack_from(view)[1]
+    if block <= 0 or (item.codec == "bslz4" and block % itemsize):
+        msg = f"{item.codec} block of {block} bytes does not fit {item.dtype.str} elements"
+        raise WireError(msg, reason="undecodable")
+    return view
+
+
+def frame_items(payload: Any, array: str) -> list[tuple[str, Any]] | str:
+    """The frames of one payload as (dataset name, array or Encoded), or a drop reason."""
+    if payload is None:
+        return []
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return "bytes_payload"
+    if isinstance(payload, dict):
+        if array:
+            return [("data", payload[array])] if array in payload else "layout"
+        if len(payload) == 1:
+            return [("data", next(iter(payload.values())))]
+        return [(nx.safe_name(name), item) for name, item in payload.items()]
+    return [("data", payload)]
+
+
+class _Frames:
+    """One growing frame dataset: (n, *shape), one chunk per frame."""
+
+    def __init__(self, group: Any, name: str, first: Any, filter_name: str, plugin: Any):
+        self.name = name
+        self.dtype, self.shape = np.dtype(first.dtype), tuple(first.shape)
+        self.filter = filter_name
+        self.dset = group.create_dataset(
+            name,
+            shape=(0, *self.shape),
+            maxshape=(None, *self.shape),
+            chunks=(1, *self.shape),
+            dtype=self.dtype,
+            **filter_keywords(filter_name, plugin),
+        )
+        self.zeros = (0,) * len(self.shape)
+
+    def misfit(self, item: Any) -> str | None:
+        """Why ``item`` cannot be this dataset's next frame, or None."""
+        if not isinstance(item, np.ndarray | Encoded):
+            return "dtype_unsupported"
+        if tuple(item.shape) != self.shape:
+            return "shape_mismatch"
+        return "dtype_mismatch" if np.dtype(item.dtype) != self.dtype else None
+
+    def write(self, row: int, item: Any, chunk: Any) -> None:
+        self.dset.resize(row + 1, axis=0)
+        if chunk is not None:
+            self.dset.id.write_direct_chunk((row, *self.zeros), chunk)
+        else:
+            self.dset[row] = item.decode() if isinstance(item, Encoded) else item
+
+
+class _Column:
+    """One scalar column: values buffered between flushes, written in one slice."""
+
+    def __init__(self, group: Any, name: str, dtype: np.dtype[Any]) -> None:
+        self.name, self.dtype = name, dtype
+        self.missing = nx.missing_value(dtype)
+        self.dset = group.create_dataset(
+            name, shape=(0,), maxshape=(None,), chunks=(SCALAR_CHUNK,), dtype=dtype
+        )
+        self.pending: list[Any] = []
+
+    def flush(self, start: int) -> None:
+        if self.pending:
+            values = np.asarray(self.pending, dtype=self.dtype)
+            self.dset.resize(start + len(values), axis=0)
+            self.dset[start:] = values
+            self.pending.clear()
+
+
+class _RunFile:
+    """The file of one run being written."""
+
+    def __init__(self, writer: NexusWriter, path: Path, run: int, start: Start | None) -> None:
+        self.writer, self.path, self.run = writer, path, run
+        h5 = writer.h5
+        self.file = h5.File(path, "w", libver="latest")
+        nx.set_class(self.file, "NXroot", default="entry", creator="arroyo.io.hdf5:NexusWriter")
+        self.entry = nx.set_class(self.file.create_group("entry"), "NXentry", default="data")
+        self.entry.attrs["arroyo_run"] = run
+        if start is not None:
+            self.entry.create_dataset("start_time", data=nx.iso_time(start.timestamp_ns))
+            nx.write_start(self.entry, start.data, h5, writer.array_filter)
+        self.data = nx.set_class(self.entry.create_group("data"), "NXdata", signal="data")
+        self.frames: list[_Frames] | None = None  # decided by the first storable event
+        self.columns: dict[str, _Column] = {}
+        self.rows = self.flushed = self.received = 0
+
+    def add(self, event: Event) -> str | None:
+        """Write one event; the reason it was dropped, or None."""
+        self.received += 1
+        items = frame_items(event.raw_payload, self.writer.array)
+        if isinstance(items, str):
+            return items
+        if self.frames is None:
+            why = self._lay_out(items, event.metadata)
+            if why:
+                return why
+        assert self.frames is not None
+        if [f.name for f in self.frames] != [name for name, _ in items]:
+            return "layout"
+        for frames, (_, item) in zip(self.frames, items, strict=True):
+            why = frames.misfit(item)
+            if why:
+                return why
+        try:  # every chunk checked before any is written: the rows stay aligned
+            chunks = [self._chunk(f, item) for f, (_, item) in zip(self.frames, items, strict=True)]
+        except WireError as e:
+            return e.reason
+        for frames, (_, item), chunk in zip(self.frames, items, chunks, strict=True):
+            frames.write(self.rows, item, chunk)
+        self._scalars(event)
+        self.rows += 1
+        if self.rows - self.flushed >= self.writer.flush_every:
+            self.flush()
+        return None
+
+    def _chunk(self, frames: _Frames, item: Any) -> Any:
+        chunk = direct_chunk(item, frames.filter) if isinstance(item, Encoded) else None
+        self.writer.counts["direct_chunks" if chunk is not None else "compressed_here"] += 1
+        return chunk
+
+    def _lay_out(self, items: list[tuple[str, Any]], metadata: dict[str, Any]) -> str | None:
+        """Create the datasets from the run's first storable event, then go SWMR."""
+        for _, item in items:
+            if not isinstance(item, np.ndarray | Encoded) or item.dtype.kind not in "biufc":
+                return "dtype_unsupported"
+        names = [name for name, _ in items]
+        if len(set(names)) != len(names) or set(names) & set(nx.RESERVED):
+            return "layout"
+        plugin = self.writer.plugin
+        self.frames = [_Frames(self.data, n, i, self._filter(i), plugin) for n, i in items]
+        columns = {"seq": np.dtype("<i8"), "timestamp_ns": np.dtype("<i8")}
+        columns |= nx.scalar_columns(metadata, set(names) | set(columns))
+        self.columns = {name: _Column(self.data, name, dt) for name, dt in columns.items()}
+        self.data.attrs["signal"] = names[0] if names else next(iter(columns))
+        if len(names) > 1:
+            self.data.attrs["auxiliary_signals"] = names[1:]
+        self.file.swmr_mode = True
+        return None
+
+    def _filter(self, first: Any) -> str:
+        chosen = self.writer.compression
+        if chosen != "auto":
+            return chosen
+        if isinstance(first, Encoded) and first.codec in ("bslz4", "bslz4-bare"):
+            return "bslz4"
+        if isinstance(first, Encoded) and first.codec == "lz4":
+            return "lz4"
+        return "bslz4"
+
+    def _scalars(self, event: Event) -> None:
+        values = {nx.safe_name(k): v for k, v in event.metadata.items()}
+        values |= {"seq": event.seq, "timestamp_ns": event.timestamp_ns}
+        for name, column in self.columns.items():
+            value = values.get(name)
+            if nx.scalar_dtype(value) is None:  # absent, or not a number any more
+                self.writer.counts["scalars_missing"] += 1
+                value = column.missing
+            column.pending.append(value)
+        ignored = sum(1 for k, v in values.items() if k not in self.columns and nx.scalar_dtype(v))
+        self.writer.counts["scalars_not_kept"] += ignored
+
+    def flush(self) -> None:
+        """Make the rows written so far visible to SWMR readers."""
+        for column in self.columns.values():
+            column.flush(self.flushed)
+        self.file.flush()
+        self.flushed = self.rows
+
+    def finish(self, stop: Stop | None) -> None:
+        """Close the run's file, with the Stop's data and completeness on /entry."""
+        h5 = self.writer.h5
+        if self.frames is not None:  # in SWMR mode: reopen to add what it forbids
+            self.flush()
+            self.file.close()
+            self.file = _reopen(h5, self.path)
+        entry = self.file["entry"]
+        if stop is not None:
+            entry.create_dataset("end_time", data=nx.iso_time(stop.timestamp_ns))
+            stop_group = nx.set_class(entry.create_group("stop"), "NXcollection")
+            nx.write_tree(stop_group, stop.data, h5, self.writer.array_filter)
+        losses = stop.routing.get(LOST) if stop is not None else None
+        attrs = nx.stop_attrs(
+            stop.data if stop is not None else None,
+            losses if isinstance(losses, dict) else {},
+            stop.seq if stop is not None else None,
+            self.received,
+            self.rows,
+        )
+        for name, value in attrs.items():
+            entry.attrs[name] = value
+        self.file.close()
+
+
+def _reopen(h5: Any, path: Path) -> Any:
+    """The closed SWMR file opened for writing. A reader still following it holds a
+    lock that would refuse us; the writing we do now is only new objects, and
+    waiting for readers would stall the chain, so then we open without the lock."""
+    try:
+        return h5.File(path, "r+")
+    except OSError as e:
+        if "lock" not in str(e):
+            raise
+        log.info("%s is open in a reader: adding the Stop without the file lock", path.name)
+        return h5.File(path, "r+", locking=False)
+
+
+class NexusWriter(Publisher):
+    """Writes each run to its own NeXus file ``path/run_NNNNN.h5`` (the run id, 5
+    digits; ``run_NNNNN-2.h5``, ``-3``... when that name exists: a restarted source
+    numbers its runs from 1 again). Events without a Start go to the file of their
+    run, made on first use; a run still open at ``close()`` is finished incomplete.
+
+    Options: ``path`` (a folder, made if missing); ``compression`` of frames the writer
+    compresses (``auto``, ``bslz4``, ``lz4``, ``gzip``, ``none``); ``array``: for dict
+    payloads, the one array to store as ``data`` (empty: all of them, each by its
+    name; a dict of one array is ``data``); ``flush_every``: frames between two
+    flushes that make them visible to SWMR readers.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        compression: Literal["auto", "bslz4", "lz4", "gzip", "none"] = "auto",
+        array: str = "",
+        flush_every: Annotated[int, Bounds(ge=1)] = 1,
+    ) -> None:
+        if compression not in COMPRESSIONS:
+            msg = f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}"
+            raise ValueError(msg)
+        if flush_every < 1:
+            msg = f"flush_every must be >= 1, got {flush_every!r}"
+            raise ValueError(msg)
+        self.path = Path(path)
+        self.compression = compression
+        self.array = array
+        self.flush_every = flush_every
+        self.runs: dict[int, _RunFile] = {}
+        self.files: list[Path] = []  # every file made, in order
+        self.counts: Counter[str] = Counter()
+        self.dropped = DropCount("NexusWriter")
+        self.h5: Any = None
+        self.plugin: Any = None
+        self.array_filter: dict[str, Any] = {}
+
+    def setup(self) -> None:
+        try:
+            self.h5, self.plugin = require()
+        except MissingExtra as e:  # one line and exit 2 from arroyo-stage, no traceback
+            msg = f"NexusWriter: {e}"
+            raise ConfigError(msg) from e
+        chosen = "bslz4" if self.compression == "auto" else self.compression
+        self.array_filter = filter_keywords(chosen, self.plugin)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def publish(self, message: Message) -> None:
+        if self.h5 is None:
+            self.setup()
+        if isinstance(message, Start):
+            self._finish(message.run, None)  # a second Start: close the first one's file
+            self._open(message.run, message)
+        elif isinstance(message, Event):
+            run = self.runs.get(message.run) or self._open(message.run, None)
+            self.counts["bytes"] += message.nbytes
+            why = run.add(message)
+            if why:
+                self.dropped.add(1, why, f"run {message.run} event {message.seq}")
+            else:
+                self.counts["frames"] += 1
+        elif isinstance(message, Stop):
+            if message.run not in self.runs:
+                self._open(message.run, None)
+            self._finish(message.run, message)
+
+    def close(self) -> None:
+        for run in list(self.runs):
+            log.warning("run %d still open at close: its file is marked incomplete", run)
+            self._finish(run, None)
+
+    def drops(self) -> dict[str, int]:
+        return dict(self.dropped.by_reason)
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"runs": len(self.files) - len(self.runs)}
+        for name in ("frames", "bytes", "direct_chunks", "compressed_here"):
+            out[name] = self.counts[name]
+        if self.runs:
+            out["file"] = self.runs[next(reversed(self.runs))].path.name
+        return out
+
+    def _open(self, run: int, start: Start | None) -> _RunFile:
+        self.path.mkdir(parents=True, exist_ok=True)
+        path, k = self.path / f"run_{run:05d}.h5", 2
+        while path.exists():
+            path, k = self.path / f"run_{run:05d}-{k}.h5", k + 1
+        self.runs[run] = _RunFile(self, path, run, start)
+        self.files.append(path)
+        return self.runs[run]
+
+    def _finish(self, run: int, stop: Stop | None) -> None:
+        file = self.runs.pop(run, None)
+        if file is not None:
+            file.finish(stop)
