@@ -29,7 +29,8 @@ class Plan:
         return max(100, min(self.max_msgs, self.byte_budget // size))
 
 
-ALL_SUITES = ("one_hop", "chain", "scaling", "latency", "peer", "counters", "curve", "detectors")
+ALL_SUITES = ("one_hop", "chain", "scaling", "latency", "peer", "counters", "curve", "detectors",
+              "nexus")  # fmt: skip
 PLANS = {
     "full": Plan("full", (SIZE_100B, 64 * KIB, MIB, 4 * MIB), ("ipc", "tcp"), 5, 100_000,
                  2_000 * MIB, ALL_SUITES),

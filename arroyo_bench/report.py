@@ -23,6 +23,8 @@ TARGETS = [
     ("detector ingest", "Stream V2 listener / plain PULL, frames/s", 0.9, True),
     ("decode in a stage", "1 worker / bitshuffle called directly, frames/s", 0.95, True),
     ("2 workers decoding + reducing", "speed-up over 1 worker", 1.8, True),
+    # issue 21's
+    ("nexus writer", "NexusWriter / plain h5py loop, frames/s, worst case", 0.8, True),
 ]
 
 
@@ -90,6 +92,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         _worst([_p99_ratio(r) for r in results.get("latency", [])], False),
         results.get("counters", {}).get("cost"),
         *(results.get("detectors", {}).get(k, {}).get("ratio") for k in DETECTOR_ROWS),
+        _worst([r["ratio"] for r in results.get("nexus", [])], True),
     ]
     out = []
     for (name, what, limit, higher), value in zip(TARGETS, measured, strict=True):
@@ -196,6 +199,17 @@ def _detectors(d: dict[str, Any]) -> list[str]:
     return out
 
 
+def _nexus(rows: list[dict[str, Any]]) -> list[str]:
+    head = ["frames arrive", "h5py loop frames/s", "NexusWriter frames/s", "MB/s decoded",
+            "NexusWriter/h5py"]  # fmt: skip
+    body = [
+        [r["case"], _n(r["h5py loop"].get("msg_s")), _n(r["NexusWriter"].get("msg_s")),
+         _n(r["NexusWriter"].get("mb_s"), 0), _n(r["ratio"], 2)]
+        for r in rows
+    ]  # fmt: skip
+    return _table(head, body)
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     out = [
@@ -256,6 +270,9 @@ def markdown(results: dict[str, Any]) -> str:
             "",
         ]
         out += _detectors(results["detectors"])
+    if "nexus" in results:
+        out += ["", "**NeXus writer** (1 MiB uint16 frames, one run, SWMR, a flush per frame)", ""]
+        out += _nexus(results["nexus"])
     out += ["", "**Targets**", ""]
     rows = []
     for t in results["targets"]:

@@ -40,6 +40,7 @@ file is closed and reopened without SWMR to add the Stop's data and completeness
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -61,6 +62,8 @@ COMPRESSIONS = ("auto", "bslz4", "lz4", "gzip", "none")
 #: Codecs a dataset with that filter takes as direct chunks.
 DIRECT = {"bslz4": ("bslz4", "bslz4-bare"), "lz4": ("lz4",)}
 SCALAR_CHUNK = 4096  # rows per chunk of a scalar column
+SCALAR_BATCH = 64  # scalar rows written at once, at the latest...
+SCALAR_SECONDS = 0.25  # ...or with the first flush this long after the last batch
 
 
 def require() -> tuple[Any, Any]:
@@ -162,7 +165,7 @@ class _Frames:
 
 
 class _Column:
-    """One scalar column: values buffered between flushes, written in one slice."""
+    """One scalar column: values buffered, written in one slice per batch."""
 
     def __init__(self, group: Any, name: str, dtype: np.dtype[Any]) -> None:
         self.name, self.dtype = name, dtype
@@ -172,7 +175,7 @@ class _Column:
         )
         self.pending: list[Any] = []
 
-    def flush(self, start: int) -> None:
+    def write(self, start: int) -> None:
         if self.pending:
             values = np.asarray(self.pending, dtype=self.dtype)
             self.dset.resize(start + len(values), axis=0)
@@ -197,6 +200,8 @@ class _RunFile:
         self.frames: list[_Frames] | None = None  # decided by the first storable event
         self.columns: dict[str, _Column] = {}
         self.rows = self.flushed = self.received = 0
+        self.scalar_rows = 0  # rows of the columns written so far
+        self.scalars_at = time.monotonic()
 
     def add(self, event: Event) -> str | None:
         """Write one event; the reason it was dropped, or None."""
@@ -226,6 +231,13 @@ class _RunFile:
         if self.rows - self.flushed >= self.writer.flush_every:
             self.flush()
         return None
+
+    def _scalars_due(self) -> bool:
+        # A slice write costs about as much as a frame's direct chunk write: the
+        # columns go in batches, not row by row (docs/storage.md, SWMR).
+        pending = self.rows - self.scalar_rows
+        waited = time.monotonic() - self.scalars_at
+        return pending >= SCALAR_BATCH or (pending > 0 and waited >= SCALAR_SECONDS)
 
     def _chunk(self, frames: _Frames, item: Any) -> Any:
         chunk = direct_chunk(item, frames.filter) if isinstance(item, Encoded) else None
@@ -273,10 +285,13 @@ class _RunFile:
         ignored = sum(1 for k, v in values.items() if k not in self.columns and nx.scalar_dtype(v))
         self.writer.counts["scalars_not_kept"] += ignored
 
-    def flush(self) -> None:
-        """Make the rows written so far visible to SWMR readers."""
-        for column in self.columns.values():
-            column.flush(self.flushed)
+    def flush(self, everything: bool = False) -> None:
+        """Make the frames written so far visible to SWMR readers, and the scalars
+        when a batch of them is due (or ``everything``)."""
+        if everything or self._scalars_due():
+            for column in self.columns.values():
+                column.write(self.scalar_rows)
+            self.scalar_rows, self.scalars_at = self.rows, time.monotonic()
         self.file.flush()
         self.flushed = self.rows
 
@@ -284,7 +299,7 @@ class _RunFile:
         """Close the run's file, with the Stop's data and completeness on /entry."""
         h5 = self.writer.h5
         if self.frames is not None:  # in SWMR mode: reopen to add what it forbids
-            self.flush()
+            self.flush(everything=True)
             self.file.close()
             self.file = _reopen(h5, self.path)
         entry = self.file["entry"]

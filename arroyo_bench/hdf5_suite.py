@@ -1,0 +1,215 @@
+"""The NeXus suite (issue 21): NexusWriter writing 1 MiB frames beside a plain h5py
+loop doing the same writes to the same disk, in the same run.
+
+Two cases, 512 x 1024 uint16 frames (1 MiB decoded) with Poisson counts:
+
+* ``compressed``: the frames arrive bitshuffle-LZ4 compressed (``Encoded`` bslz4, as
+  a detector sends them). Reference: ``write_direct_chunk`` of the same bytes.
+* ``decoded``: the frames arrive as arrays and are compressed with the bitshuffle-LZ4
+  filter. Reference: ``dset[i] = frame`` into a dataset with the same filter.
+
+Both sides make the same file: ``libver="latest"``, SWMR on, a ``(n, 512, 1024)``
+dataset chunked by frame, and per frame a resize, the write and a flush (the
+writer's default ``flush_every = 1``, what makes each frame visible to a follower).
+The Arroyo side is two stage processes: a source stage sending the run from a pool
+of frames, over an ipc link, into a ``NexusWriter`` stage; its own ``seq`` and
+``timestamp_ns`` columns are written too. Each side times from its first frame to
+its file closed (n frames in ``seconds``, counted as n + 1 messages). Run as part of
+``scripts/bench`` (``--only nexus``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from arroyo.io.hdf5 import NexusWriter  # (h5py itself is imported in setup)
+from arroyo.message import Encoded, Event, Message, Start, Stop
+from arroyo.runtime import malloc, threads
+from arroyo.stage import Listener
+from arroyo_bench.measure import Measure, interleaved
+from arroyo_bench.plans import Plan
+from arroyo_bench.run import MIB, Runner, stage_command
+
+SHAPE = (512, 1024)  # 1 MiB of uint16
+POOL = 8
+CASES = ("compressed", "decoded")
+SIDES = ["h5py loop", "NexusWriter"]
+NEXUS_FRAMES = 1_000  # frames per run at most: each case writes about 1 GB per side
+
+
+def pool(seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.poisson(2.0 + i, SHAPE).astype("<u2") for i in range(POOL)]
+
+
+def packed_pool(seed: int = 0) -> list[tuple[np.ndarray, bytes]]:
+    from arroyo.compression import compress
+
+    return [(f, compress("bslz4", f)) for f in pool(seed)]
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+# -- the Arroyo side ------------------------------------------------------------------
+
+
+class PoolSource(Listener):
+    """One run of ``count`` events from a pool of frames, compressed or not, as fast
+    as the link takes them; then idle until stopped."""
+
+    def __init__(self, count: int, case: str = "compressed") -> None:
+        self.count, self.case = count, case
+
+    def start(self) -> None:
+        frames = packed_pool()
+        payloads: list[Any] = [
+            Encoded("bslz4", f.dtype, f.shape, p) if self.case == "compressed" else f
+            for f, p in frames
+        ]
+        self.deliver(Start(data={"case": self.case}))
+        for i in range(self.count):
+            if self.stopping:
+                return
+            self.deliver(Event(metadata={"frame": i}, payload=payloads[i % POOL]))
+        self.deliver(Stop())
+        self.stop_requested.wait()
+
+
+class TimedNexus(NexusWriter):
+    """NexusWriter that times itself: its first event to its file closed at Stop."""
+
+    def __init__(self, path: Path, out: Path) -> None:
+        super().__init__(path)
+        self.out = out
+        self.began = self.cpu = 0.0
+        self.n = 0
+
+    def publish(self, message: Message) -> None:
+        if isinstance(message, Event) and self.n == 0:
+            self.began, self.cpu = time.perf_counter(), time.process_time()
+        super().publish(message)
+        if isinstance(message, Event):
+            self.n += 1
+        elif isinstance(message, Stop):
+            _result(self.out, self.n, self.began, self.cpu)
+
+
+def _result(out: Path, n: int, began: float, cpu: float) -> None:
+    seconds = time.perf_counter() - began
+    _write(out, {"count": n + 1, "bytes": n * MIB, "seconds": seconds, "complete": True,
+                 "cpu_s": time.process_time() - cpu})  # fmt: skip
+
+
+def _topology(case_dir: Path, out: Path, count: int, case: str) -> str:
+    return f"""
+[topology]
+name = nexus
+run_dir = {case_dir}/run
+
+[stage:src]
+role = listener
+class = arroyo_bench.hdf5_suite:PoolSource
+count = {count}
+case = {case}
+
+[stage:nexus]
+role = publisher
+class = arroyo_bench.hdf5_suite:TimedNexus
+path = {case_dir}/files
+out = {out}
+input = src
+"""
+
+
+def _arroyo(runner: Runner, count: int, case: str) -> Measure:
+    def start(case_dir: Path, out: Path) -> None:
+        path = case_dir / "t.ini"
+        path.write_text(_topology(case_dir, out, count, case))
+        for name in ("nexus", "src"):
+            cmd = [*stage_command(), str(path), name]
+            runner.children.start(cmd, case_dir / f"{name}.log")
+            runner.children.wait_log(case_dir / f"{name}.log", "started as")
+
+    return lambda: runner._measure(start, runner.timeout)
+
+
+# -- the reference --------------------------------------------------------------------
+
+
+def plain(args: argparse.Namespace) -> None:
+    """The same file written by a plain h5py loop: resize, write, flush per frame."""
+    import h5py
+    import hdf5plugin
+
+    frames = packed_pool()
+    f = h5py.File(args.file, "w", libver="latest")
+    dset = f.create_dataset(
+        "data", shape=(0, *SHAPE), maxshape=(None, *SHAPE), chunks=(1, *SHAPE),
+        dtype="<u2", **hdf5plugin.Bitshuffle(cname="lz4"),
+    )  # fmt: skip
+    f.swmr_mode = True
+    began, cpu = time.perf_counter(), time.process_time()
+    for i in range(args.count):
+        frame, packed = frames[i % POOL]
+        dset.resize(i + 1, axis=0)
+        if args.case == "compressed":
+            dset.id.write_direct_chunk((i, 0, 0), packed)
+        else:
+            dset[i] = frame
+        dset.flush()
+    f.close()
+    _result(Path(args.out), args.count, began, cpu)
+    while True:  # every child of the bench stays until ended
+        time.sleep(3600)
+
+
+def _plain(runner: Runner, count: int, case: str) -> Measure:
+    def start(case_dir: Path, out: Path) -> None:
+        env = {**malloc.ENVIRONMENT, **threads.ENVIRONMENT}  # what a stage worker gets
+        file = str(case_dir / "plain.h5")
+        cmd = [sys.executable, "-m", "arroyo_bench.hdf5_suite", "--case", case,
+               "--count", str(count), "--out", str(out), "--file", file]  # fmt: skip
+        runner.children.start(cmd, case_dir / "plain.log", env)
+
+    return lambda: runner._measure(start, runner.timeout)
+
+
+def nexus(runner: Runner, plan: Plan) -> list[dict[str, Any]]:
+    n = min(NEXUS_FRAMES, plan.count(MIB))  # (quick: 300 frames, full: 1,000)
+    rows = [{"suite": "nexus", "transport": "ipc", "size": MIB, "count": n, "case": c}
+            for c in CASES]  # fmt: skip
+
+    def run(row: dict[str, Any], side: str) -> Measure:
+        if side == SIDES[0]:
+            return _plain(runner, row["count"], row["case"])
+        return _arroyo(runner, row["count"], row["case"])
+
+    return interleaved(rows, SIDES, max(1, plan.repeats - 1), run)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m arroyo_bench.hdf5_suite")
+    p.add_argument("--case", choices=CASES, required=True)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--file", required=True)
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    plain(args)
+
+
+if __name__ == "__main__":
+    main()
