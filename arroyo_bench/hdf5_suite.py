@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,11 @@ from arroyo_bench.run import MIB, Runner, stage_command
 SHAPE = (512, 1024)  # 1 MiB of uint16
 POOL = 8
 CASES = ("compressed", "decoded")
-SIDES = ["h5py loop", "NexusWriter"]
+# The reference is the fed loop (first side); the loop over frames already in memory
+# is shown beside it: the most a writer could do with no transport at all.
+FED, LOOP, NEXUS = "pyzmq PULL + h5py loop", "h5py loop in memory", "NexusWriter"
+SIDES = [FED, LOOP, NEXUS]
+HWM = 16  # frames queued on the reference's link (Arroyo's own link has its credit)
 NEXUS_FRAMES = 1_000  # frames per run at most: each case writes about 1 GB per side
 
 
@@ -149,21 +154,43 @@ def _arroyo(runner: Runner, count: int, case: str) -> Measure:
 # -- the reference --------------------------------------------------------------------
 
 
-def plain(args: argparse.Namespace) -> None:
+def _frames_in(args: argparse.Namespace) -> Iterator[tuple[np.ndarray, Any]]:
+    """The frames the reference writes: from the pool (``loop``) or received from the
+    plain sender over ipc (``recv``: each message one frame's bytes, compressed or not)."""
+    frames = packed_pool()
+    if args.role == "loop":
+        for i in range(args.count):
+            yield frames[i % POOL]
+        return
+    import zmq
+
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PULL)
+    sock.rcvhwm = HWM
+    sock.bind(args.endpoint)
+    print("ready", flush=True)
+    for _ in range(args.count):
+        buf = sock.recv(copy=False).buffer
+        if args.case == "compressed":
+            yield np.empty(0), buf
+        else:
+            yield np.frombuffer(buf, "<u2").reshape(SHAPE), buf
+
+
+def write_loop(args: argparse.Namespace) -> None:
     """The same file written by a plain h5py loop: resize, write, flush per frame."""
     import h5py
     import hdf5plugin
 
-    frames = packed_pool()
     f = h5py.File(args.file, "w", libver="latest")
     dset = f.create_dataset(
         "data", shape=(0, *SHAPE), maxshape=(None, *SHAPE), chunks=(1, *SHAPE),
         dtype="<u2", **hdf5plugin.Bitshuffle(cname="lz4"),
     )  # fmt: skip
     f.swmr_mode = True
-    began, cpu = time.perf_counter(), time.process_time()
-    for i in range(args.count):
-        frame, packed = frames[i % POOL]
+    began = cpu = 0.0
+    for i, (frame, packed) in enumerate(_frames_in(args)):
+        if i == 0:
+            began, cpu = time.perf_counter(), time.process_time()
         dset.resize(i + 1, axis=0)
         if args.case == "compressed":
             dset.id.write_direct_chunk((i, 0, 0), packed)
@@ -172,17 +199,40 @@ def plain(args: argparse.Namespace) -> None:
         dset.flush()
     f.close()
     _result(Path(args.out), args.count, began, cpu)
+    _stay()
+
+
+def send(args: argparse.Namespace) -> None:
+    """A plain pyzmq PUSH sending the pool's frames (compressed bytes or raw arrays)."""
+    import zmq
+
+    frames = packed_pool()
+    payloads: list[Any] = [p if args.case == "compressed" else f for f, p in frames]
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUSH)
+    sock.sndhwm = HWM
+    sock.connect(args.endpoint)
+    for i in range(args.count):
+        sock.send(memoryview(payloads[i % POOL]), copy=False)
+    _stay()
+
+
+def _stay() -> None:
     while True:  # every child of the bench stays until ended
         time.sleep(3600)
 
 
-def _plain(runner: Runner, count: int, case: str) -> Measure:
+def _plain(runner: Runner, count: int, case: str, fed: bool) -> Measure:
     def start(case_dir: Path, out: Path) -> None:
         env = {**malloc.ENVIRONMENT, **threads.ENVIRONMENT}  # what a stage worker gets
-        file = str(case_dir / "plain.h5")
-        cmd = [sys.executable, "-m", "arroyo_bench.hdf5_suite", "--case", case,
-               "--count", str(count), "--out", str(out), "--file", file]  # fmt: skip
-        runner.children.start(cmd, case_dir / "plain.log", env)
+        file, endpoint = str(case_dir / "plain.h5"), f"ipc://{case_dir}/p.sk"
+        common = ["--case", case, "--count", str(count), "--out", str(out),
+                  "--file", file, "--endpoint", endpoint]  # fmt: skip
+        module = [sys.executable, "-m", "arroyo_bench.hdf5_suite"]
+        log = case_dir / "plain.log"
+        runner.children.start([*module, "recv" if fed else "loop", *common], log, env)
+        if fed:
+            runner.children.wait_log(log, "ready")
+            runner.children.start([*module, "send", *common], case_dir / "send.log", env)
 
     return lambda: runner._measure(start, runner.timeout)
 
@@ -193,22 +243,27 @@ def nexus(runner: Runner, plan: Plan) -> list[dict[str, Any]]:
             for c in CASES]  # fmt: skip
 
     def run(row: dict[str, Any], side: str) -> Measure:
-        if side == SIDES[0]:
-            return _plain(runner, row["count"], row["case"])
-        return _arroyo(runner, row["count"], row["case"])
+        if side == NEXUS:
+            return _arroyo(runner, row["count"], row["case"])
+        return _plain(runner, row["count"], row["case"], fed=side == FED)
 
     return interleaved(rows, SIDES, max(1, plan.repeats - 1), run)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m arroyo_bench.hdf5_suite")
+    p.add_argument("role", choices=["loop", "recv", "send"])
     p.add_argument("--case", choices=CASES, required=True)
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--file", required=True)
+    p.add_argument("--endpoint", default="")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    plain(args)
+    if args.role == "send":
+        send(args)
+    else:
+        write_loop(args)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ file is closed and reopened without SWMR to add the Stop's data and completeness
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -103,7 +104,8 @@ def direct_chunk(item: Encoded, filter_name: str) -> Any:
     data = item.data
     view = getattr(data, "buffer", None) or memoryview(data)  # (a zmq.Frame has .buffer)
     view = view.cast("B") if view.ndim != 1 or view.itemsize != 1 else view
-    size, itemsize = item.decoded_nbytes, item.dtype.itemsize
+    itemsize = item.dtype.itemsize
+    size = itemsize * math.prod(item.shape)
     if item.codec == "bslz4-bare":
         return HEADER.pack(size, default_block(itemsize) * itemsize) + view
     if declared_size(view) != size:
@@ -291,8 +293,10 @@ class _RunFile:
         if everything or self._scalars_due():
             for column in self.columns.values():
                 column.write(self.scalar_rows)
+                column.dset.flush()
             self.scalar_rows, self.scalars_at = self.rows, time.monotonic()
-        self.file.flush()
+        for frames in self.frames or ():
+            frames.dset.flush()  # (H5Dflush: this dataset; H5Fflush does the whole file)
         self.flushed = self.rows
 
     def finish(self, stop: Stop | None) -> None:
