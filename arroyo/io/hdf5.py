@@ -62,6 +62,10 @@ EXTRA = "pip install 'arroyo[hdf5]'"
 COMPRESSIONS = ("auto", "bslz4", "lz4", "gzip", "none")
 #: Codecs a dataset with that filter takes as direct chunks.
 DIRECT = {"bslz4": ("bslz4", "bslz4-bare"), "lz4": ("lz4",)}
+# SWMR needs the 1.10 file format at least; a low bound of 1.10 also keeps the files
+# readable by HDF5 1.10 and later tools (with "latest" as the low bound, HDF5 2.0
+# writes filter messages 1.10's h5ls and h5dump cannot read).
+LIBVER = ("v110", "latest")
 SCALAR_CHUNK = 4096  # rows per chunk of a scalar column
 SCALAR_BATCH = 64  # scalar rows written at once, at the latest...
 SCALAR_SECONDS = 0.25  # ...or with the first flush this long after the last batch
@@ -191,7 +195,7 @@ class _RunFile:
     def __init__(self, writer: NexusWriter, path: Path, run: int, start: Start | None) -> None:
         self.writer, self.path, self.run = writer, path, run
         h5 = writer.h5
-        self.file = h5.File(path, "w", libver="latest")
+        self.file = h5.File(path, "w", libver=LIBVER)
         nx.set_class(self.file, "NXroot", default="entry", creator="arroyo.io.hdf5:NexusWriter")
         self.entry = nx.set_class(self.file.create_group("entry"), "NXentry", default="data")
         self.entry.attrs["arroyo_run"] = run
