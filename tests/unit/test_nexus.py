@@ -242,3 +242,13 @@ def test_the_core_and_the_module_import_without_h5py():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_run_without_payloads_is_a_run_of_scalars(tmp_path):
+    events = [Event({"sum": float(i)}) for i in range(3)] + [Event({"sum": 9.0}, frame())]
+    writer = write(tmp_path, run_of(events))
+    assert writer.drops() == {"layout": 1}
+    with h5py.File(writer.files[0]) as f:
+        data = f["entry/data"]
+        assert sorted(data) == ["seq", "sum", "timestamp_ns"] and data.attrs["signal"] == "seq"
+        assert list(data["sum"][:]) == [0.0, 1.0, 2.0]
