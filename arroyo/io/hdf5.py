@@ -48,7 +48,8 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 
-from arroyo.compression import HEADER, MissingExtra, declared_size, default_block
+from arroyo.compression import HEADER, MissingExtra, compress, declared_size, default_block
+from arroyo.compression import require as require_codecs
 from arroyo.convert import Bounds
 from arroyo.errors import ConfigError, WireError
 from arroyo.io import _nexus_layout as nx
@@ -162,12 +163,13 @@ class _Frames:
             return "shape_mismatch"
         return "dtype_mismatch" if np.dtype(item.dtype) != self.dtype else None
 
-    def write(self, row: int, item: Any, chunk: Any) -> None:
+    def write(self, row: int, chunk: Any, array: Any) -> None:
+        """Frame ``row``: ``chunk`` as it is, else ``array`` through the filter."""
         self.dset.resize(row + 1, axis=0)
         if chunk is not None:
             self.dset.id.write_direct_chunk((row, *self.zeros), chunk)
         else:
-            self.dset[row] = item.decode() if isinstance(item, Encoded) else item
+            self.dset[row] = array
 
 
 class _Column:
@@ -230,8 +232,8 @@ class _RunFile:
             chunks = [self._chunk(f, item) for f, (_, item) in zip(self.frames, items, strict=True)]
         except WireError as e:
             return e.reason
-        for frames, (_, item), chunk in zip(self.frames, items, chunks, strict=True):
-            frames.write(self.rows, item, chunk)
+        for frames, chunk in zip(self.frames, chunks, strict=True):
+            frames.write(self.rows, *chunk)
         self._scalars(event)
         self.rows += 1
         if self.rows - self.flushed >= self.writer.flush_every:
@@ -245,16 +247,31 @@ class _RunFile:
         waited = time.monotonic() - self.scalars_at
         return pending >= SCALAR_BATCH or (pending > 0 and waited >= SCALAR_SECONDS)
 
-    def _chunk(self, frames: _Frames, item: Any) -> Any:
-        chunk = direct_chunk(item, frames.filter) if isinstance(item, Encoded) else None
-        self.writer.counts["direct_chunks" if chunk is not None else "compressed_here"] += 1
-        return chunk
+    def _chunk(self, frames: _Frames, item: Any) -> tuple[Any, Any]:
+        """(the frame's chunk as it goes in the file, or None; the array to write
+        through the filter when there is no chunk). Raises ``WireError`` for a
+        compressed frame that does not decode, before anything of the event is written."""
+        if isinstance(item, Encoded):
+            chunk = direct_chunk(item, frames.filter)
+            if chunk is not None:
+                self.writer.counts["direct_chunks"] += 1
+                return chunk, None
+            item = item.decode()
+        self.writer.counts["compressed_here"] += 1
+        codec = frames.filter if self.writer.compress_here else ""
+        if codec in DIRECT:
+            # the filter's own chunk format, made here: the same bytes HDF5's filter
+            # would make, without a copy through HDF5's chunk cache (faster)
+            return compress(codec, item), None
+        return None, item
 
     def _lay_out(self, items: list[tuple[str, Any]], metadata: dict[str, Any]) -> str | None:
         """Create the datasets from the run's first storable event, then go SWMR."""
         for _, item in items:
             if not isinstance(item, np.ndarray | Encoded) or item.dtype.kind not in "biufc":
                 return "dtype_unsupported"
+            if 0 in item.shape:  # (an HDF5 chunk cannot have a side of 0)
+                return "empty_frame"
         names = [name for name, _ in items]
         if len(set(names)) != len(names) or set(names) & set(nx.RESERVED):
             return "layout"
@@ -376,6 +393,7 @@ class NexusWriter(Publisher):
         self.counts: Counter[str] = Counter()
         self.dropped = DropCount("NexusWriter")
         self.h5: Any = None
+        self.compress_here = False
         self.plugin: Any = None
         self.array_filter: dict[str, Any] = {}
 
@@ -385,6 +403,11 @@ class NexusWriter(Publisher):
         except MissingExtra as e:  # one line and exit 2 from arroyo-stage, no traceback
             msg = f"NexusWriter: {e}"
             raise ConfigError(msg) from e
+        try:  # with the detectors extra, frames are compressed here, without
+            require_codecs()  # HDF5's chunk cache; else by HDF5's filter
+            self.compress_here = True
+        except MissingExtra:
+            self.compress_here = False
         chosen = "bslz4" if self.compression == "auto" else self.compression
         self.array_filter = filter_keywords(chosen, self.plugin)
         self.path.mkdir(parents=True, exist_ok=True)

@@ -252,3 +252,11 @@ def test_a_run_without_payloads_is_a_run_of_scalars(tmp_path):
         data = f["entry/data"]
         assert sorted(data) == ["seq", "sum", "timestamp_ns"] and data.attrs["signal"] == "seq"
         assert list(data["sum"][:]) == [0.0, 1.0, 2.0]
+
+
+def test_an_empty_frame_does_not_lay_out_the_run(tmp_path):
+    events = [Event({}, np.zeros((0, 4), "<u2")), Event({}, frame())]
+    writer = write(tmp_path, run_of(events))
+    assert writer.drops() == {"empty_frame": 1}
+    with h5py.File(writer.files[0]) as f:
+        assert f["entry/data/data"].shape == (1, 24, 40)
