@@ -172,15 +172,18 @@ def missing_value(dtype: np.dtype[Any]) -> Any:
     return {"f": math.nan, "i": -1, "b": False}[dtype.kind]
 
 
-def scalar_columns(metadata: dict[str, Any], taken: set[str]) -> dict[str, np.dtype[Any]]:
-    """The 1-D columns a run's first event makes: its numeric metadata by name, in
-    order, without names ``taken`` (frames, the reserved columns)."""
-    columns = {}
+def scalar_columns(metadata: dict[str, Any], taken: set[str]) -> dict[Any, tuple[str, Any]]:
+    """The 1-D columns a run's first event makes: metadata key -> (column name,
+    dtype) for each numeric value, in order, without names ``taken`` (frames, the
+    reserved columns)."""
+    columns: dict[Any, tuple[str, Any]] = {}
+    names = set(taken)
     for key, value in metadata.items():
         name = safe_name(key)
         dtype = scalar_dtype(value)
-        if dtype is not None and name not in taken and name not in columns:
-            columns[name] = dtype
+        if dtype is not None and name not in names:
+            columns[key] = (name, dtype)
+            names.add(name)
     return columns
 
 

@@ -67,6 +67,7 @@ DIRECT = {"bslz4": ("bslz4", "bslz4-bare"), "lz4": ("lz4",)}
 # readable by HDF5 1.10 and later tools (with "latest" as the low bound, HDF5 2.0
 # writes filter messages 1.10's h5ls and h5dump cannot read).
 LIBVER = ("v110", "latest")
+_NUMBERS = (int, float, bool)  # a value of these types needs no further check
 SCALAR_CHUNK = 4096  # rows per chunk of a scalar column
 SCALAR_BATCH = 64  # scalar rows written at once, at the latest...
 SCALAR_SECONDS = 0.25  # ...or with the first flush this long after the last batch
@@ -165,15 +166,18 @@ class _Frames:
 
     def write(self, row: int, chunk: Any, array: Any) -> None:
         """Frame ``row``: ``chunk`` as it is, else ``array`` through the filter."""
-        self.dset.resize(row + 1, axis=0)
+        dsid = self.dset.id  # (h5py's low level: resize() costs more in Python than in HDF5)
+        dsid.set_extent((row + 1, *self.shape))
         if chunk is not None:
-            self.dset.id.write_direct_chunk((row, *self.zeros), chunk)
+            dsid.write_direct_chunk((row, *self.zeros), chunk)
         else:
             self.dset[row] = array
 
 
 class _Column:
-    """One scalar column: values buffered, written in one slice per batch."""
+    """One scalar column: values buffered, written in one slice per batch. Values
+    are cast to the column's type (the run's first value's); one that cannot be is
+    written as ``missing``."""
 
     def __init__(self, group: Any, name: str, dtype: np.dtype[Any]) -> None:
         self.name, self.dtype = name, dtype
@@ -183,9 +187,18 @@ class _Column:
         )
         self.pending: list[Any] = []
 
+    def _cast(self, value: Any) -> Any:
+        try:
+            return np.asarray(value, dtype=self.dtype)[()]
+        except (OverflowError, TypeError, ValueError):
+            return self.missing
+
     def write(self, start: int) -> None:
         if self.pending:
-            values = np.asarray(self.pending, dtype=self.dtype)
+            try:
+                values = np.asarray(self.pending, dtype=self.dtype)
+            except (OverflowError, TypeError, ValueError):  # an int beyond int64, say
+                values = np.array([self._cast(v) for v in self.pending], dtype=self.dtype)
             self.dset.resize(start + len(values), axis=0)
             self.dset[start:] = values
             self.pending.clear()
@@ -206,7 +219,9 @@ class _RunFile:
             nx.write_start(self.entry, start.data, h5, writer.array_filter)
         self.data = nx.set_class(self.entry.create_group("data"), "NXdata", signal="data")
         self.frames: list[_Frames] | None = None  # decided by the first storable event
-        self.columns: dict[str, _Column] = {}
+        self.columns: list[_Column] = []
+        self.by_key: list[tuple[Any, _Column]] = []  # metadata key, its column
+        self.first_keys: frozenset[Any] = frozenset()
         self.rows = self.flushed = self.received = 0
         self.scalar_rows = 0  # rows of the columns written so far
         self.scalars_at = time.monotonic()
@@ -277,10 +292,13 @@ class _RunFile:
             return "layout"
         plugin = self.writer.plugin
         self.frames = [_Frames(self.data, n, i, self._filter(i), plugin) for n, i in items]
-        columns = {"seq": np.dtype("<i8"), "timestamp_ns": np.dtype("<i8")}
-        columns |= nx.scalar_columns(metadata, set(names) | set(columns))
-        self.columns = {name: _Column(self.data, name, dt) for name, dt in columns.items()}
-        self.data.attrs["signal"] = names[0] if names else next(iter(columns))
+        self.seq = _Column(self.data, "seq", np.dtype("<i8"))
+        self.stamps = _Column(self.data, "timestamp_ns", np.dtype("<i8"))
+        chosen = nx.scalar_columns(metadata, {*names, *nx.RESERVED})
+        self.by_key = [(k, _Column(self.data, name, dt)) for k, (name, dt) in chosen.items()]
+        self.first_keys = frozenset(metadata)
+        self.columns = [self.seq, self.stamps] + [column for _, column in self.by_key]
+        self.data.attrs["signal"] = names[0] if names else "seq"
         if len(names) > 1:
             self.data.attrs["auxiliary_signals"] = names[1:]
         self.file.swmr_mode = True
@@ -297,27 +315,29 @@ class _RunFile:
         return "bslz4"
 
     def _scalars(self, event: Event) -> None:
-        values = {nx.safe_name(k): v for k, v in event.metadata.items()}
-        values |= {"seq": event.seq, "timestamp_ns": event.timestamp_ns}
-        for name, column in self.columns.items():
-            value = values.get(name)
-            if nx.scalar_dtype(value) is None:  # absent, or not a number any more
-                self.writer.counts["scalars_missing"] += 1
+        self.seq.pending.append(event.seq)
+        self.stamps.pending.append(event.timestamp_ns)
+        metadata = event.metadata
+        for key, column in self.by_key:
+            value = metadata.get(key)
+            if type(value) not in _NUMBERS and nx.scalar_dtype(value) is None:
+                self.writer.counts["scalars_missing"] += 1  # absent, or not a number now
                 value = column.missing
             column.pending.append(value)
-        ignored = sum(1 for k, v in values.items() if k not in self.columns and nx.scalar_dtype(v))
-        self.writer.counts["scalars_not_kept"] += ignored
+        if metadata.keys() != self.first_keys:  # (the same keys every time, mostly)
+            extra = [v for k, v in metadata.items() if k not in self.first_keys]
+            self.writer.counts["scalars_not_kept"] += sum(1 for v in extra if nx.scalar_dtype(v))
 
     def flush(self, everything: bool = False) -> None:
         """Make the frames written so far visible to SWMR readers, and the scalars
         when a batch of them is due (or ``everything``)."""
         if everything or self._scalars_due():
-            for column in self.columns.values():
+            for column in self.columns:
                 column.write(self.scalar_rows)
                 column.dset.flush()
             self.scalar_rows, self.scalars_at = self.rows, time.monotonic()
         for frames in self.frames or ():
-            frames.dset.flush()  # (H5Dflush: this dataset; H5Fflush does the whole file)
+            frames.dset.id.flush()  # (H5Dflush: this dataset; H5Fflush does the whole file)
         self.flushed = self.rows
 
     def finish(self, stop: Stop | None) -> None:

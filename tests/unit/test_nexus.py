@@ -260,3 +260,10 @@ def test_an_empty_frame_does_not_lay_out_the_run(tmp_path):
     assert writer.drops() == {"empty_frame": 1}
     with h5py.File(writer.files[0]) as f:
         assert f["entry/data/data"].shape == (1, 24, 40)
+
+
+def test_a_scalar_its_column_cannot_hold_is_written_as_missing(tmp_path):
+    events = [Event({"n": 1}, frame()), Event({"n": 1 << 70}, frame()), Event({"n": 3}, frame())]
+    writer = write(tmp_path, run_of(events))
+    with h5py.File(writer.files[0]) as f:
+        assert list(f["entry/data/n"][:]) == [1, -1, 3]
