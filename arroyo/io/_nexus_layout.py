@@ -1,8 +1,9 @@
 """Where a run's Start, event scalars and Stop go in a NeXus file (``arroyo.io.hdf5``).
 
-Pure layout: these functions take open h5py groups (typed ``Any``, so this module
-imports without the ``hdf5`` extra) and Python values, and know nothing of runs,
-SWMR or compression. The layout they make::
+What goes where, and the datasets that grow with a run (``Frames``: one chunk per
+frame, direct chunks or through the filter; ``Column``: a scalar per frame). These
+take open h5py groups (typed ``Any``, so this module imports without the ``hdf5``
+extra) and know nothing of runs, SWMR or drops. The layout they make::
 
     /                         NX_class=NXroot, default=entry, creator
     /entry                    NXentry; default=data, arroyo_run; completeness at Stop
@@ -24,6 +25,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+
+from arroyo.compression import HEADER, declared_size, default_block
+from arroyo.errors import WireError
+from arroyo.message import Encoded
 
 #: Start.data keys that are NXdetector fields: key -> (NeXus name, units or "").
 DETECTOR_FIELDS = {
@@ -221,3 +226,126 @@ def stop_attrs(
         "missing_reason": "; ".join(reasons),
         "closed_without_stop": closed_without_stop,
     }
+
+
+# -- the datasets a run grows ---------------------------------------------------------
+
+#: Codecs a dataset with that filter takes as direct chunks.
+DIRECT = {"bslz4": ("bslz4", "bslz4-bare"), "lz4": ("lz4",)}
+SCALAR_CHUNK = 4096  # rows per chunk of a scalar column
+
+
+def filter_keywords(compression: str, plugin: Any) -> dict[str, Any]:
+    """``create_dataset`` keywords of a compression (``bslz4``: bitshuffle's filter with
+    LZ4 and its default block, the options detector file writers use)."""
+    if compression == "bslz4":
+        return dict(plugin.Bitshuffle(cname="lz4"))
+    if compression == "lz4":
+        return dict(plugin.LZ4())
+    if compression == "gzip":
+        return {"compression": "gzip", "compression_opts": 4}
+    return {}
+
+
+def direct_chunk(item: Encoded, filter_name: str) -> Any:
+    """The bytes of ``item`` as one chunk of a dataset compressed with ``filter_name``,
+    or None when they are not (the frame is decoded and written through the filter).
+    Raises ``WireError`` when the header disagrees with the frame's dtype and shape: a
+    chunk a reader could not decode must not go into the file."""
+    if item.codec not in DIRECT.get(filter_name, ()):
+        return None
+    data = item.data
+    view = getattr(data, "buffer", None) or memoryview(data)  # (a zmq.Frame has .buffer)
+    view = view.cast("B") if view.ndim != 1 or view.itemsize != 1 else view
+    itemsize = item.dtype.itemsize
+    size = itemsize * math.prod(item.shape)
+    if item.codec == "bslz4-bare":
+        return HEADER.pack(size, default_block(itemsize) * itemsize) + view
+    if declared_size(view) != size:
+        msg = f"{item.codec} header declares {declared_size(view)} bytes, the frame {size}"
+        raise WireError(msg, reason="size")
+    block = HEADER.unpack_from(view)[1]
+    if block <= 0 or (item.codec == "bslz4" and block % itemsize):
+        msg = f"{item.codec} block of {block} bytes does not fit {item.dtype.str} elements"
+        raise WireError(msg, reason="undecodable")
+    return view
+
+
+def frame_items(payload: Any, array: str) -> list[tuple[str, Any]] | str:
+    """The frames of one payload as (dataset name, array or Encoded), or a drop reason."""
+    if payload is None:
+        return []
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return "bytes_payload"
+    if isinstance(payload, dict):
+        if array:
+            return [("data", payload[array])] if array in payload else "layout"
+        if len(payload) == 1:
+            return [("data", next(iter(payload.values())))]
+        return [(safe_name(name), item) for name, item in payload.items()]
+    return [("data", payload)]
+
+
+class Frames:
+    """One growing frame dataset: (n, *shape), one chunk per frame."""
+
+    def __init__(self, group: Any, name: str, first: Any, filter_name: str, plugin: Any):
+        self.name = name
+        self.dtype, self.shape = np.dtype(first.dtype), tuple(first.shape)
+        self.filter = filter_name
+        self.dset = group.create_dataset(
+            name,
+            shape=(0, *self.shape),
+            maxshape=(None, *self.shape),
+            chunks=(1, *self.shape),
+            dtype=self.dtype,
+            **filter_keywords(filter_name, plugin),
+        )
+        self.zeros = (0,) * len(self.shape)
+
+    def misfit(self, item: Any) -> str | None:
+        """Why ``item`` cannot be this dataset's next frame, or None."""
+        if not isinstance(item, np.ndarray | Encoded):
+            return "dtype_unsupported"
+        if tuple(item.shape) != self.shape:
+            return "shape_mismatch"
+        return "dtype_mismatch" if np.dtype(item.dtype) != self.dtype else None
+
+    def write(self, row: int, chunk: Any, array: Any) -> None:
+        """Frame ``row``: ``chunk`` as it is, else ``array`` through the filter."""
+        dsid = self.dset.id  # (h5py's low level: resize() costs more in Python than in HDF5)
+        dsid.set_extent((row + 1, *self.shape))
+        if chunk is not None:
+            dsid.write_direct_chunk((row, *self.zeros), chunk)
+        else:
+            self.dset[row] = array
+
+
+class Column:
+    """One scalar column: values buffered, written in one slice per batch. Values
+    are cast to the column's type (the run's first value's); one that cannot be is
+    written as ``missing``."""
+
+    def __init__(self, group: Any, name: str, dtype: np.dtype[Any]) -> None:
+        self.name, self.dtype = name, dtype
+        self.missing = missing_value(dtype)
+        self.dset = group.create_dataset(
+            name, shape=(0,), maxshape=(None,), chunks=(SCALAR_CHUNK,), dtype=dtype
+        )
+        self.pending: list[Any] = []
+
+    def _cast(self, value: Any) -> Any:
+        try:
+            return np.asarray(value, dtype=self.dtype)[()]
+        except (OverflowError, TypeError, ValueError):
+            return self.missing
+
+    def write(self, start: int) -> None:
+        if self.pending:
+            try:
+                values = np.asarray(self.pending, dtype=self.dtype)
+            except (OverflowError, TypeError, ValueError):  # an int beyond int64, say
+                values = np.array([self._cast(v) for v in self.pending], dtype=self.dtype)
+            self.dset.resize(start + len(values), axis=0)
+            self.dset[start:] = values
+            self.pending.clear()

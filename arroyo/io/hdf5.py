@@ -40,7 +40,6 @@ file is closed and reopened without SWMR to add the Stop's data and completeness
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -48,7 +47,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 
-from arroyo.compression import HEADER, MissingExtra, compress, declared_size, default_block
+from arroyo.compression import MissingExtra, compress
 from arroyo.compression import require as require_codecs
 from arroyo.convert import Bounds
 from arroyo.errors import ConfigError, WireError
@@ -61,14 +60,11 @@ log = logging.getLogger("arroyo.io.hdf5")
 
 EXTRA = "pip install 'arroyo[hdf5]'"
 COMPRESSIONS = ("auto", "bslz4", "lz4", "gzip", "none")
-#: Codecs a dataset with that filter takes as direct chunks.
-DIRECT = {"bslz4": ("bslz4", "bslz4-bare"), "lz4": ("lz4",)}
 # SWMR needs the 1.10 file format at least; a low bound of 1.10 also keeps the files
 # readable by HDF5 1.10 and later tools (with "latest" as the low bound, HDF5 2.0
 # writes filter messages 1.10's h5ls and h5dump cannot read).
 LIBVER = ("v110", "latest")
 _NUMBERS = (int, float, bool)  # a value of these types needs no further check
-SCALAR_CHUNK = 4096  # rows per chunk of a scalar column
 SCALAR_BATCH = 64  # scalar rows written at once, at the latest...
 SCALAR_SECONDS = 0.25  # ...or with the first flush this long after the last batch
 
@@ -88,122 +84,6 @@ def require() -> tuple[Any, Any]:
     return h5py, hdf5plugin
 
 
-def filter_keywords(compression: str, plugin: Any) -> dict[str, Any]:
-    """``create_dataset`` keywords of a compression (``bslz4``: bitshuffle's filter with
-    LZ4 and its default block, the options detector file writers use)."""
-    if compression == "bslz4":
-        return dict(plugin.Bitshuffle(cname="lz4"))
-    if compression == "lz4":
-        return dict(plugin.LZ4())
-    if compression == "gzip":
-        return {"compression": "gzip", "compression_opts": 4}
-    return {}
-
-
-def direct_chunk(item: Encoded, filter_name: str) -> Any:
-    """The bytes of ``item`` as one chunk of a dataset compressed with ``filter_name``,
-    or None when they are not (the frame is decoded and written through the filter).
-    Raises ``WireError`` when the header disagrees with the frame's dtype and shape: a
-    chunk a reader could not decode must not go into the file."""
-    if item.codec not in DIRECT.get(filter_name, ()):
-        return None
-    data = item.data
-    view = getattr(data, "buffer", None) or memoryview(data)  # (a zmq.Frame has .buffer)
-    view = view.cast("B") if view.ndim != 1 or view.itemsize != 1 else view
-    itemsize = item.dtype.itemsize
-    size = itemsize * math.prod(item.shape)
-    if item.codec == "bslz4-bare":
-        return HEADER.pack(size, default_block(itemsize) * itemsize) + view
-    if declared_size(view) != size:
-        msg = f"{item.codec} header declares {declared_size(view)} bytes, the frame {size}"
-        raise WireError(msg, reason="size")
-    block = HEADER.unpack_from(view)[1]
-    if block <= 0 or (item.codec == "bslz4" and block % itemsize):
-        msg = f"{item.codec} block of {block} bytes does not fit {item.dtype.str} elements"
-        raise WireError(msg, reason="undecodable")
-    return view
-
-
-def frame_items(payload: Any, array: str) -> list[tuple[str, Any]] | str:
-    """The frames of one payload as (dataset name, array or Encoded), or a drop reason."""
-    if payload is None:
-        return []
-    if isinstance(payload, bytes | bytearray | memoryview):
-        return "bytes_payload"
-    if isinstance(payload, dict):
-        if array:
-            return [("data", payload[array])] if array in payload else "layout"
-        if len(payload) == 1:
-            return [("data", next(iter(payload.values())))]
-        return [(nx.safe_name(name), item) for name, item in payload.items()]
-    return [("data", payload)]
-
-
-class _Frames:
-    """One growing frame dataset: (n, *shape), one chunk per frame."""
-
-    def __init__(self, group: Any, name: str, first: Any, filter_name: str, plugin: Any):
-        self.name = name
-        self.dtype, self.shape = np.dtype(first.dtype), tuple(first.shape)
-        self.filter = filter_name
-        self.dset = group.create_dataset(
-            name,
-            shape=(0, *self.shape),
-            maxshape=(None, *self.shape),
-            chunks=(1, *self.shape),
-            dtype=self.dtype,
-            **filter_keywords(filter_name, plugin),
-        )
-        self.zeros = (0,) * len(self.shape)
-
-    def misfit(self, item: Any) -> str | None:
-        """Why ``item`` cannot be this dataset's next frame, or None."""
-        if not isinstance(item, np.ndarray | Encoded):
-            return "dtype_unsupported"
-        if tuple(item.shape) != self.shape:
-            return "shape_mismatch"
-        return "dtype_mismatch" if np.dtype(item.dtype) != self.dtype else None
-
-    def write(self, row: int, chunk: Any, array: Any) -> None:
-        """Frame ``row``: ``chunk`` as it is, else ``array`` through the filter."""
-        dsid = self.dset.id  # (h5py's low level: resize() costs more in Python than in HDF5)
-        dsid.set_extent((row + 1, *self.shape))
-        if chunk is not None:
-            dsid.write_direct_chunk((row, *self.zeros), chunk)
-        else:
-            self.dset[row] = array
-
-
-class _Column:
-    """One scalar column: values buffered, written in one slice per batch. Values
-    are cast to the column's type (the run's first value's); one that cannot be is
-    written as ``missing``."""
-
-    def __init__(self, group: Any, name: str, dtype: np.dtype[Any]) -> None:
-        self.name, self.dtype = name, dtype
-        self.missing = nx.missing_value(dtype)
-        self.dset = group.create_dataset(
-            name, shape=(0,), maxshape=(None,), chunks=(SCALAR_CHUNK,), dtype=dtype
-        )
-        self.pending: list[Any] = []
-
-    def _cast(self, value: Any) -> Any:
-        try:
-            return np.asarray(value, dtype=self.dtype)[()]
-        except (OverflowError, TypeError, ValueError):
-            return self.missing
-
-    def write(self, start: int) -> None:
-        if self.pending:
-            try:
-                values = np.asarray(self.pending, dtype=self.dtype)
-            except (OverflowError, TypeError, ValueError):  # an int beyond int64, say
-                values = np.array([self._cast(v) for v in self.pending], dtype=self.dtype)
-            self.dset.resize(start + len(values), axis=0)
-            self.dset[start:] = values
-            self.pending.clear()
-
-
 class _RunFile:
     """The file of one run being written."""
 
@@ -218,9 +98,9 @@ class _RunFile:
             self.entry.create_dataset("start_time", data=nx.iso_time(start.timestamp_ns))
             nx.write_start(self.entry, start.data, h5, writer.array_filter)
         self.data = nx.set_class(self.entry.create_group("data"), "NXdata", signal="data")
-        self.frames: list[_Frames] | None = None  # decided by the first storable event
-        self.columns: list[_Column] = []
-        self.by_key: list[tuple[Any, _Column]] = []  # metadata key, its column
+        self.frames: list[nx.Frames] | None = None  # decided by the first storable event
+        self.columns: list[nx.Column] = []
+        self.by_key: list[tuple[Any, nx.Column]] = []  # metadata key, its column
         self.first_keys: frozenset[Any] = frozenset()
         self.rows = self.flushed = self.received = 0
         self.scalar_rows = 0  # rows of the columns written so far
@@ -229,7 +109,7 @@ class _RunFile:
     def add(self, event: Event) -> str | None:
         """Write one event; the reason it was dropped, or None."""
         self.received += 1
-        items = frame_items(event.raw_payload, self.writer.array)
+        items = nx.frame_items(event.raw_payload, self.writer.array)
         if isinstance(items, str):
             return items
         if self.frames is None:
@@ -262,19 +142,19 @@ class _RunFile:
         waited = time.monotonic() - self.scalars_at
         return pending >= SCALAR_BATCH or (pending > 0 and waited >= SCALAR_SECONDS)
 
-    def _chunk(self, frames: _Frames, item: Any) -> tuple[Any, Any]:
+    def _chunk(self, frames: nx.Frames, item: Any) -> tuple[Any, Any]:
         """(the frame's chunk as it goes in the file, or None; the array to write
         through the filter when there is no chunk). Raises ``WireError`` for a
         compressed frame that does not decode, before anything of the event is written."""
         if isinstance(item, Encoded):
-            chunk = direct_chunk(item, frames.filter)
+            chunk = nx.direct_chunk(item, frames.filter)
             if chunk is not None:
                 self.writer.counts["direct_chunks"] += 1
                 return chunk, None
             item = item.decode()
         self.writer.counts["compressed_here"] += 1
         codec = frames.filter if self.writer.compress_here else ""
-        if codec in DIRECT:
+        if codec in nx.DIRECT:
             # the filter's own chunk format, made here: the same bytes HDF5's filter
             # would make, without a copy through HDF5's chunk cache (faster)
             return compress(codec, item), None
@@ -291,11 +171,11 @@ class _RunFile:
         if len(set(names)) != len(names) or set(names) & set(nx.RESERVED):
             return "layout"
         plugin = self.writer.plugin
-        self.frames = [_Frames(self.data, n, i, self._filter(i), plugin) for n, i in items]
-        self.seq = _Column(self.data, "seq", np.dtype("<i8"))
-        self.stamps = _Column(self.data, "timestamp_ns", np.dtype("<i8"))
+        self.frames = [nx.Frames(self.data, n, i, self._filter(i), plugin) for n, i in items]
+        self.seq = nx.Column(self.data, "seq", np.dtype("<i8"))
+        self.stamps = nx.Column(self.data, "timestamp_ns", np.dtype("<i8"))
         chosen = nx.scalar_columns(metadata, {*names, *nx.RESERVED})
-        self.by_key = [(k, _Column(self.data, name, dt)) for k, (name, dt) in chosen.items()]
+        self.by_key = [(k, nx.Column(self.data, name, dt)) for k, (name, dt) in chosen.items()]
         self.first_keys = frozenset(metadata)
         self.columns = [self.seq, self.stamps] + [column for _, column in self.by_key]
         self.data.attrs["signal"] = names[0] if names else "seq"
@@ -429,7 +309,7 @@ class NexusWriter(Publisher):
         except MissingExtra:
             self.compress_here = False
         chosen = "bslz4" if self.compression == "auto" else self.compression
-        self.array_filter = filter_keywords(chosen, self.plugin)
+        self.array_filter = nx.filter_keywords(chosen, self.plugin)
         self.path.mkdir(parents=True, exist_ok=True)
 
     def publish(self, message: Message) -> None:
