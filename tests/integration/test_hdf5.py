@@ -6,6 +6,7 @@ under SWMR sees frames while the run is open")."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from stages.synthetic import POOL_SIZE, DetectorSimulator
-from tests.conftest import need_detectors, wait_for
+from tests.conftest import arroyo_bin, need_detectors, wait_for
 from tests.integration.test_foreign_frames import free_port
 from tests.unit.test_nexus import need_hdf5
 
@@ -334,3 +335,44 @@ def test_a_writer_killed_mid_run_leaves_a_file_readable_to_its_last_flush(tmp_pa
     assert got["sums"][:-1] == want[:-1]
     # (the last row may have been cut between its resize and its chunk: fill value)
     assert got["sums"][-1] in (want[-1], 0)
+
+
+@pytest.mark.timeout(60)
+def test_without_h5py_the_stage_exits_2_naming_the_extra(tmp_path, topo):
+    fake = tmp_path / "no_h5py"
+    fake.mkdir()
+    (fake / "h5py.py").write_text("raise ImportError('no h5py here')\n")
+    path = topo(SLOW.replace("{frames}", "1").replace("{rate}", "0"))
+    out = subprocess.run(
+        [arroyo_bin("arroyo-stage"), str(path), "nexus"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(fake)},
+    )
+    assert out.returncode == 2, out.stderr
+    assert "NexusWriter: h5py is not installed: pip install 'arroyo[hdf5]'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.timeout(120)
+def test_the_bench_row_measures_the_writer_beside_its_references(tmp_path):
+    from arroyo_bench import report
+    from arroyo_bench.hdf5_suite import FED, LOOP, NEXUS, nexus
+    from arroyo_bench.plans import Plan
+    from arroyo_bench.run import MIB, Runner
+
+    plan = Plan("test", (MIB,), ("ipc",), 2, 100, 40 * MIB, ("nexus",))
+    runner = Runner(tmp_path)
+    try:
+        rows = nexus(runner, plan)
+    finally:
+        runner.children.kill_all()
+    assert [(r["case"], r["count"]) for r in rows] == [("compressed", 400), ("decoded", 100)]
+    for row in rows:
+        for side in (FED, LOOP, NEXUS):
+            assert row[side]["msg_s"] > 0, (row["case"], side, row[side])
+        assert row["ratio"] > 0
+    assert not list(tmp_path.rglob("*.h5"))  # every side's file deleted once measured
+    (target,) = [t for t in report.targets({"nexus": rows}) if t["target"] == "nexus writer"]
+    assert target["value"] == min(r["ratio"] for r in rows)
