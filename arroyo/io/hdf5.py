@@ -87,10 +87,10 @@ def require() -> tuple[Any, Any]:
 class _RunFile:
     """The file of one run being written."""
 
-    def __init__(self, writer: NexusWriter, path: Path, run: int, start: Start | None) -> None:
-        self.writer, self.path, self.run = writer, path, run
+    def __init__(self, writer: NexusWriter, run: int, start: Start | None) -> None:
+        self.writer, self.run = writer, run
         h5 = writer.h5
-        self.file = h5.File(path, "w", libver=LIBVER)
+        self.path, self.file = _create(h5, writer.path, run)
         nx.set_class(self.file, "NXroot", default="entry", creator="arroyo.io.hdf5:NexusWriter")
         self.entry = nx.set_class(self.file.create_group("entry"), "NXentry", default="data")
         self.entry.attrs["arroyo_run"] = run
@@ -245,6 +245,22 @@ class _RunFile:
         self.file.close()
 
 
+def _create(h5: Any, folder: Path, run: int) -> tuple[Path, Any]:
+    """A new file for ``run`` in ``folder``: ``run_NNNNN.h5``, else the first free
+    ``run_NNNNN-K.h5``. Created exclusively, so no other file is ever truncated (not
+    even by a second writer on the same folder)."""
+    k = 1
+    while True:
+        path = folder / (f"run_{run:05d}.h5" if k == 1 else f"run_{run:05d}-{k}.h5")
+        k += 1
+        if path.exists():
+            continue
+        try:
+            return path, h5.File(path, "w-", libver=LIBVER)
+        except FileExistsError:
+            continue  # made meanwhile
+
+
 def _reopen(h5: Any, path: Path) -> Any:
     """The closed SWMR file opened for writing. A reader still following it holds a
     lock that would refuse us; the writing we do now is only new objects, and
@@ -349,11 +365,8 @@ class NexusWriter(Publisher):
 
     def _open(self, run: int, start: Start | None) -> _RunFile:
         self.path.mkdir(parents=True, exist_ok=True)
-        path, k = self.path / f"run_{run:05d}.h5", 2
-        while path.exists():
-            path, k = self.path / f"run_{run:05d}-{k}.h5", k + 1
-        self.runs[run] = _RunFile(self, path, run, start)
-        self.files.append(path)
+        self.runs[run] = _RunFile(self, run, start)
+        self.files.append(self.runs[run].path)
         return self.runs[run]
 
     def _finish(self, run: int, stop: Stop | None) -> None:
