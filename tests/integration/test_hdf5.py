@@ -376,3 +376,74 @@ def test_the_bench_row_measures_the_writer_beside_its_references(tmp_path):
     assert not list(tmp_path.rglob("*.h5"))  # every side's file deleted once measured
     (target,) = [t for t in report.targets({"nexus": rows}) if t["target"] == "nexus writer"]
     assert target["value"] == min(r["ratio"] for r in rows)
+
+
+DETECTOR = """
+[topology]
+name = nxdet
+run_dir = {tmp}/.arroyo
+
+[stage:detector]
+role = listener
+class = arroyo.io.zmq:ZMQListener
+socket = pull
+endpoint = {endpoint}
+codec = dectris-stream2
+
+[stage:nexus]
+role = publisher
+class = arroyo.io.hdf5:NexusWriter
+path = {tmp}/nx
+input = detector
+"""
+
+DETECTOR_READER = """
+import json, sys
+import h5py, hdf5plugin
+out = []
+for name in sys.argv[1:]:
+    with h5py.File(name, "r") as f:
+        d = f["entry/data"]
+        out.append({"ids": d["image_id"][()].tolist(), "frames": d["data"][()].tolist(),
+                    "chunk0": d["data"].id.read_direct_chunk((0, 0, 0))[1].hex(),
+                    "mask": f["entry/instrument/detector/pixel_mask"][()].tolist(),
+                    "unique": f["entry/start/series_unique_id"][()].decode(),
+                    "complete": bool(f["entry"].attrs["complete"])})
+assert "arroyo" not in sys.modules
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_detector_stream_goes_to_nexus_files_as_it_came(tmp_path, supervised):
+    from arroyo.io.dectris import StreamV2
+    from arroyo.io.simulate import Settings, Simulator
+    from tests.integration.test_detectors import free_endpoint, simulate
+
+    endpoint = free_endpoint()
+    supervised(DETECTOR.replace("{endpoint}", endpoint))
+    args = ["--shape", "48,64", "--images", "20", "--series", "2", "--seed", "7"]
+    printed = simulate(endpoint, *args, "--header-detail", "all", "--compression", "bslz4")
+    assert printed.count("20/20 images sent") == 2, printed
+    wait_for(lambda: writer_stats(tmp_path).get("runs", 0) >= 2, 60)
+    files = sorted((tmp_path / "nx").glob("*.h5"))
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", DETECTOR_READER, *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    sim = Simulator(Settings(shape=(48, 64), images=20, seed=7, header_detail="all"))
+    decoder = StreamV2()
+    sent = [m for kind, frames in sim.messages() for m in decoder.decode(frames)]
+    start, first = sent[0], sent[1]
+    assert len(got) == 2 and got[0]["unique"] != got[1]["unique"]
+    for f in got:
+        assert f["complete"] and f["ids"] == list(range(20))
+        for image_id, frame in zip(f["ids"], f["frames"], strict=True):
+            np.testing.assert_array_equal(np.array(frame, "<u2"), sim.frame(image_id)[0])
+        np.testing.assert_array_equal(np.array(f["mask"]), start.data["pixel_mask"])
+        # the file holds the detector's own compressed bytes for each frame
+        assert bytes.fromhex(f["chunk0"]) == bytes(first.raw_payload.data)
