@@ -4,17 +4,27 @@ loop doing the same writes to the same disk, in the same run.
 Two cases, 512 x 1024 uint16 frames (1 MiB decoded) with Poisson counts:
 
 * ``compressed``: the frames arrive bitshuffle-LZ4 compressed (``Encoded`` bslz4, as
-  a detector sends them). Reference: ``write_direct_chunk`` of the same bytes.
+  a detector sends them; about 0.26 MB each, so 4 times as many frames per run).
+  Reference: ``write_direct_chunk`` of the same bytes.
 * ``decoded``: the frames arrive as arrays and are compressed with the bitshuffle-LZ4
   filter. Reference: ``dset[i] = frame`` into a dataset with the same filter.
 
-Both sides make the same file: ``libver="latest"``, SWMR on, a ``(n, 512, 1024)``
-dataset chunked by frame, and per frame a resize, the write and a flush (the
-writer's default ``flush_every = 1``, what makes each frame visible to a follower).
-The Arroyo side is two stage processes: a source stage sending the run from a pool
-of frames, over an ipc link, into a ``NexusWriter`` stage; its own ``seq`` and
-``timestamp_ns`` columns are written too. Each side times from its first frame to
-its file closed (n frames in ``seconds``, counted as n + 1 messages). Run as part of
+Three sides per case, interleaved:
+
+* ``pyzmq PULL + h5py loop`` (the reference the ratio is taken against): a plain
+  pyzmq PUSH process sends the frames' bytes over ipc to a plain PULL process that
+  writes them with h5py: fed the way the writer is;
+* ``h5py loop in memory``: the same loop over frames already in memory, shown beside
+  (what a writer could do with no transport at all);
+* ``NexusWriter``: two stage processes, a source stage sending the run from a pool of
+  frames over an ipc link into a ``NexusWriter`` stage (default settings), which also
+  writes its ``seq`` and ``timestamp_ns`` columns and the Stop's attributes.
+
+Every side makes the same kind of file: SWMR on, a ``(n, 512, 1024)`` dataset chunked
+by frame, and per frame a resize, the write and a flush (the writer's default
+``flush_every = 1``, what makes each frame visible to a follower). Each side times
+from its first frame to its file closed (n frames in ``seconds``, counted as n + 1
+messages); its files are deleted after each measurement. Run as part of
 ``scripts/bench`` (``--only nexus``).
 """
 
