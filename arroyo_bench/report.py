@@ -23,9 +23,10 @@ TARGETS = [
     ("detector ingest", "Stream V2 listener / plain PULL, frames/s", 0.9, True),
     ("decode in a stage", "1 worker / bitshuffle called directly, frames/s", 0.95, True),
     ("2 workers decoding + reducing", "speed-up over 1 worker", 1.8, True),
-    # issue 21's (arroyo_bench.storage_suite)
+    # issue 21's (arroyo_bench.storage_suite, hdf5_suite)
     ("recorder", "Recorder / plain Python file writes, MB/s", 0.9, True),
     ("replay at max", "Replay into a sink / raw pyzmq one hop, msg/s", 0.8, True),
+    ("nexus writer", "NexusWriter / pyzmq PULL + h5py loop, frames/s, worst case", 0.8, True),
 ]
 
 
@@ -95,6 +96,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         results.get("counters", {}).get("cost"),
         *(results.get("detectors", {}).get(k, {}).get("ratio") for k in DETECTOR_ROWS),
         *(results.get("storage", {}).get(k, {}).get("ratio") for k in STORAGE_ROWS),
+        _worst([r["ratio"] for r in results.get("nexus", [])], True),
     ]
     out = []
     for (name, what, limit, higher), value in zip(TARGETS, measured, strict=True):
@@ -221,6 +223,18 @@ def _storage(s: dict[str, Any]) -> list[str]:
     return out
 
 
+def _nexus(rows: list[dict[str, Any]]) -> list[str]:
+    fed, loop, ours = "pyzmq PULL + h5py loop", "h5py loop in memory", "NexusWriter"
+    head = ["frames arrive", f"{fed} frames/s", f"{loop} frames/s", f"{ours} frames/s",
+            "MB/s decoded", f"{ours}/{fed}"]  # fmt: skip
+    body = [
+        [r["case"], _n(r[fed].get("msg_s")), _n(r[loop].get("msg_s")), _n(r[ours].get("msg_s")),
+         _n(r[ours].get("mb_s"), 0), _n(r["ratio"], 2)]
+        for r in rows
+    ]  # fmt: skip
+    return _table(head, body)
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     out = [
@@ -286,6 +300,9 @@ def markdown(results: dict[str, Any]) -> str:
         out += ["", f"**Storage** (1 MiB frames, ipc, medians of {reps}; MB = 10^6 payload "
                 "bytes; a sync before every side)", ""]  # fmt: skip
         out += _storage(results["storage"])
+    if "nexus" in results:
+        out += ["", "**NeXus writer** (1 MiB uint16 frames, one run, SWMR, a flush per frame)", ""]
+        out += _nexus(results["nexus"])
     out += ["", "**Targets**", ""]
     rows = []
     for t in results["targets"]:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from arroyo_bench.detector_suite import detectors
+from arroyo_bench.hdf5_suite import nexus
 from arroyo_bench.measure import Measure, interleaved, log
 from arroyo_bench.plans import Plan
 from arroyo_bench.run import MIB, SIZE_100B, Runner
@@ -164,6 +165,7 @@ def run_suites(runner: Runner, plan: Plan, peer_check: Callable[[], str]) -> dic
         "curve": lambda: curve(runner, plan),
         "detectors": lambda: detectors(runner, plan),
         "storage": lambda: storage(runner, plan),
+        "nexus": lambda: nexus(runner, plan),
     }
     for name, step in steps.items():
         if name in plan.suites:

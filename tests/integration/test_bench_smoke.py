@@ -55,6 +55,9 @@ def test_bench_smoke_writes_a_complete_report(tmp_path):
         "detector ingest",
         "decode in a stage",
         "2 workers decoding + reducing",
+        "recorder",
+        "replay at max",
+        "nexus writer",
     ]
     # smoke measures 100 B only: the big-message targets are shown, not measured
     measured = {t["target"]: t["value"] for t in report["targets"]}
