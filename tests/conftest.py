@@ -168,19 +168,29 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
-def need_detectors() -> None:
-    """Skip the calling test module without the detectors extra (bitshuffle, lz4,
-    cbor2), with the reason; under CI, where ./scripts/test installs it, fail."""
+def need_extra(extra: str, *modules: str) -> None:
+    """Skip the calling test module without an optional extra's ``modules``, with the
+    reason; under CI, where ./scripts/test installs every extra, fail."""
     import importlib
 
-    for name in ("bitshuffle", "lz4", "cbor2"):
+    for name in modules:
         try:
             importlib.import_module(name)
         except ImportError:
-            why = f"{name} is missing: pip install 'arroyo[detectors]'"
+            why = f"{name} is missing: pip install 'arroyo[{extra}]'"
             if in_ci():
-                pytest.fail(f"CI needs the detectors extra: {why}", pytrace=False)
+                pytest.fail(f"CI needs the {extra} extra: {why}", pytrace=False)
             pytest.skip(why, allow_module_level=True)
+
+
+def need_detectors() -> None:
+    """The detectors extra (bitshuffle, lz4, cbor2), as ``need_extra``."""
+    need_extra("detectors", "bitshuffle", "lz4", "cbor2")
+
+
+def need_hdf5() -> None:
+    """The hdf5 extra (h5py, hdf5plugin), as ``need_extra``."""
+    need_extra("hdf5", "h5py", "hdf5plugin")
 
 
 @pytest.fixture

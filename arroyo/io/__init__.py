@@ -7,7 +7,13 @@
     retry    reconnect backoff and drop counts shared by every connector
     viewer   browsers: the latest frame, plots and runs over WebSocket (extra ``web``);
              its web side in _viewer_app, _render (frames to PNG), _webserve (aiohttp
-             on a thread of its own, plotly.js from the installed package)
+             on a thread of its own, plotly.js from the installed package), the
+             past it steps through in _viewer_history (a ring) and _viewer_recording
+    recfile  the recorder's run files (format, writer, reader, index)
+    recording  Recorder and Replay: runs kept as they travelled, played back
+    hdf5     NeXus/HDF5 files, one per run, SWMR, direct chunks (extra ``hdf5``;
+             the layout in _nexus_layout)
+    dectris, dectris_v1, htype, cbor, series, simulate: detector streams (docs/detectors.md)
 
 Connectors are plain Listener/Publisher classes: they import only the core API, like
 the user's own stages.

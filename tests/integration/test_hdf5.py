@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 
 from stages.synthetic import POOL_SIZE, DetectorSimulator
-from tests.conftest import arroyo_bin, need_detectors, wait_for
+from tests.conftest import arroyo_bin, need_detectors, need_hdf5, wait_for
 from tests.integration.test_foreign_frames import free_port
-from tests.unit.test_nexus import need_hdf5
 
 need_hdf5()
 need_detectors()

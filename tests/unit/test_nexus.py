@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -14,20 +13,7 @@ import pytest
 from arroyo.compression import HEADER, compress, default_block
 from arroyo.errors import ConfigError
 from arroyo.message import LOST, Encoded, Event, Start, Stop
-from tests.conftest import in_ci, need_detectors
-
-
-def need_hdf5() -> None:
-    """Skip the calling module without the hdf5 extra, with the reason; fail under CI."""
-    for name in ("h5py", "hdf5plugin"):
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            why = f"{name} is missing: pip install 'arroyo[hdf5]'"
-            if in_ci():
-                pytest.fail(f"CI needs the hdf5 extra: {why}", pytrace=False)
-            pytest.skip(why, allow_module_level=True)
-
+from tests.conftest import need_detectors, need_hdf5
 
 need_hdf5()
 need_detectors()  # (compress() makes the detector-style frames)
