@@ -40,7 +40,7 @@ from typing import Any
 
 from arroyo import wire
 from arroyo.errors import WireError
-from arroyo.message import Event, Message, Start, Stop
+from arroyo.message import LOST, Event, Message, Start, Stop
 
 MAGIC = b"\x89AREC\r\n\x1a"
 VERSION = 1
@@ -274,7 +274,8 @@ class RunFile:
         except WireError:
             return True
         data = getattr(stop, "data", {})
-        return bool(data.get("incomplete") or data.get("interrupted"))
+        lost = stop.routing.get(LOST)  # what the run lost before the recorder, by reason
+        return bool(data.get("incomplete") or data.get("interrupted") or lost)
 
 
 class _Windows:

@@ -22,10 +22,17 @@ from typing import Annotated, Any, Literal
 from arroyo.convert import Bounds
 from arroyo.errors import WireError
 from arroyo.io import recfile
-from arroyo.message import Event, Message, Start, Stop
+from arroyo.message import LOST, Event, Message, Start, Stop
 from arroyo.stage import Listener, Publisher
 
 log = logging.getLogger("arroyo.io.recording")
+
+
+def _kept_routing(message: Message) -> dict[str, Any]:
+    """Of the runtime's bookkeeping, what a recording keeps: a Stop's losses by reason
+    (``LOST``), which make the run incomplete at every stage after them."""
+    lost = message.routing.get(LOST) if isinstance(message, Stop) else None
+    return {LOST: lost} if isinstance(lost, dict) and lost else {}
 
 
 class Recorder(Publisher):
@@ -36,7 +43,8 @@ class Recorder(Publisher):
 
     - Each message is appended as its wire frames (``arroyo.wire.encode``): a
       compressed payload (``Encoded``) is written as the compressed bytes it came in,
-      never decoded. The runtime's bookkeeping (``routing``) is not recorded.
+      never decoded. Of the runtime's bookkeeping (``routing``) only a Stop's losses
+      by reason (``LOST``) are recorded, and replayed.
     - A run's Stop writes the file's index and trailer and flushes it (``fsync =
       true`` also syncs it to disk). A run still open at ``close()``, or whose Start
       is followed by another Start, is left without Stop: it reads back incomplete.
@@ -76,8 +84,8 @@ class Recorder(Publisher):
         self.path.mkdir(parents=True, exist_ok=True)
 
     def publish(self, message: Message) -> None:
-        if message.routing:
-            message = message.with_routing({})  # (a shallow copy: the payload stays as is)
+        if message.routing:  # (a shallow copy: the payload stays as is)
+            message = message.with_routing(_kept_routing(message))
         run = message.run
         if isinstance(message, Start):  # runs do not interleave: any open one is over
             self.failed.discard(run)
@@ -340,7 +348,10 @@ class Replay(Listener):
         self.counts["runs"] += 1
 
     def _deliver(self, message: Message, info: dict[str, Any]) -> None:
-        message.routing = {}
+        # what the run had lost when it was recorded goes downstream again, so the
+        # replayed run is reported incomplete for the same reasons (LOST, as a listener
+        # reports its outside source's losses)
+        message.routing = _kept_routing(message)
         if isinstance(message, Start):
             message.data["replay"] = info
             message.run = info["run"] if self.run_ids == "recorded" else 0

@@ -401,3 +401,36 @@ def test_loop_plays_the_selection_again_until_stopped(topo, stages, tmp_path):
     starts = [r for r in read_jsonl(out) if r["kind"] == "Start"]
     assert {s["data"]["replay"]["file"] for s in starts} == {"run_00006.arec"}
     assert [s["run"] for s in starts] == list(range(1, len(starts) + 1))  # new ids, in order
+
+
+def test_what_a_run_lost_before_the_recorder_is_recorded_and_replayed(topo, stages, tmp_path):
+    """A run that reached the recorder incomplete (a detector stream's lost images, by
+    reason, on its Stop) lists as incomplete, and replayed it is incomplete downstream
+    for the same reason, not a shorter run passed off as whole."""
+    from arroyo.io.recording import Recorder
+    from arroyo.message import LOST
+
+    why = "images the detector stream lost"
+    recorder = Recorder(tmp_path / "recs")
+    recorder.setup()
+    recorder.publish(Start(run=4, routing={"o": "det"}))
+    for seq in range(5):
+        recorder.publish(Event({"frame": seq}, np.full((4, 4), seq), run=4, seq=seq))
+    recorder.publish(Stop(run=4, seq=8, routing={"o": "det", LOST: {why: 3}}))
+    recorder.close()
+    [summary] = recfile.summaries(tmp_path / "recs")
+    assert (summary["stop"], summary["complete"], summary["events"]) == (True, False, 5)
+
+    play = topo(PLAY.replace("runs = 2", "").format(tmp="{tmp}"), "play.ini")
+    started(stages, play, [("log", 0), ("timed", 0)])
+    [(_, count, stop)] = wait_for(lambda: runs_of(read_jsonl(tmp_path / "timed.jsonl")), 30)
+    assert count == 5 and stop["data"]["incomplete"] is True
+    report = wait_for(lambda: stat_runs(tmp_path / "r2", "log"), 15)
+    assert report[0]["complete"] is False and why in json.dumps(report[0]), report
+
+
+def stat_runs(run_dir: Path, stage: str) -> list[dict[str, Any]]:
+    try:
+        return json.loads((run_dir / "stats" / f"{stage}.0.json").read_text())["runs"]
+    except (OSError, ValueError, KeyError):
+        return []
