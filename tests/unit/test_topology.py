@@ -164,11 +164,12 @@ def test_demo_topology_resolves() -> None:
     assert topo.run_dir == (ROOT / ".arroyo" / "demo").resolve()
     dev = "correct__profile"
     assert topo.chains == {
-        "demo": ("detector", "correct", "profile", "writer", "sink", "viewer", dev)
+        "demo": ("detector", "nexus", "correct", "profile", "writer", "sink", "viewer", dev)
     }
     stages = topo.stages
     assert {n: s.role for n, s in stages.items()} == {
         "detector": "listener",
+        "nexus": "publisher",
         "correct": "operator",
         "profile": "operator",
         "writer": "publisher",
@@ -178,6 +179,7 @@ def test_demo_topology_resolves() -> None:
     }
     assert {n: s.workers for n, s in stages.items() if n != dev} == {
         "detector": 1,
+        "nexus": 1,
         "correct": 2,
         "profile": 2,
         "writer": 1,
@@ -200,6 +202,7 @@ def test_demo_topology_resolves() -> None:
     assert stages["profile"].options == {"bins": 128, "center": (135.68, 120.32)}
     assert stages["sink"].options["path"] == Path("../.arroyo/demo/out/events.jsonl")
     assert stages["viewer"].options == {"port": 8765, "scale": "log"}
+    assert stages["nexus"].options == {"path": Path("../.arroyo/demo/out/nexus")}
 
     # The single-process side binds; scaled workers connect; two scaled stages in a
     # row get a forwarding device that binds on both of its sides.
@@ -209,17 +212,19 @@ def test_demo_topology_resolves() -> None:
     assert link(topo, dev, "profile").binder == "source"
     fan_in = link(topo, "profile", "sink")
     assert (fan_in.pattern, fan_in.binder) == ("push", "target")
+    raw = link(topo, "detector", "nexus")  # every raw frame, on a link of its own
+    assert (raw.pattern, raw.binder) == ("push", "target")
     tap = link(topo, "detector", "viewer")
     assert (tap.pattern, tap.binder) == ("pub", "target")
     profiles = link(topo, "profile", "viewer")
     assert (profiles.pattern, profiles.binder) == ("pub", "target")
-    assert len(topo.links) == 7
+    assert len(topo.links) == 8
     assert topo.socket_dir == topo.run_dir / "sock"
     for x in topo.links:
         assert x.endpoint.startswith(f"ipc://{topo.socket_dir}/")
-    assert len({x.endpoint for x in topo.links}) == 7
+    assert len({x.endpoint for x in topo.links}) == 8
     assert topo.inputs_of("sink") == [fan_in]
-    assert set(topo.outputs_of("detector")) == {fan_out, tap}
+    assert set(topo.outputs_of("detector")) == {raw, fan_out, tap}
 
     # Sinks start first (lower priority number) and stop last; sources the other way.
     prio = {n: s.supervision.priority for n, s in stages.items()}
