@@ -174,7 +174,14 @@ def from_poni(path: Path) -> Layer:
     except Exception as e:  # pyFAI raises several kinds for a bad file
         msg = f"poni_file = {path}: cannot read it: {e}"
         raise ValueError(msg) from e
-    layer: Layer = {k: getattr(poni, k) for k in ("dist", "poni1", "poni2", "rot1", "rot2", "rot3")}
+    layer: Layer = {
+        k: float(getattr(poni, k))
+        for k in ("dist", "poni1", "poni2", "rot1", "rot2", "rot3")
+        if getattr(poni, k) is not None
+    }
+    if "dist" not in layer:  # pyFAI reads any text file, a PONI or not
+        msg = f"poni_file = {path}: not a PONI file (no Distance in it)"
+        raise ValueError(msg)
     if poni.wavelength:
         layer["wavelength"] = poni.wavelength
     detector = poni.detector
@@ -226,6 +233,7 @@ class Integrate(Operator):
         mask_file: Path | None = None,
         mask_key: str = "pixel_mask",
         polarization_factor: float | None = None,
+        radial_range: tuple[float, float] | None = None,
         correct_solid_angle: bool = True,
         method: tuple[str, ...] = ("bbox", "csr", "cython"),
         array: str = "",
@@ -248,7 +256,15 @@ class Integrate(Operator):
         if polarization_factor is not None and not -1 <= polarization_factor <= 1:
             msg = f"polarization_factor must be between -1 and 1, got {polarization_factor}"
             raise ValueError(msg)
+        if radial_range is not None and not (
+            len(radial_range) == 2 and radial_range[0] < radial_range[1]
+        ):
+            msg = f"radial_range must be low, high with low < high, got {radial_range}"
+            raise ValueError(msg)
         self.npt, self.unit, self.array = npt, unit, array
+        self.radial_range = (
+            None if radial_range is None else (float(radial_range[0]), float(radial_range[1]))
+        )
         self.method = _method(method)
         self.mask_key = mask_key
         self.poni_file, self.mask_file = poni_file, mask_file
@@ -418,6 +434,7 @@ class Integrate(Operator):
             method=self.method,
             correctSolidAngle=self.correct_solid_angle,
             polarization_factor=self.polarization_factor,
+            radial_range=self.radial_range,
         )
         return (
             np.asarray(result.radial, dtype=np.float64),
