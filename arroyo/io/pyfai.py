@@ -15,38 +15,21 @@
     pixel2 = 75e-6                  ; pixel width (columns), m
     shape = 2162, 2068              ; rows, columns
 
-The geometry of a run is put together at its ``Start``, from three layers, each
-overriding the one before: what the Start holds (a DECTRIS Stream V2 or V1 listener's
-``beam_center_x/y``, ``pixel_size_x/y`` or ``x/y_pixel_size``, ``incident_wavelength``
-or ``wavelength`` in angstrom, ``detector_distance`` or ``detector_translation[2]``,
-``image_size_x/y`` or ``x/y_pixels_in_detector``), then ``poni_file`` (pyFAI's PONI
-file: distance, PONI, rotations, wavelength, detector), then the options above. A beam
-centre in pixels becomes the PONI with pyFAI's convention (pixel ``i`` spans ``i`` to
-``i + 1``, so the centre of the first pixel is 0.5): ``poni1 = y * pixel1``,
-``poni2 = x * pixel2``. The mask is ``mask_file`` (a ``.npy``, nonzero = masked) or
-else the Start's ``pixel_mask`` array (``mask_key``; the DECTRIS convention, nonzero =
-masked) when it has one.
+Geometry, per run, at its ``Start``, in layers each overriding the one before: what
+the Start holds (a DECTRIS Stream V2 or V1 listener's beam centre, pixel sizes,
+wavelength in angstrom, distance, image size: ``from_start``), then ``poni_file``
+(pyFAI's PONI file), then the options. A beam centre in pixels becomes pyFAI's PONI
+as ``poni1 = y * pixel1``, ``poni2 = x * pixel2`` (pixel ``i`` spans ``i`` to
+``i + 1``). The mask (nonzero = masked) is ``mask_file``, else the Start's
+``pixel_mask`` (``mask_key``). Each worker builds one integrator at the Start (kept
+for the next run when nothing changed) and warms it up on a zero frame; without a
+known shape it is built at the run's first frame.
 
-Each worker builds one ``AzimuthalIntegrator`` at the Start (kept for the next run
-when its geometry and mask are the same) and warms it up with one integration of a
-zero frame, so the run's first event does not pay for building the engine. When the
-shape is not known at the Start (no ``shape`` option and nothing in the Start), the
-integrator is built at the run's first frame, from its shape. Workers run pyFAI's
-OpenMP code on one thread each (``arroyo.runtime.threads``).
-
-Each event's frame is the payload (an array) or ``payload[array]`` (a dict of arrays,
-the others kept); an event without a frame passes untouched. The frame becomes
-``{RADIAL: radial axis, "I": intensity}``, both float64 of length ``npt``, where
-RADIAL is the unit's quantity (``q``, ``2th``, ``r``...), and the metadata gets
-``units = {RADIAL: "nm^-1"}`` (merged into the input's ``units``), which the viewer
-uses to title its axes. Start passes through; Stop gets ``pyfai_dropped``, this run's
-drops (summed over the workers downstream).
-
-Dropped events (``drops()`` and the Stop's ``pyfai_dropped``; the run stays complete,
-the drop is deliberate): ``shape_mismatch`` (a frame that is not 2-D or not the
-geometry's shape), ``no_geometry`` (the Start and the options together do not give a
-distance, a beam position and pixel sizes, or pyFAI refused the geometry: the reason
-is logged once per run).
+Output: ``{RADIAL: axis, "I": intensity}`` (float64, ``npt`` long; RADIAL is the
+unit's quantity: ``q``, ``2th``, ``r``...), metadata ``units = {RADIAL: "nm^-1"}``
+merged into the input's. Start passes; Stop gains ``pyfai_dropped`` (shares). Drops
+(deliberate, by reason in ``drops()``): ``shape_mismatch``, ``no_geometry``.
+Details: docs/stages.md, "Integrate (pyFAI)".
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ built here, in the test process, straight from pyFAI's classes."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import textwrap
 from pathlib import Path
@@ -187,3 +188,21 @@ def test_geometry_and_mask_come_from_a_stream_v2_start(tmp_path, supervised):
         np.testing.assert_allclose(i, want.intensity, rtol=1e-5)
         # without the mask the gaps' NODATA would dominate: the mask was used
         assert np.nanmax(i) < simframes.nodata(np.dtype("uint16")) / 2
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize(
+    ("option", "named"),
+    [("unit = q_parsec", "unit = 'q_parsec'"), ("npt = 0", "npt"), ("distance = -2", "distance")],
+)
+def test_a_bad_option_stops_the_worker_with_one_line_and_exit_2(
+    tmp_path, topo, stages, option, named
+):
+    text = SYNTHETIC % {"frames": 1, "npt": NPT}
+    key = option.split(" = ")[0]  # a key only the integrate stage has: replaced
+    text = re.sub(rf"^{key} = .*$", option, text, count=1, flags=re.M)
+    path = topo(text.replace("workers = 2\n", "workers = 1\n", 1))
+    stages.start(path, "integrate")
+    assert stages.wait("integrate.0", timeout=30) == 2
+    log = stages.log("integrate.0")
+    assert named in log and "Traceback" not in log, log
