@@ -217,6 +217,7 @@ class Integrate(Operator):
         mask_key: str = "pixel_mask",
         polarization_factor: float | None = None,
         radial_range: tuple[float, float] | None = None,
+        dummy: float | None = None,
         correct_solid_angle: bool = True,
         method: tuple[str, ...] = ("bbox", "csr", "cython"),
         array: str = "",
@@ -249,6 +250,7 @@ class Integrate(Operator):
             None if radial_range is None else (float(radial_range[0]), float(radial_range[1]))
         )
         self.method = _method(method)
+        self.dummy = dummy
         self.mask_key = mask_key
         self.poni_file, self.mask_file = poni_file, mask_file
         self.polarization_factor = polarization_factor
@@ -418,6 +420,7 @@ class Integrate(Operator):
             correctSolidAngle=self.correct_solid_angle,
             polarization_factor=self.polarization_factor,
             radial_range=self.radial_range,
+            dummy=self.dummy,
         )
         return (
             np.asarray(result.radial, dtype=np.float64),

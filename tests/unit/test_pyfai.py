@@ -147,7 +147,8 @@ def test_setup_refuses_an_unknown_unit_and_an_unreadable_file(tmp_path):
 
 def test_an_event_becomes_the_profile_with_its_unit_and_the_rest_is_kept():
     op = started(Integrate(npt=64, unit="2th_deg", array="img", **INI))
-    assert op.integrator is not None  # built and warmed up at the Start
+    assert op.integrator is not None  # built and warmed up at the Start:
+    assert op.integrator.engines  # pyFAI's engine (the slow part) is already there
     event = Event(
         metadata={"units": {"I": "counts"}, "n": 1}, payload={"img": frame(), "t": np.ones(2)}
     )
@@ -190,6 +191,22 @@ def test_the_start_mask_is_used_and_a_mask_file_wins(tmp_path):
     unmasked = started(op, {"pixel_mask": start_mask})
     out = unmasked.process(Event(metadata={}, payload=hot))
     assert isinstance(out, Event) and np.nanmax(out.payload["I"]) > 1000
+
+
+def test_pixels_of_the_dummy_value_are_left_out():
+    hot = frame()
+    hot[:, :10] = 65535  # what a DECTRIS detector puts in gaps without a mask
+    op = started(Integrate(npt=32, dummy=65535, **INI))
+    out = op.process(Event(metadata={}, payload=hot))
+    assert isinstance(out, Event) and np.nanmax(out.payload["I"]) < 1000
+
+
+def test_without_the_extra_the_stage_stops_naming_it(monkeypatch):
+    for name in ("pyFAI", "pyFAI.detectors", "pyFAI.integrator.azimuthal", "pyFAI.units"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails, as if not installed
+    op = Integrate(npt=32, **INI)  # the options check without pyFAI
+    with pytest.raises(ConfigError, match=r"pip install 'arroyo\[pyfai\]'"):
+        op.setup()
 
 
 def test_without_a_shape_the_integrator_is_built_at_the_first_frame_and_kept():
