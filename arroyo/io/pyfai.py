@@ -255,8 +255,13 @@ class Integrate(Operator):
         self.poni_file, self.mask_file = poni_file, mask_file
         self.polarization_factor = polarization_factor
         self.correct_solid_angle = correct_solid_angle
-        self.options = self._options_layer(distance, poni1, poni2, beam_center, wavelength,
-                                           pixel1, pixel2, shape)  # fmt: skip
+        given = {"dist": distance, "poni1": poni1, "poni2": poni2, "wavelength": wavelength,
+                 "pixel1": pixel1, "pixel2": pixel2}  # fmt: skip
+        self.options: Layer = {k: float(v) for k, v in given.items() if v is not None}
+        if beam_center is not None:
+            self.options["center"] = (float(beam_center[0]), float(beam_center[1]))
+        if shape is not None:
+            self.options["shape"] = (int(shape[0]), int(shape[1]))
         self.file_layer: Layer = {}
         self.file_mask: np.ndarray | None = None
         self.radial, self.radial_unit = "", ""
@@ -267,21 +272,6 @@ class Integrate(Operator):
         self.mask: np.ndarray | None = None
         self.pending: tuple[Geometry, np.ndarray | None] | None = None  # shape unknown yet
         self.bad_geometry = ""
-
-    @staticmethod
-    def _options_layer(
-        dist: float | None, poni1: float | None, poni2: float | None,
-        center: tuple[float, float] | None, wavelength: float | None,
-        pixel1: float | None, pixel2: float | None, shape: tuple[int, int] | None,
-    ) -> Layer:  # fmt: skip
-        given = {"dist": dist, "poni1": poni1, "poni2": poni2, "wavelength": wavelength,
-                 "pixel1": pixel1, "pixel2": pixel2}  # fmt: skip
-        layer: Layer = {k: float(v) for k, v in given.items() if v is not None}
-        if center is not None:
-            layer["center"] = (float(center[0]), float(center[1]))
-        if shape is not None:
-            layer["shape"] = (int(shape[0]), int(shape[1]))
-        return layer
 
     def setup(self) -> None:
         """Import pyFAI, check the unit, read the PONI and mask files: a mistake in
@@ -383,7 +373,10 @@ class Integrate(Operator):
         log.error("this run's events are dropped: %s", why)
 
     def on_frame(self, event: Event, frame: np.ndarray) -> Result:
-        if self.pending is not None and frame.ndim == 2:
+        if frame.ndim != 2:
+            self._drop("shape_mismatch", f"a frame of shape {frame.shape} is not 2-D")
+            return None
+        if self.pending is not None:
             geometry, mask = self.pending
             self.pending = None
             self._build(replace(geometry, shape=(frame.shape[0], frame.shape[1])), mask)
@@ -454,7 +447,7 @@ class Integrate(Operator):
 
 def make_integrator(geometry: Geometry, mask: np.ndarray | None) -> Any:
     """A pyFAI ``AzimuthalIntegrator`` for ``geometry`` (its shape must be known), with
-    ``mask`` (True = masked) on its detector. Tests build their reference with it too."""
+    ``mask`` (True = masked) on its detector."""
     integrator_class, detector_class = require()
     detector = detector_class(geometry.pixel1, geometry.pixel2, max_shape=geometry.shape)
     if mask is not None:
