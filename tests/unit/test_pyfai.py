@@ -209,6 +209,17 @@ def test_without_the_extra_the_stage_stops_naming_it(monkeypatch):
         op.setup()
 
 
+def test_the_module_imports_and_checks_its_options_without_pyfai():
+    code = (
+        "import sys; sys.modules['pyFAI'] = None\n"
+        "from arroyo.io.pyfai import Integrate\n"
+        "Integrate(npt=10, distance=0.1, unit='q_nm^-1')\n"
+        "print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
 def test_without_a_shape_the_integrator_is_built_at_the_first_frame_and_kept():
     options = {k: v for k, v in INI.items() if k != "shape"}
     op = started(Integrate(npt=32, **options))
