@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import textwrap
 from pathlib import Path
@@ -92,6 +93,12 @@ input = integrate
 """
 
 
+def free_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
 def reference(
     dist: float,
     center_xy: tuple[float, float],
@@ -155,7 +162,6 @@ def test_geometry_and_mask_come_from_a_stream_v2_start(tmp_path, supervised):
     from arroyo.io import simformats, simframes
     from arroyo.io.simulate import Settings, Simulator
     from tests.conftest import need_detectors
-    from tests.integration.test_detectors import free_endpoint
 
     need_detectors()
     endpoint = free_endpoint()
