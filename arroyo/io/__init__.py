@@ -13,6 +13,8 @@
     recording  Recorder and Replay: runs kept as they travelled, played back
     hdf5     NeXus/HDF5 files, one per run, SWMR, direct chunks (extra ``hdf5``;
              the layout in _nexus_layout)
+    pyfai    azimuthal integration by pyFAI, an operator (extra ``pyfai``; its
+             geometry in _pyfai_geometry)
     dectris, dectris_v1, htype, cbor, series, simulate: detector streams (docs/detectors.md)
 
 Connectors are plain Listener/Publisher classes: they import only the core API, like

@@ -24,7 +24,7 @@ import numpy as np
 from arroyo.io._viewer_history import Part, Slot
 from arroyo.message import Encoded
 
-X_AXES = ("q", "r", "x")  # a 1-D array by one of these names is the x of the others
+X_AXES = ("q", "2th", "r", "chi", "x")  # a 1-D array by one of these names is the x of the others
 IGNORED = ("frame", "pool", "center")  # not measurements: no series unless asked for
 MAX_LIST = 8  # a metadata list of up to this many numbers is as many scalars
 

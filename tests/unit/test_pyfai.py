@@ -26,7 +26,8 @@ def need_pyfai() -> None:
 
 need_pyfai()
 
-from arroyo.io.pyfai import Geometry, Integrate, from_start, merge  # noqa: E402
+from arroyo.io._pyfai_geometry import Geometry, from_start, merge  # noqa: E402
+from arroyo.io.pyfai import Integrate  # noqa: E402
 
 SHAPE = (128, 160)
 PIXEL = 75e-6
