@@ -24,6 +24,9 @@ import pytest
 
 from tests.conftest import arroyo_bin, in_ci
 
+# Clients in the test process give up at once on a dead server (tiled reads this at
+# import: the test modules import this module before tiled).
+os.environ.setdefault("TILED_RETRY_ATTEMPTS", "1")
 READY_SECONDS = 40.0  # 3-4 s here, 7.6 s the first time; generous on 2 busy cores
 
 
@@ -103,7 +106,6 @@ class TiledServer:
 def running(folder: Path) -> Iterator[TiledServer]:
     """A started ``TiledServer`` in ``folder``, always stopped when the block ends
     (tests make a fixture of it: ``with running(tmp_path / "tiled") as server``)."""
-    os.environ.setdefault("TILED_RETRY_ATTEMPTS", "1")  # this process's clients too
     server = TiledServer(folder)
     try:
         yield server.start()

@@ -60,14 +60,19 @@ class GiveUp(Exception):
 
 def require() -> Any:
     """The Tiled client (``from_uri``), or ``ConfigError`` naming the extra."""
-    # Our own backoff retries; tiled's would hold the writer ~25 s per request.
-    os.environ.setdefault("TILED_RETRY_ATTEMPTS", "1")
+    # Our own backoff retries; tiled's would hold the writer ~25 s per request. Unless
+    # the user set it, one attempt (tiled reads the variable once, at import).
+    own_retries = "TILED_RETRY_ATTEMPTS" not in os.environ
+    if own_retries:
+        os.environ["TILED_RETRY_ATTEMPTS"] = "1"
     try:
         import pyarrow  # noqa: F401  (the table's rows)
-        from tiled.client import from_uri
+        from tiled.client import from_uri, utils
     except ImportError as e:
         msg = f"TiledWriter: {e.name or e} is not installed: {EXTRA}"
         raise ConfigError(msg) from e
+    if own_retries:  # (imported before us, in --inline mode say)
+        utils.TILED_RETRY_ATTEMPTS = 1
     return from_uri
 
 

@@ -179,3 +179,56 @@ def _no_key_in(run_dir: Path, key: str) -> None:
     assert any(f.suffix == ".log" for f in logs), logs
     for file in logs:
         assert key not in file.read_text(errors="replace"), file
+
+
+def test_unknown_count_grows_by_batch_and_drops_misfits(tiled_server: TiledServer) -> None:
+    """A Start without a count: the arrays grow batch by batch; an event unlike the
+    run's first is dropped by reason and makes the run incomplete in Tiled."""
+    from arroyo.io.tiled import TiledWriter
+    from arroyo.message import Stop
+
+    writer = TiledWriter(tiled_server.url, api_key=tiled_server.key, batch_seconds=0.05)
+    writer.setup()
+    sent = []
+    try:
+        writer.publish(Start(data={"sample": "x"}, run=7))
+        for i in range(30):
+            frame = np.full((3, 5), i, "<f4")
+            if i == 11:
+                frame = np.zeros((2, 5), "<f4")  # another shape
+            else:
+                sent.append(frame)
+            writer.publish(Event({"i": i}, frame, run=7, seq=i))
+            if i % 10 == 9:  # (three batches at least: each waits out batch_seconds)
+                wait_for(lambda i=i: writer.counts["events"] >= i, timeout=20)
+        writer.publish(Stop(data={}, run=7, seq=30))
+    finally:
+        writer.close()
+    assert writer.drops() == {"layout": 1}
+    run = tiled_server.client()["run_00007"]  # type: ignore[index]
+    assert np.array_equal(run["data"].read(), np.stack(sent))
+    assert list(run["events"].read()["seq"]) == [i for i in range(30) if i != 11]
+    meta = run.metadata
+    assert meta["incomplete"] is True and meta["writer_dropped"] == {"layout": 1}
+    assert meta["events_written"] == 29 and meta["start"] == {"sample": "x"}
+
+
+def test_dead_server_is_counted_not_hung(caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing answers at the URL: each write is given up after give_up_seconds and
+    counted by reason; close() returns; the key is in no log line."""
+    from arroyo.io.tiled import TiledWriter
+    from arroyo.message import Stop
+    from tests.tiled_server import free_port
+
+    key = "sEcReTkEy123"
+    url = f"http://127.0.0.1:{free_port()}"
+    writer = TiledWriter(url, api_key=key, give_up_seconds=0.3)
+    writer.setup()
+    writer.publish(Start(data={}, run=1))
+    for i in range(5):
+        writer.publish(Event({}, np.zeros(4), run=1, seq=i))
+    writer.publish(Stop(data={}, run=1, seq=5))
+    writer.close()
+    assert writer.drops() == {"no_container": 5}
+    assert "no container in Tiled" in caplog.text and "lost (5 events)" in caplog.text
+    assert key not in repr(writer) and key not in caplog.text
