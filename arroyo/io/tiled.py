@@ -168,6 +168,7 @@ class TiledWriter(Publisher):
         self._queued = 0
         self._thread: threading.Thread | None = None
         self._root: Any = None
+        self._failing_since: float | None = None
         self._runs: dict[int, _Run] = {}
 
     def __repr__(self) -> str:  # (no api_key in any traceback or log)
@@ -248,7 +249,6 @@ class TiledWriter(Publisher):
         """``call(retrying)`` until it succeeds; ``GiveUp`` after give_up_seconds of
         failures, or at once for a request the server refuses (4xx)."""
         backoff = Backoff(f"TiledWriter: {what}")
-        began = time.monotonic()
         retrying = False
         while True:
             try:
@@ -257,14 +257,18 @@ class TiledWriter(Publisher):
                 result = call(retrying)
                 self.counts["requests"] += 1
                 backoff.succeeded()
+                self._failing_since = None
                 return result
             except Exception as e:  # (any failure of the far side is retried)
                 status = getattr(getattr(e, "response", None), "status_code", 0)
                 reason = ""
                 if 400 <= status < 500 and status not in (409, 429):
                     reason = "refused"
-                elif time.monotonic() - began >= self.give_up_seconds:
-                    reason = "tiled_down"
+                else:  # an outage counts from its first failure, not this write's:
+                    # a queue of batches behind a dead server is given up in one go
+                    began = self._failing_since = self._failing_since or time.monotonic()
+                    if time.monotonic() - began >= self.give_up_seconds:
+                        reason = "tiled_down"
                 if reason:
                     raise GiveUp(reason, f"{what}: {type(e).__name__}: {e}") from e
                 self._root = None if status == 0 else self._root
