@@ -13,6 +13,7 @@
     recording  Recorder and Replay: runs kept as they travelled, played back
     hdf5     NeXus/HDF5 files, one per run, SWMR, direct chunks (extra ``hdf5``;
              the layout in _nexus_layout)
+    tiled    runs into a Tiled server: a container per run (extra ``tiled``)
     pyfai    azimuthal integration by pyFAI, an operator (extra ``pyfai``; its
              geometry in _pyfai_geometry)
     dectris, dectris_v1, htype, cbor, series, simulate: detector streams (docs/detectors.md)

@@ -44,7 +44,7 @@ from arroyo.stage import Publisher
 
 log = logging.getLogger("arroyo.io.tiled")
 
-EXTRA = "pip install 'arroyo[tiled]' pyarrow"
+EXTRA = "pip install 'arroyo[tiled]'"
 CHUNK_BYTES = 4 << 20  # about this much per chunk along the event axis
 JSON_ITEMS = 10_000  # a Start array larger than this is not copied into the metadata
 _DONE = object()

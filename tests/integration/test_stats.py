@@ -85,9 +85,14 @@ def test_lossy_pub_link_shows_drops_in_status(topo, tmp_path):
         arroyo("up", str(path))
 
         def finished():
+            # (the stage's row and the link's totals are read from stats files each
+            # rewritten once a second: wait until both show the end of the stream)
             rows = status(path)
             det = row(rows, "det")
-            return rows if det["sent"] + det["dropped"] >= 20000 else None
+            link = {t["link"]: t for t in link_totals(rows)}.get("det->slow")
+            if link is None or det["sent"] + det["dropped"] < 20000:
+                return None
+            return rows if link["sent"] + link["dropped"].get("pub_full", 0) >= 20000 else None
 
         rows = wait_for(finished, timeout=60)
         det = row(rows, "det")
