@@ -153,6 +153,17 @@ class Stop(Message):
     data: dict[str, Any] = field(default_factory=dict)
 
 
+def frame_of(payload: Payload, array: str = "") -> np.ndarray | None:
+    """The frame an operator works on: the payload when it is an array, else the dict's
+    array named ``array``; None when there is none (the caller drops the event)."""
+    if isinstance(payload, np.ndarray):
+        return payload
+    if isinstance(payload, dict) and array:
+        found = payload.get(array)
+        return found if isinstance(found, np.ndarray) else None
+    return None
+
+
 def payload_nbytes(payload: Any) -> int:
     if payload is None:
         return 0

@@ -24,7 +24,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import numpy as np
 
 from arroyo.convert import Bounds
-from arroyo.message import SHARES, Event, Message, Payload, Start, Stop
+from arroyo.message import SHARES, Event, Message, Payload, Start, Stop, frame_of
 from arroyo.stage import Operator, Result
 
 
@@ -50,12 +50,7 @@ class FrameOperator(Operator):
         """Handle one event whose frame is ``frame``."""
 
     def frame_of(self, payload: Payload) -> np.ndarray | None:
-        if isinstance(payload, np.ndarray):
-            return payload
-        if isinstance(payload, dict) and self.array:
-            found = payload.get(self.array)
-            return found if isinstance(found, np.ndarray) else None
-        return None
+        return frame_of(payload, self.array)
 
     def with_frame(self, payload: Payload, frame: np.ndarray) -> Payload:
         """``payload`` with its frame replaced by ``frame`` (other arrays kept)."""

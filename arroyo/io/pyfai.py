@@ -54,7 +54,7 @@ from arroyo.io._pyfai_geometry import (
     require,
 )
 from arroyo.io.retry import DropCount
-from arroyo.message import SHARES, Event, Message, Payload, Start, Stop
+from arroyo.message import SHARES, Event, Message, Payload, Start, Stop, frame_of
 from arroyo.stage import Operator, Result
 
 log = logging.getLogger("arroyo.io.pyfai")
@@ -209,7 +209,7 @@ class Integrate(Operator):
             return self._stop(message)
         if not isinstance(message, Event):
             return message
-        frame = self._frame_of(message.payload)
+        frame = frame_of(message.payload, self.array)
         if frame is None:
             return message
         return self.on_frame(message, frame)
@@ -325,11 +325,3 @@ class Integrate(Operator):
             timestamp_ns=stop.timestamp_ns,
             routing=dict(stop.routing),
         )
-
-    def _frame_of(self, payload: Payload) -> np.ndarray | None:
-        if isinstance(payload, np.ndarray):
-            return payload
-        if isinstance(payload, dict) and self.array:
-            found = payload.get(self.array)
-            return found if isinstance(found, np.ndarray) else None
-        return None
