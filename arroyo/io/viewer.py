@@ -199,8 +199,13 @@ class LiveViewer(Publisher):
         return out
 
     def drops(self) -> dict[str, int]:
-        """Frames a page asked for that would not decode (counted once per frame)."""
-        return self.fanout.guard.drops() if self.fanout is not None else {}
+        """Frames a page asked for that would not decode (counted once per frame), and
+        records or files of the ``recording`` folder that would not read."""
+        out = self.fanout.guard.drops() if self.fanout is not None else {}
+        unreadable = getattr(self.past, "unreadable", 0)
+        if unreadable:
+            out = {**out, "unreadable recording": unreadable}
+        return out
 
     def apply_live(self, changes: dict[str, Any]) -> None:
         fps = changes.get("max_fps", self.max_fps)

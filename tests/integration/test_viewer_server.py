@@ -283,6 +283,7 @@ def test_a_client_looks_back_into_a_recording_folder(tmp_path) -> None:
     for seq in range(3):
         growing.write(Event(payload=np.full((8, 8), 100 + seq), run=2, seq=seq))
     growing.flush()
+    (folder / "run_00009.arec").write_bytes(b"not a recording")  # counted, never fatal
 
     v = LiveViewer(port=0, max_fps=50, max_side=64, keep_frames=200, recording=folder)
     v.setup()
@@ -330,6 +331,7 @@ def test_a_client_looks_back_into_a_recording_folder(tmp_path) -> None:
             await ws.send_str(json.dumps({"view": {"run": 3, "index": 3}}))
             ring = await until(lambda u: "frame" in u and u["view"].get("run") == 3, "run 3")
             assert ring["frame"]["seq"] == 3
+            assert v.drops() == {"unreadable recording": 1}
 
     try:
         v.publish(Start(run=3))
