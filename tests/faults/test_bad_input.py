@@ -139,8 +139,16 @@ def test_ten_thousand_bad_messages_are_counted_and_valid_ones_arrive(topo, stage
         # huge size) were lost at the worker: the sink reports the run incomplete by that
         # many, charged to the link (the other bad messages name no run)
         lost = sum(1 for i in range(10_000) if i % 9 in (1, 2, 4, 5))
-        sink = json.loads((tmp_path / "run" / "stats" / "sink.0.json").read_text())
-        (report,) = sink["runs"]
+        def sink_report():
+            # the sink writes its stats file on a period: the run's report may not be in
+            # it yet when the run's Stop has reached out.jsonl
+            try:
+                sink = json.loads((tmp_path / "run" / "stats" / "sink.0.json").read_text())
+            except (OSError, ValueError):
+                return None
+            return sink["runs"][0] if len(sink["runs"]) == 1 else None
+
+        report = wait_for(sink_report, timeout=10)
         assert not report["complete"], report
         assert report["losses"] == {"dropped as undecodable on src->work at work": lost}
         assert report["missing"] == lost
