@@ -11,6 +11,10 @@ the same series again every ``--again`` seconds (``--once``: stop after the summ
 as the tests do). Ctrl-C prints the summary of every run the sink saw, brings
 everything down and exits 0 (1 if a run arrived incomplete). Only the last ``--keep``
 runs stay on disk.
+
+``--tiled`` runs deploy/tiled.ini the same way, beside a Tiled server of its own
+(``arroyo.control.tiled_server``): the runs go into Tiled and come back out of it to
+a viewer; at the end it prints what Tiled holds.
 """
 
 from __future__ import annotations
@@ -33,21 +37,29 @@ from typing import Any
 from arroyo.control import supervise
 from arroyo.control.commands import status_table
 from arroyo.control.scaled import reset_scale
+from arroyo.control.tiled_server import TiledDemo
 from arroyo.errors import ArroyoError, ConfigError
 from arroyo.runtime.stats import run_line
 from arroyo.topology import Topology, load
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: arroyo/control/demo.py
 DEMO = ROOT / "deploy" / "demo.ini"
+TILED = ROOT / "deploy" / "tiled.ini"  # --tiled
 AGAIN_EVERY = 10.0  # seconds between two rounds of runs while the pages are served
 KEEP_RUNS = 9  # runs kept on disk: the sink's log and the writer's run folders
 DASHBOARD_PORT = 8764
+TILED_DASHBOARD_PORT = 8767  # beside the main demo's pages (its viewer: 8766)
 ROUND_TIMEOUT = 60.0  # seconds a round of runs may take to reach the sink
 RUN_FOLDER = re.compile(r"run_(\d+)(-\d+)?(\.h5)?")  # RunFolderWriter's, NexusWriter's
 SERIES = 3  # series (runs) per round of the simulated detector
 SIMULATE = ["--format", "dectris-stream2", "--series", str(SERIES), "--images", "200",
             "--shape", "256,256", "--dtype", "uint16", "--compression", "bslz4",
             "--rate", "400", "--no-pixel-mask", "--linger", "10"]  # fmt: skip
+# --tiled: 100 frames a series, with the full header (the pyFAI stage's geometry and
+# pixel mask; the gaps read NODATA, masked, as a real detector's).
+TILED_SIMULATE = ["--format", "dectris-stream2", "--series", str(SERIES), "--images", "100",
+                  "--shape", "256,256", "--dtype", "uint16", "--compression", "bslz4",
+                  "--rate", "200", "--header-detail", "all", "--linger", "10"]  # fmt: skip
 
 
 def _option_path(topology: Topology, stage: str) -> Path | None:
@@ -200,8 +212,9 @@ class Detector:
     """The simulated DCU: one ``arroyo simulate`` child per round of ``SERIES`` series,
     bound where the topology's detector stage connects; ``end`` always ends it."""
 
-    def __init__(self, topology: Topology) -> None:
+    def __init__(self, topology: Topology, args: list[str]) -> None:
         self.endpoint = str(topology.stages["detector"].options["endpoint"])
+        self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
 
     def play(self) -> None:
@@ -209,7 +222,7 @@ class Detector:
         arroyo = Path(sys.executable).with_name("arroyo")
         cmd = [str(arroyo) if arroyo.exists() else "arroyo", "simulate"]
         self.proc = subprocess.Popen(
-            [*cmd, "--endpoint", self.endpoint, *SIMULATE],
+            [*cmd, "--endpoint", self.endpoint, *self.args],
             stdout=subprocess.DEVNULL,  # its one line per series; the sink says more
         )
 
@@ -250,6 +263,7 @@ def main(
     again: float = AGAIN_EVERY,
     keep: int = KEEP_RUNS,
     port: int = DASHBOARD_PORT,
+    tiled: bool = False,
 ) -> int:
     topology = load(topology_path)
     sink = _option_path(topology, "sink")
@@ -258,13 +272,16 @@ def main(
         raise ConfigError(msg)
     tally = Tally(sink, _option_path(topology, "nexus"))
     expected_runs = SERIES
-    detector = Detector(topology)
+    beside = TiledDemo(topology) if tiled else None  # (without its extras: exit 2 here)
+    detector = Detector(topology, TILED_SIMULATE if beside else SIMULATE)
     print(f"arroyo demo: {topology.path}")
     _start_afresh(topology, keep)
     t0 = time.monotonic()
     pages = None
     summarised = interrupted = False
     try:
+        if beside is not None:
+            beside.start()
         problems = supervise.up(topology)
         if problems:
             print("\n".join(problems), file=sys.stderr)
@@ -276,15 +293,18 @@ def main(
         if pages is not None:
             again_text = f"{expected_runs} more runs every {again:g}s"
             print(f"serving the viewer and the dashboard until Ctrl-C ({again_text})")
-            _keep_streaming(detector, tally, expected_runs, again, keep, topology)
+            _keep_streaming(detector, tally, expected_runs, again, keep, topology, beside)
     except KeyboardInterrupt:
         interrupted = True
         print("\nCtrl-C: stopping the chain")
     finally:
         detector.end()
         _stop(topology, pages, tally, keep)
+        if interrupted:
+            _final_summary(tally)
+        if beside is not None:  # after the chain's stop: its last writes go to Tiled
+            beside.stop()
     if interrupted:
-        _final_summary(tally)
         return 130 if not summarised else 1 if tally.failed() else 0
     whole = len(tally.complete()) == len(tally.closed()) == expected_runs
     return 0 if whole else 1
@@ -329,7 +349,13 @@ def _watch(topology: Topology, tally: Tally, runs: int, t0: float, timeout: floa
 
 
 def _keep_streaming(
-    detector: Detector, tally: Tally, runs: int, again: float, keep: int, topology: Topology
+    detector: Detector,
+    tally: Tally,
+    runs: int,
+    again: float,
+    keep: int,
+    topology: Topology,
+    beside: TiledDemo | None = None,
 ) -> None:
     """While the pages are served: play the detector's series again every ``again``
     seconds once its runs have reached the sink, so there is always something new to
@@ -342,6 +368,8 @@ def _keep_streaming(
         detector.end()  # long done when its runs settled
         if settled:  # every run so far is in: nothing writes to the files now
             prune(topology, keep)
+            if beside is not None:
+                beside.prune(keep)
         detector.play()
         deadline = time.monotonic() + ROUND_TIMEOUT
         while len(tally.closed()) < seen + runs and time.monotonic() < deadline:
@@ -395,7 +423,14 @@ def _positive(text: str, kind: type = float) -> Any:
 
 def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("topology", nargs="?", type=Path, default=DEMO)
+    parser.add_argument(
+        "topology", nargs="?", type=Path, help=f"default {DEMO.name}, with --tiled {TILED.name}"
+    )
+    parser.add_argument(
+        "--tiled",
+        action="store_true",
+        help="The Tiled demo: runs into a Tiled server of its own and back out (docs/tiled.md).",
+    )
     parser.add_argument(
         "--once", action="store_true", help="Stop after the summary instead of serving."
     )
@@ -414,17 +449,26 @@ def _args() -> argparse.Namespace:
     parser.add_argument(
         "--port",
         type=int,
-        default=DASHBOARD_PORT,
-        help=f"The dashboard's port; 0: any free one (default {DASHBOARD_PORT}).",
+        help=f"The dashboard's port; 0: any free one (default {DASHBOARD_PORT}, "
+        f"with --tiled {TILED_DASHBOARD_PORT}).",
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.topology = args.topology or (TILED if args.tiled else DEMO)
+    if args.port is None:
+        args.port = TILED_DASHBOARD_PORT if args.tiled else DASHBOARD_PORT
+    return args
 
 
 if __name__ == "__main__":
     args = _args()
     try:
         code = main(
-            args.topology, serve=not args.once, again=args.again, keep=args.keep, port=args.port
+            args.topology,
+            serve=not args.once,
+            again=args.again,
+            keep=args.keep,
+            port=args.port,
+            tiled=args.tiled,
         )
     except ArroyoError as e:
         print(e, file=sys.stderr)

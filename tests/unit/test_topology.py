@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BAD_DIR = ROOT / "tests" / "topologies" / "bad"
 BAD = sorted(BAD_DIR.glob("*.ini"))
 DEMO = ROOT / "deploy" / "demo.ini"
+TILED = ROOT / "deploy" / "tiled.ini"
 ARROYO = Path(sys.executable).parent / "arroyo"
 # The few corpus files also run through the real command line (each costs a process).
 CLI_SAMPLE = [
@@ -230,6 +231,44 @@ def test_demo_topology_resolves() -> None:
     prio = {n: s.supervision.priority for n, s in stages.items()}
     assert prio["sink"] < prio["profile"] < prio[dev] < prio["correct"] < prio["detector"]
     assert prio["viewer"] < prio["detector"]
+
+
+def test_tiled_demo_topology_resolves_beside_the_demo() -> None:
+    """deploy/tiled.ini (scripts/demo --tiled): two chains, linked only through Tiled,
+    on ports and a run_dir of their own so that it runs beside deploy/demo.ini."""
+    topo = load(TILED)
+    assert topo.name == "tiled"
+    assert topo.run_dir == (ROOT / ".arroyo" / "tiled-demo").resolve()
+    assert topo.chains == {
+        "acquire": ("detector", "integrate", "tiled", "nexus"),
+        "follow": ("follow", "viewer", "sink"),
+    }
+    stages = topo.stages
+    assert {n: (s.role, s.workers) for n, s in stages.items()} == {
+        "detector": ("listener", 1),
+        "integrate": ("operator", 2),
+        "tiled": ("publisher", 1),
+        "nexus": ("publisher", 1),
+        "follow": ("listener", 1),
+        "viewer": ("publisher", 1),
+        "sink": ("publisher", 1),
+    }
+    assert stages["integrate"].options == {"npt": 500, "unit": "q_nm^-1"}  # the rest: Start
+    writer, follow = stages["tiled"].options, stages["follow"].options
+    assert writer["url"] == follow["url"] == "http://127.0.0.1:8010"
+    assert writer["node"] == follow["node"] == "saxs"
+    assert follow["arrays"] == "q, I"
+    assert {(x.source, x.target, x.pattern) for x in topo.links} == {
+        ("detector", "integrate", "push"),
+        ("detector", "nexus", "push"),
+        ("integrate", "tiled", "push"),
+        ("follow", "viewer", "pub"),
+        ("follow", "sink", "push"),
+    }
+    demo = load(DEMO)
+    assert stages["viewer"].options["port"] == 8766 != demo.stages["viewer"].options["port"]
+    endpoint = stages["detector"].options["endpoint"]
+    assert endpoint == "tcp://127.0.0.1:31002" != demo.stages["detector"].options["endpoint"]
 
 
 def test_device_between_two_scaled_stages(tmp_path: Path) -> None:
