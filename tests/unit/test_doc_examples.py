@@ -65,6 +65,7 @@ def test_doc_ini_example_checks(where: str, block: str, tmp_path: Path) -> None:
 
 ROOT = DOCS.parent
 DEMO = ROOT / "deploy" / "demo.ini"
+TILED = ROOT / "deploy" / "tiled.ini"
 
 
 def doc_section(doc: str, heading: str) -> str:
@@ -94,6 +95,12 @@ def test_topology_md_first_example_is_deploy_demo_ini() -> None:
     section = doc_section("topology.md", "1. A first example")
     assert "`deploy/demo.ini` without its comments" in section
     assert code_blocks(section, "ini")[0] == without_comments(DEMO.read_text())
+
+
+def test_tiled_md_shows_deploy_tiled_ini() -> None:
+    section = doc_section("tiled.md", "The Tiled demo")
+    assert "`deploy/tiled.ini` without its comments" in section
+    assert code_blocks(section, "ini")[0] == without_comments(TILED.read_text())
 
 
 def test_topology_md_shows_what_check_prints_for_the_demo() -> None:
