@@ -424,7 +424,10 @@ def _positive(text: str, kind: type = float) -> Any:
 def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "topology", nargs="?", type=Path, help=f"default {DEMO.name}, with --tiled {TILED.name}"
+        "topology",
+        nargs="?",
+        type=Path,
+        help="default deploy/demo.ini, with --tiled deploy/tiled.ini",
     )
     parser.add_argument(
         "--tiled",

@@ -25,6 +25,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,12 @@ class TiledServer:
         for part in self.node.split("/") if self.node else []:
             node = node[part] if part in node else node.create_container(key=part)
 
+    def _node(self) -> Any:
+        node = self.client()
+        for part in self.node.split("/") if self.node else []:
+            node = node[part]
+        return node
+
     def stop(self) -> None:
         """End the server: SIGTERM, SIGKILL after ``STOP_SECONDS``."""
         proc, self.proc = self.proc, None
@@ -172,22 +179,22 @@ class TiledServer:
 
     def runs(self) -> list[tuple[str, Any]]:
         """(key, container client) of each run under ``node``, oldest first."""
-        node = self.client()
-        for part in self.node.split("/") if self.node else []:
-            node = node[part]
-        return sorted(node.items(), key=lambda kv: kv[0])
+        return sorted(self._node().items(), key=lambda kv: kv[0])
 
     def holdings(self) -> list[str]:
         """One line per run container: events, arrays, completeness."""
         lines = []
         for key, run in self.runs():
             meta = run.metadata
-            arrays = {k: v.shape for k, v in run.items() if k != "events"}
-            rows = meta.get("events_written", max((s[0] for s in arrays.values()), default=0))
-            shapes = ", ".join(f"{k} {'x'.join(map(str, s[1:]))}" for k, s in arrays.items())
-            state = "open" if "stop" not in meta else f"complete: {bool(meta.get('complete'))}"
+            shapes = ", ".join(
+                f"{k} {'x'.join(map(str, v.shape[1:]))}" for k, v in run.items() if k != "events"
+            )
             where = f"{self.node}/{key}" if self.node else key
-            lines.append(f"  {where}: {rows} events ({shapes}), {state}")
+            if "stop" in meta:  # (the writer's events_written: rows that hold data)
+                done = f"complete: {bool(meta.get('complete'))}"
+                lines.append(f"  {where}: {meta.get('events_written')} events ({shapes}), {done}")
+            else:
+                lines.append(f"  {where}: ({shapes}), still open")
         return lines
 
     def prune(self, keep: int) -> None:
@@ -196,14 +203,12 @@ class TiledServer:
         runs = self.runs()
         closed = [key for key, run in runs if "stop" in run.metadata]
         old = closed[: max(0, len(closed) - keep)]
-        if old:
-            node = self.client()
-            for part in self.node.split("/") if self.node else []:
-                node = node[part]
-            node.delete_contents(old, recursive=True, external_only=False)
+        if old:  # (external_only=False: the files of its arrays too)
+            self._node().delete_contents(old, recursive=True, external_only=False)
 
 
-def _end(pid: int, gone: Any, wait: Any) -> None:
+def _end(pid: int, gone: Callable[[], bool], wait: Callable[[], Any]) -> None:
+    """SIGTERM, then SIGKILL if ``gone`` is still false after ``STOP_SECONDS``."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_SECONDS
