@@ -199,16 +199,18 @@ def test_resumes_after_the_server_restarts(
     assert stages.stop_all()["follow.0"] == 0
 
 
-def test_a_late_listener_with_start_all_emits_the_runs_already_written(
-    tiled_server: TiledServer, topo: Any, stages: Stages, tmp_path: Path
+@pytest.mark.parametrize("start", ["all", "1"])
+def test_a_late_listener_emits_the_runs_already_written(
+    tiled_server: TiledServer, topo: Any, stages: Stages, tmp_path: Path, start: str
 ) -> None:
-    """``start = all``: runs written before the listener started come out whole, oldest
-    first, and the listener then follows live runs."""
+    """``start = all`` (every run the node holds) and ``start = 1`` (the node's stream
+    replayed from its first update, as the server keeps it): runs written before the
+    listener started come out whole, oldest first, and live runs follow."""
     client: Any = tiled_server.client()
     client.create_container(key="raw")
     wait_done(produce(tiled_server, tmp_path, ["5:30:16:3:0", "6:20:16:4:0"]), timeout=120)
     text = TOPOLOGY % {"url": tiled_server.url, "key": tiled_server.key}
-    path = topo(text.replace("node = raw\n", "node = raw\nstart = all\n"))
+    path = topo(text.replace("node = raw\n", f"node = raw\nstart = {start}\n"))
     stages.start(path, "sink")
     stages.start(path, "follow")
     out = tmp_path / "out.jsonl"
