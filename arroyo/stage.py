@@ -39,8 +39,10 @@ class _Live:
             setattr(self, name, value)
 
 
-class _OutsideEnd(_Live):
-    """What the two ends that face the outside world share."""
+class _Reports(_Live):
+    """What a stage class may report of itself beside the runtime's counters: every
+    listener, operator and publisher (an operator that drops events it cannot use,
+    the pyFAI stage say, reports them here)."""
 
     def stats(self) -> dict[str, Any]:
         """Figures of this end's own, shown beside the stage's counters in ``arroyo
@@ -50,14 +52,19 @@ class _OutsideEnd(_Live):
         return {}
 
     def drops(self) -> dict[str, int]:
-        """Messages this end lost on the outside world's side, by reason (a value it
-        could not decode, a write the far side refused...), counted since ``setup``.
+        """Messages this stage lost on purpose or on the outside world's side, by reason
+        (a value it could not decode, a write the far side refused, a frame of the
+        wrong shape...), counted since ``setup``.
 
         The runtime reads this about once a second, from its stats thread, and adds it
         to the stage's drops in ``arroyo status`` and the metrics; keep it cheap and
         return a plain dict of counts (a copy of your counter). Default: nothing lost.
         """
         return {}
+
+
+class _OutsideEnd(_Reports):
+    """What the two ends that face the outside world share."""
 
 
 class Publisher(_OutsideEnd, ABC):
@@ -80,7 +87,7 @@ class Publisher(_OutsideEnd, ABC):
         """Flush and release resources. Called once, after the last publish."""
 
 
-class Operator(_Live, ABC):
+class Operator(_Reports, ABC):
     """Processes messages and hands the results to its publishers."""
 
     @property

@@ -1,7 +1,9 @@
-"""A real Tiled server for tests: ``tiled serve catalog`` on a random port.
+"""A real Tiled server for tests: ``tiled serve config`` on a random port.
 
 ``TiledServer(tmp_path).start()`` serves a catalog file under ``tmp_path`` (made by
-``tiled catalog init``), so a stopped server started again serves the same data;
+``tiled catalog init``), so a stopped server started again serves the same data,
+with a streaming cache in memory (websocket subscriptions; it does not survive a
+restart, as Tiled's memory cache does not);
 TMPDIR points under ``tmp_path`` too (Tiled never deletes its temporary data).
 ``stop()`` terminates it and kills it after a bounded wait. A server that cannot
 start is a failure under CI and a skip with the reason elsewhere.
@@ -59,10 +61,29 @@ class TiledServer:
                 timeout=60,
             )
 
+    def _config(self) -> Path:
+        """The server's configuration: ``tiled serve catalog --cache`` fails in Tiled
+        0.2.20 (an import only its ``--temp`` branch makes), and the listener needs
+        the streaming cache, so the server is run as ``tiled serve config``."""
+        config = self.folder / "config.yml"
+        config.write_text(
+            "authentication:\n"
+            f"  single_user_api_key: {self.key}\n"
+            "trees:\n"
+            "  - path: /\n"
+            "    tree: catalog\n"
+            "    args:\n"
+            f"      uri: sqlite:///{self.catalog}\n"
+            "      writable_storage:\n"
+            f"        - {self.folder / 'data'}\n"
+            f"        - sqlite:///{self.folder / 'tables.db'}\n"
+            "streaming_cache:\n"
+            "  uri: memory\n"
+        )
+        return config
+
     def start(self) -> TiledServer:
-        cmd = [arroyo_bin("tiled"), "serve", "catalog", str(self.catalog)]
-        cmd += ["-w", str(self.folder / "data"), "-w", f"sqlite:///{self.folder / 'tables.db'}"]
-        cmd += ["--api-key", self.key]
+        cmd = [arroyo_bin("tiled"), "serve", "config", str(self._config())]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=out)

@@ -69,10 +69,12 @@ def require() -> Any:
         import pyarrow  # noqa: F401  (the table's rows)
         from tiled.client import from_uri, utils
     except ImportError as e:
-        msg = f"TiledWriter: {e.name or e} is not installed: {EXTRA}"
+        msg = f"Tiled: {e.name or e} is not installed: {EXTRA}"
         raise ConfigError(msg) from e
     if own_retries:  # (imported before us, in --inline mode say)
         utils.TILED_RETRY_ATTEMPTS = 1
+    # httpx logs every request at INFO: a line per request would bury the stage's log
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
     return from_uri
 
 
@@ -178,8 +180,6 @@ class TiledWriter(Publisher):
 
     def setup(self) -> None:
         self._from_uri = require()
-        # httpx logs every request at INFO: a line per batch would bury the stage's log
-        logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
         self._thread = threading.Thread(target=self._work, name="tiled-writer", daemon=True)
         self._thread.start()
 

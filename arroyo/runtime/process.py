@@ -489,9 +489,10 @@ class StageProcess:
         return snap
 
     def _outside(self, what: str) -> dict[str, Any]:
-        """What the user's own outside end reports of itself (``drops``, ``stats``)."""
-        end = self.outside_end
-        if end is None:
+        """What the user's own stage class reports of itself (``drops``, ``stats``): its
+        listener or publisher, or its operator."""
+        end = self.outside_end or self.user
+        if not callable(getattr(end, what, None)):
             return {}
         try:
             return dict(getattr(end, what)())

@@ -212,3 +212,31 @@ def test_a_bad_option_stops_the_worker_with_one_line_and_exit_2(
     assert stages.wait("integrate.0", timeout=30) == 2
     log = stages.log("integrate.0")
     assert named in log and "Traceback" not in log, log
+
+
+@pytest.mark.timeout(90)
+def test_frames_of_another_shape_are_drops_in_the_stages_stats(tmp_path, topo, stages):
+    """An operator's own drops (``Integrate.drops()``) reach the stage's counters, as a
+    listener's or a publisher's do: ``arroyo status`` shows them by reason."""
+    text = SYNTHETIC % {"frames": 6, "npt": NPT}
+    text = text.replace("shape = 512, 512\npolarization", "shape = 256, 256\npolarization")
+    path = topo(text.replace("workers = 2\n", "workers = 1\n", 1))
+    for stage in ("sink", "integrate", "detector"):
+        stages.start(path, stage)
+
+    def drops() -> dict[str, int] | None:
+        try:
+            stats = json.loads((tmp_path / ".arroyo" / "stats" / "integrate.0.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return stats["drops"] if stats["drops"].get("shape_mismatch") == 6 else None
+
+    assert wait_for(drops, timeout=60) == {"shape_mismatch": 6}
+    status = subprocess.run(
+        [arroyo_bin("arroyo"), "status", "--json", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert '"shape_mismatch": 6' in status.stdout, status.stdout
+    assert stages.stop_all()["integrate.0"] == 0
