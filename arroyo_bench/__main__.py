@@ -14,6 +14,8 @@ table shows medians. Receivers time a stream from its first to its last message.
     counters  the one-hop 100 B case with ARROYO_STATS=1 and =0
     storage   Recorder vs plain f.write of the frames; Replay at max vs raw one hop
     nexus     a plain h5py loop writing 1 MiB frames vs NexusWriter in a stage
+    tiled     Tiled's client writing runs vs TiledWriter; the TiledListener's latency
+              vs Tiled's own Subscription (a local Tiled server; the tiled extra)
 
 Child processes run in their own sessions and are killed (process group) on every
 way out, Ctrl-C included. The peer package is only ever installed into the virtual

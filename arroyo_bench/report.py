@@ -235,6 +235,27 @@ def _nexus(rows: list[dict[str, Any]]) -> list[str]:
     return _table(head, body)
 
 
+def _tiled(t: dict[str, Any]) -> list[str]:
+    ref, ours = "tiled client loop", "TiledWriter"
+    head = ["events", f"{ref} events/s", f"{ours} events/s", "MB/s", f"{ours}/{ref}"]
+    body = [
+        [r["case"], _n(r[ref].get("events_s")), _n(r[ours].get("events_s")),
+         _n(r[ours].get("mb_s"), 1), _n(r["ratio"], 2)]
+        for r in t.get("writer", [])
+    ]  # fmt: skip
+    out = _table(head, body)
+    out += ["", "Latency, write request begun -> frame in hand (100 appends, 50 ms apart)", ""]
+    head = ["frames", "Subscription median ms", "p90", "TiledListener median ms", "p90",
+            "TiledListener/Subscription"]  # fmt: skip
+    body = [
+        [r["frame"], _n(r["Subscription"]["median_ms"], 1), _n(r["Subscription"]["p90_ms"], 1),
+         _n(r["TiledListener"]["median_ms"], 1), _n(r["TiledListener"]["p90_ms"], 1),
+         _n(r["ratio"], 2)]
+        for r in t.get("latency", [])
+    ]  # fmt: skip
+    return out + _table(head, body)
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     out = [
@@ -303,6 +324,10 @@ def markdown(results: dict[str, Any]) -> str:
     if "nexus" in results:
         out += ["", "**NeXus writer** (1 MiB uint16 frames, one run, SWMR, a flush per frame)", ""]
         out += _nexus(results["nexus"])
+    if "tiled" in results:
+        out += ["", "**Tiled** (a local `tiled serve config`: SQLite catalog, file storage; "
+                "no target, figures for issue 22)", ""]  # fmt: skip
+        out += _tiled(results["tiled"])
     out += ["", "**Targets**", ""]
     rows = []
     for t in results["targets"]:

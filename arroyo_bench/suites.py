@@ -153,6 +153,12 @@ def curve(runner: Runner, plan: Plan) -> list[dict[str, Any]]:
     return interleaved(rows, ["plain", "curve"], plan.repeats, run)
 
 
+def _tiled(plan: Plan) -> dict[str, Any]:
+    from arroyo_bench.tiled_suite import tiled  # (imports Tiled: the tiled extra)
+
+    return tiled(plan)
+
+
 def run_suites(runner: Runner, plan: Plan, peer_check: Callable[[], str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     steps: dict[str, Callable[[], Any]] = {
@@ -166,6 +172,7 @@ def run_suites(runner: Runner, plan: Plan, peer_check: Callable[[], str]) -> dic
         "detectors": lambda: detectors(runner, plan),
         "storage": lambda: storage(runner, plan),
         "nexus": lambda: nexus(runner, plan),
+        "tiled": lambda: _tiled(plan),
     }
     for name, step in steps.items():
         if name in plan.suites:

@@ -341,6 +341,7 @@ class TiledWriter(Publisher):
         arrays = [_arrays(e) for e in batch]
         if not run.shapes and arrays[0]:
             run.shapes = {k: (v.shape, v.dtype) for k, v in arrays[0].items()}
+            self._note_units(run, batch[0])
         good = [i for i, a in enumerate(arrays) if self._fits(run, a)]
         if len(good) < len(batch):
             self._drop(run, len(batch) - len(good), "layout", "arrays unlike the run's first")
@@ -357,6 +358,21 @@ class TiledWriter(Publisher):
             return
         run.written += len(good)
         self.counts["events"] += len(good)
+
+    def _note_units(self, run: _Run, first: Event) -> None:
+        """The first event's ``units`` (``{"q": "nm^-1"}``, as the pyFAI stage gives
+        them) go in the container's metadata, so a reader can label the arrays' axes."""
+        units = jsonable(first.metadata.get("units"))
+        if not isinstance(units, dict) or not units:
+            return
+
+        def update(retrying: bool) -> None:
+            self._node(run).update_metadata(metadata={"units": units})
+
+        try:
+            self._retry(f"record the units of run {run.run}", update)
+        except GiveUp as e:  # (a label, not data: logged, not a drop)
+            log.warning("run %d: units not recorded: %s", run.run, e)
 
     def _fits(self, run: _Run, arrays: dict[str, np.ndarray]) -> bool:
         if arrays.keys() != run.shapes.keys():

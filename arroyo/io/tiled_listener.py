@@ -417,13 +417,27 @@ class TiledListener(Listener):
 
     def _emit(self, run: _Run) -> None:
         arrays = list(run.arrays.values())
+        if run.emitted == 0 and all(a.rows for a in arrays) and "units" not in run.metadata:
+            self._refresh(run)
         while all(a.rows for a in arrays):
             rows = {a.name: a.rows.popleft() for a in arrays}
             payload: Any = rows[arrays[0].name] if len(rows) == 1 else rows
-            metadata = {"tiled_run": run.key, "frame": run.emitted}
+            metadata: dict[str, Any] = {"tiled_run": run.key, "frame": run.emitted}
+            units = run.metadata.get("units")
+            if isinstance(units, dict):  # (what TiledWriter records: axis labels)
+                metadata["units"] = units
             self.deliver(Event(metadata=metadata, payload=payload))
             run.emitted += 1
             self.counts["events"] += 1
+
+    def _refresh(self, run: _Run) -> None:
+        """The run's metadata read again before its first event: what its writer set
+        before writing rows (TiledWriter's ``units``) may come on the node's stream
+        after the rows come on the array's."""
+        metadata = self._http(f"run {run.key}: its metadata", lambda n: n[run.key].metadata)
+        if metadata is not None:
+            run.metadata = _plain(metadata)
+            run.stopped = run.stopped or self.stop_key in run.metadata
 
     # -- a run's end ------------------------------------------------------------------
 

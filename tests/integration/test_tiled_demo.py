@@ -67,6 +67,9 @@ def test_the_tiled_demo_puts_its_runs_in_tiled_and_reads_them_back(tmp_path):
     assert [(r, n) for r, n, _ in runs_of(records)] == [(r, FRAMES) for r in range(1, 4)]
     starts = [r["data"] for r in records if r["kind"] == "Start"]
     assert [s["tiled_run"] for s in starts] == [f"run_{r:05d}" for r in range(1, 4)]
+    # the axis unit the pyFAI stage gave, kept by the writer, handed on by the listener
+    units = [r["metadata"].get("units") for r in records if r["kind"] == "Event"]
+    assert units == [{"q": "nm^-1"}] * (FRAMES * RUNS), units[:3]
     # the viewer got every run whole from the Tiled listener (its run reports)
     viewer = json.loads((tmp_path / "td" / "stats" / "viewer.0.json").read_text())
     seen = {(r["run"], r["received"], r["complete"]) for r in viewer["runs"]}
@@ -87,6 +90,7 @@ def check_tiled(folder: Path) -> None:
             run = runs[key]
             meta = run.metadata
             assert meta["complete"] is True and meta["events_written"] == FRAMES, dict(meta)
+            assert meta["units"] == {"q": "nm^-1"}
             assert meta["start"]["number_of_images"] == FRAMES
             q, intensity = run["q"].read(), run["I"].read()
             assert q.shape == intensity.shape == (FRAMES, NPT)
