@@ -93,16 +93,18 @@ class TiledServer:
     def __repr__(self) -> str:  # (no key)
         return f"TiledServer(url={self.url!r}, folder={str(self.folder)!r})"
 
-    def start(self) -> None:
-        """A fresh catalog, the server started and answering, ``node`` made;
-        ``ArroyoError`` (the log's tail) if it does not come up."""
+    def start(self, fresh: bool = True) -> None:
+        """The server started and answering, ``node`` made; ``ArroyoError`` (the log's
+        tail) if it does not come up. ``fresh``: a new catalog (else the folder's, as a
+        server stopped and started again serves the same data)."""
         stop_stray(self.folder)
         if not _port_free(self.host, self.port):
             msg = f"cannot serve Tiled at {self.url}: the port is in use (another Tiled demo?)"
             raise ConfigError(msg)
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if fresh:
+            shutil.rmtree(self.folder, ignore_errors=True)
         for sub in ("data", "tmp"):
-            (self.folder / sub).mkdir(parents=True)
+            (self.folder / sub).mkdir(parents=True, exist_ok=True)
         config = self._config()
         env = {**os.environ, "TMPDIR": str(self.folder / "tmp")}  # Tiled never cleans it
         cmd = [sys.executable, "-m", "tiled", "serve", "config", str(config)]
