@@ -3,11 +3,13 @@
 that publishes NTNDArrays with the ``uniqueId``\\ s a test asks for, and a client that
 records what a PV serves. Neither imports Arroyo.
 
-    python tests/pva_tools.py serve PV IDS [--bad ID] [--fps F] [--hold S]
+    python tests/pva_tools.py serve PV IDS [--bad ID] [--fps F] [--hold S] [--acquire PV]
     python tests/pva_tools.py watch OUT.npz PV[,PV...] COUNT [--seconds S]
 
 ``serve`` publishes frame ``i`` = ``frame(i)`` for each id in IDS (``1-20,31-40``),
 an NTNDArray with an unknown codec at ``--bad``, then stays up ``--hold`` seconds.
+With ``--acquire PV`` it also serves an acquire state (an NTScalar int), and IDS
+separated by ``/`` are acquisitions: the state is 1 while each one is published.
 ``watch`` monitors the PVs until COUNT updates in all (or the time is up) and saves
 each update's value as ``PV/i`` (plus ``PV/i/uniqueId`` for an NTNDArray)."""
 
@@ -40,24 +42,37 @@ def serve(args: argparse.Namespace) -> None:
 
     server = pva.PvaServer()
     server.addRecord(args.pv, pva.NtNdArray(), None)
+    if args.acquire:
+        server.addRecord(args.acquire, pva.NtScalar(pva.INT, 0), None)
     server.start()
     print("serving", flush=True)
     time.sleep(args.delay)
-    for i in ids(args.ids):
-        nt = pva.NtNdArray()
-        nt["uniqueId"] = i
-        nt["dimension"] = [pva.PvDimension(n, 0, n, 1, False) for n in reversed(SHAPE)]
-        if i == args.bad:
-            nt["codec"] = pva.PvCodec("zip", pva.PvInt(int(pva.USHORT)))
-            nt["value"] = {"ubyteValue": np.zeros(10, np.uint8)}
-        else:
-            nt["value"] = {"ushortValue": frame(i).reshape(-1)}
-        nt["timeStamp"] = pva.PvTimeStamp(time.time())
-        nt["attribute"] = [pva.NtAttribute("ColorMode", pva.PvInt(0))]
-        server.update(args.pv, nt)
-        time.sleep(1 / args.fps)
+    for acquisition in args.ids.split("/"):
+        if args.acquire:
+            server.update(args.acquire, pva.NtScalar(pva.INT, 1))
+            time.sleep(0.3)
+        for i in ids(acquisition):
+            server.update(args.pv, ntndarray(pva, i, i == args.bad))
+            time.sleep(1 / args.fps)
+        if args.acquire:
+            server.update(args.acquire, pva.NtScalar(pva.INT, 0))
+            time.sleep(1.0)
     print("published", flush=True)
     time.sleep(args.hold)
+
+
+def ntndarray(pva: Any, i: int, bad: bool) -> Any:
+    nt = pva.NtNdArray()
+    nt["uniqueId"] = i
+    nt["dimension"] = [pva.PvDimension(n, 0, n, 1, False) for n in reversed(SHAPE)]
+    if bad:
+        nt["codec"] = pva.PvCodec("zip", pva.PvInt(int(pva.USHORT)))
+        nt["value"] = {"ubyteValue": np.zeros(10, np.uint8)}
+    else:
+        nt["value"] = {"ushortValue": frame(i).reshape(-1)}
+    nt["timeStamp"] = pva.PvTimeStamp(time.time())
+    nt["attribute"] = [pva.NtAttribute("ColorMode", pva.PvInt(0))]
+    return nt
 
 
 def watch(args: argparse.Namespace) -> None:
@@ -109,6 +124,7 @@ def main() -> None:
     p.add_argument("--fps", type=float, default=100)
     p.add_argument("--delay", type=float, default=1.0)
     p.add_argument("--hold", type=float, default=60)
+    p.add_argument("--acquire", default="")
     p = sub.add_parser("watch")
     p.add_argument("out")
     p.add_argument("pvs")

@@ -105,6 +105,7 @@ class = arroyo.io.epics:PvaListener
 pv = %(pv)s
 idle_seconds = %(idle)s
 max_gap = 50
+%(extra)s
 
 [stage:sink]
 role = publisher
@@ -114,10 +115,12 @@ input = detector
 """
 
 
-def start_listening(topo: Callable[..., Path], stages: Stages, pv: str, idle: float = 1.5) -> Path:
+def start_listening(
+    topo: Callable[..., Path], stages: Stages, pv: str, idle: float = 1.5, extra: str = ""
+) -> Path:
     """The listener stage and a sink; a run closes after ``idle`` seconds without
-    an array (a server restart must take less)."""
-    path = topo(LISTEN % {"pv": pv, "idle": idle})
+    an array (a server restart must take less). ``extra``: more listener options."""
+    path = topo(LISTEN % {"pv": pv, "idle": idle, "extra": extra})
     stages.start(path, "sink")
     stages.start(path, "detector")
     return path
@@ -201,6 +204,22 @@ def test_restarted_server_gap_and_undecodable_frame_are_counted(
     log = stages.log("detector.0")
     assert "unknown_codec" in log
     assert "disconnected" in log
+
+
+def test_acquire_state_pv_makes_the_runs(tmp_path, topo, stages, procs, pva_env):
+    """With ``acquire_pv``, runs follow the detector's acquire state: two acquisitions
+    whose uniqueIds simply go on (1-10, 11-20) are two runs, each closed when the
+    state reads done, with nothing counted missing."""
+    pv, acquire = pva_env + "image", pva_env + "acquire"
+    start_listening(topo, stages, pv, idle=0, extra=f"acquire_pv = {acquire}\nacquire_grace = 0.3")
+    py = sys.executable
+    args = ("serve", pv, "1-10/11-20", "--acquire", acquire, "--delay", "2")
+    procs.start("server", py, str(TOOLS), *args)
+    (_, first, stop1), (_, second, stop2) = records(tmp_path, 2)
+    assert (first, second) == (10, 10)
+    assert [s["data"]["closed_by"] for s in (stop1, stop2)] == ["acquire done"] * 2
+    assert (stop1["data"]["first_uniqueId"], stop2["data"]["first_uniqueId"]) == (1, 11)
+    assert stop1["data"]["skipped_uniqueIds"] == stop2["data"]["skipped_uniqueIds"] == 0
 
 
 def test_sim_server_restart_opens_a_new_run(tmp_path, topo, stages, procs, pva_env):
