@@ -178,6 +178,7 @@ def test_every_simulated_frame_arrives_once_in_order(tmp_path, topo, stages, pro
         assert e["payload"] == {"shape": [48, 64], "dtype": "<u2", "sum": float(expected.sum())}
     assert stop["data"]["skipped_uniqueIds"] == 0
     assert stop["data"]["closed_by"] == "idle"
+    assert stages.stop_all(["detector.0", "sink.0"]) == {"detector.0": 0, "sink.0": 0}
 
 
 def test_restarted_server_gap_and_undecodable_frame_are_counted(
