@@ -56,7 +56,7 @@ from arroyo.io._pva_frames import (
 )
 from arroyo.io.guard import DecodeGuard, describe
 from arroyo.io.retry import Backoff, DropCount
-from arroyo.message import Event, Message
+from arroyo.message import Event, Message, Stop
 from arroyo.stage import Listener, Publisher
 
 log = logging.getLogger("arroyo.io.epics")
@@ -169,8 +169,7 @@ class PvaListener(Listener):
             if now >= next_look:
                 next_look = now + 1.0
                 self._overruns = self._monitor_overruns()
-        for message in self.runs.close("listener stopped"):
-            self.deliver(message)
+        self._boundaries(self.runs.close("listener stopped"))
 
     def stop(self) -> None:
         super().stop()
@@ -267,14 +266,12 @@ class PvaListener(Listener):
             return
         if self._new_run:
             self._new_run = False
-            for message in self.runs.close("acquire started"):
-                self.deliver(message)
+            self._boundaries(self.runs.close("acquire started"))
         admitted = self.runs.admit(uid, {"pv": self.pv})
         if isinstance(admitted, str):
             self.counts["repeats"] += 1  # (the PV's value sent again on reconnect)
             return
-        for message in admitted:
-            self.deliver(message)
+        self._boundaries(admitted)
         self._last_array = time.monotonic()
         events = self._guard.decode(self._event, frame, uid, shape)
         if not events:
@@ -283,6 +280,22 @@ class PvaListener(Listener):
         self.runs.events += 1
         self.counts["arrays"] += 1
         for message in events:
+            self.deliver(message)
+
+    def _boundaries(self, messages: list[Message]) -> None:
+        """Deliver a run's Start or Stop; a Stop is logged with what the run got."""
+        for message in messages:
+            if isinstance(message, Stop):
+                d = message.data
+                log.info(
+                    "PvaListener: %s: run closed (%s): %d arrays, %d uniqueIds skipped, "
+                    "%d undecoded",
+                    self.pv,
+                    d["closed_by"],
+                    d["arrays_received"],
+                    d["skipped_uniqueIds"],
+                    d["undecoded_arrays"],
+                )
             self.deliver(message)
 
     def _event(self, frame: Any, uid: int, shape: tuple[int, ...]) -> Message:
@@ -330,8 +343,8 @@ class PvaListener(Listener):
             and now - self._last_array > (self.idle_seconds)
         ):
             why = "idle"
-        for message in self.runs.close(why) if why else []:
-            self.deliver(message)
+        if why:
+            self._boundaries(self.runs.close(why))
 
     def _monitor_overruns(self) -> int:
         for channel in self._channels[:1]:
