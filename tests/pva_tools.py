@@ -8,14 +8,16 @@ records what a PV serves. Neither imports Arroyo.
 
 ``serve`` publishes frame ``i`` = ``frame(i)`` for each id in IDS (``1-20,31-40``),
 an NTNDArray with an unknown codec at ``--bad``, then stays up ``--hold`` seconds.
-With ``--acquire PV`` it also serves an acquire state (an NTScalar int), and IDS
-separated by ``/`` are acquisitions: the state is 1 while each one is published.
+With ``--go FILE`` it publishes once FILE exists. With ``--acquire PV`` it also
+serves an acquire state (an NTScalar int), and IDS separated by ``/`` are
+acquisitions: the state is 1 while each one is published.
 ``watch`` monitors the PVs until COUNT updates in all (or the time is up) and saves
 each update's value as ``PV/i`` (plus ``PV/i/uniqueId`` for an NTNDArray)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any
@@ -47,6 +49,8 @@ def serve(args: argparse.Namespace) -> None:
     server.start()
     print("serving", flush=True)
     time.sleep(args.delay)
+    while args.go and not os.path.exists(args.go):
+        time.sleep(0.02)
     for acquisition in args.ids.split("/"):
         if args.acquire:
             server.update(args.acquire, pva.NtScalar(pva.INT, 1))
@@ -125,6 +129,7 @@ def main() -> None:
     p.add_argument("--delay", type=float, default=1.0)
     p.add_argument("--hold", type=float, default=60)
     p.add_argument("--acquire", default="")
+    p.add_argument("--go", default="", help="publish once this file exists")
     p = sub.add_parser("watch")
     p.add_argument("out")
     p.add_argument("pvs")

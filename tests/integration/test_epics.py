@@ -7,6 +7,7 @@ other's PVs, and names its PVs after itself."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -132,6 +133,11 @@ def records(tmp_path: Path, runs: int) -> list[tuple[int, int, dict[str, Any]]]:
                     timeout=40, interval=0.2)  # fmt: skip
 
 
+def stage_stats(tmp_path: Path, stage: str) -> dict[str, Any]:
+    path = tmp_path / ".arroyo" / "stats" / f"{stage}.0.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def events(tmp_path: Path) -> list[dict[str, Any]]:
     return [r for r in read_jsonl(tmp_path / "out.jsonl") if r["kind"] == "Event"]
 
@@ -189,22 +195,30 @@ def test_restarted_server_gap_and_undecodable_frame_are_counted(
     codec at 35. The listener reconnects and keeps one run: 29 frames, 10 uniqueIds
     counted missing, 1 counted as not decoding (in its drops and the run's Stop)."""
     pv = pva_env + "image"
-    start_listening(topo, stages, pv, idle=5)
+    start_listening(topo, stages, pv, idle=8)
     py = sys.executable
     procs.start("server1", py, str(TOOLS), "serve", pv, "1-20", "--delay", "2")
     wait_for(lambda: len(events(tmp_path)) >= 20, timeout=30, interval=0.1)
     procs.procs["server1"].send_signal(signal.SIGKILL)
     procs.procs["server1"].wait(10)
-    procs.start("server2", py, str(TOOLS), "serve", pv, "31-40", "--bad", "35", "--delay", "2")
+    go = tmp_path / "go"
+    procs.start("server2", py, str(TOOLS), "serve", pv, "31-40", "--bad", "35", "--go", str(go))
+    # (publish once the listener is back: frames sent before that are not its to lose)
+    wait_for(lambda: stage_stats(tmp_path, "detector").get("extra", {}).get("connects") == 2)
+    go.touch()
     [(_, count, stop)] = records(tmp_path, 1)
     got = [e["metadata"]["uniqueId"] for e in events(tmp_path)]
     assert got == [*range(1, 21), *range(31, 35), *range(36, 41)]
     assert count == 29
     assert stop["data"]["skipped_uniqueIds"] == 10
     assert stop["data"]["undecoded_arrays"] == 1
-    log = stages.log("detector.0")
-    assert "unknown_codec" in log
-    assert "disconnected" in log
+    # what arroyo status reads: the listener's drops by reason and its link counts
+    stats = wait_for(lambda: (s := stage_stats(tmp_path, "detector")).get("drops") and s)
+    assert stats["drops"] == {"unknown_codec": 1}
+    assert (stats["extra"]["connects"], stats["extra"]["disconnects"]) == (2, 1)
+    # and every stage downstream reports the run incomplete, attributed to the PV
+    line = "29/29 events (INCOMPLETE; 11 missing; 10 uniqueIds the PV skipped; 1 NTNDArrays"
+    wait_for(lambda: line in stages.log("sink.0"), timeout=10)
 
 
 def test_acquire_state_pv_makes_the_runs(tmp_path, topo, stages, procs, pva_env):
