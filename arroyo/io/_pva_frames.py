@@ -1,7 +1,8 @@
-"""What the PVA listener makes of an ``NTNDArray``, and where its runs begin and end.
+"""NTNDArrays to numpy and back, and where the PVA listener's runs begin and end.
 
 Kept apart from ``arroyo.io.epics`` so it can be read (and tested) without pvapy:
-``frame_of`` takes anything indexable like a pvapy ``PvObject`` (a dict will do).
+the readers take anything indexable like a pvapy ``PvObject`` (a dict will do), the
+builders take pvapy's module as an argument.
 
 An ``NTNDArray`` holds its pixels in the union ``value`` (``ushortValue``,
 ``floatValue``...), its shape in ``dimension`` (fastest-varying first: x, then y, then
@@ -37,6 +38,7 @@ FIELDS = {
 FIELD_OF = {np.dtype(v): k for k, v in FIELDS.items()}
 #: The codec names areaDetector's NDPluginCodec writes.
 CODECS = ("lz4", "bslz4", "blosc", "jpeg")
+NT_SCALAR_ARRAY = "epics:nt/NTScalarArray:1.0"
 #: Stop.routing[LOST] reasons (what the PV lost, not a stage).
 SKIPPED = "uniqueIds the PV skipped"
 UNDECODED = "NTNDArrays that did not decode"
@@ -172,6 +174,66 @@ def _blosc(raw: np.ndarray) -> np.ndarray:
     except ImportError:
         import blosc
     return np.frombuffer(blosc.decompress(raw.tobytes()), np.uint8)
+
+
+def acquiring(value: Any) -> bool:
+    """An acquire PV's value: NTEnum (``{"index": 1, ...}``) or a number."""
+    if isinstance(value, dict):
+        value = value.get("index", 0)
+    try:
+        return bool(int(value))
+    except (TypeError, ValueError):
+        return str(value).lower() == "acquire"
+
+
+# -- out: what the publisher serves -------------------------------------------------
+
+
+def servable(array: np.ndarray) -> np.ndarray:
+    """``array`` in a type PV Access carries, contiguous and little-endian (``bool``
+    as ``uint8``, ``float16`` as ``float32``); ``WireError`` ``unsupported_dtype``
+    when none fits (complex numbers)."""
+    if array.dtype == np.bool_:
+        array = array.view(np.uint8)
+    elif array.dtype == np.float16:
+        array = array.astype(np.float32)
+    native = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+    if native not in FIELD_OF:
+        msg = f"{array.dtype} has no PV Access type"
+        raise WireError(msg, reason="unsupported_dtype")
+    return np.ascontiguousarray(array, dtype=native)
+
+
+def ntndarray(pva: Any, image: np.ndarray, uid: int, when: float) -> Any:
+    """An NTNDArray of ``image`` (from ``servable``), dimensions x first, with
+    areaDetector's ColorMode: mono, or RGB1 for 3-D (``[3, x, y]``, which is
+    ``(y, x, 3)`` in C order)."""
+    nt = pva.NtNdArray()
+    nt["uniqueId"] = uid
+    nt["dimension"] = [pva.PvDimension(n, 0, n, 1, False) for n in reversed(image.shape)]
+    nt["value"] = {FIELD_OF[image.dtype]: image.reshape(-1)}
+    nt["compressedSize"] = nt["uncompressedSize"] = image.nbytes
+    stamp = pva.PvTimeStamp(when)
+    nt["timeStamp"] = stamp
+    nt["dataTimeStamp"] = stamp
+    mode = 2 if image.ndim == 3 else 0
+    nt["attribute"] = [pva.NtAttribute("ColorMode", pva.PvInt(mode))]
+    return nt
+
+
+def scalar_array(pva: Any, dtype: np.dtype[Any]) -> Any:
+    """An empty NTScalarArray of ``dtype`` (pvapy has no class for it)."""
+    kind = getattr(pva, FIELD_OF[dtype].removesuffix("Value").upper())
+    structure = {
+        "value": [kind],
+        "descriptor": pva.STRING,
+        "timeStamp": pva.PvTimeStamp(),
+        "alarm": pva.PvAlarm(),
+    }
+    return pva.PvObject(structure, NT_SCALAR_ARRAY)
+
+
+# -- runs -------------------------------------------------------------------------------
 
 
 class IdRuns:

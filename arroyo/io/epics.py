@@ -20,16 +20,15 @@ installed. Metadata: ``uniqueId``, ``timestamp`` (seconds), ``dims`` (the
 NTNDArray's dimension sizes, x first), ``codec``, ``attributes``, ``pv``. Runs and
 losses follow ``arroyo.io._pva_frames.IdRuns`` (docs/epics.md).
 
-pvapy calls the monitor back on its own threads: the callback only puts the
-``PvObject`` on a bounded queue, and the stage's main thread does everything else.
+pvapy calls the monitor back on its own threads: the callback only copies the
+NTNDArray's fields (pvapy reuses the ``PvObject``) onto a bounded queue, and the
+stage's main thread does everything else.
 When the queue is full the callback waits (backpressure): pvAccess then stops
 polling the channel, the server's monitor queue overruns, and the ``uniqueId``\\ s
 it skipped are counted missing in the run. Nothing is dropped inside Arroyo.
 
 pvapy is the optional extra ``arroyo[epics]``; without it ``setup`` raises
-``ConfigError``. PV Access finds servers by UDP broadcast on
-``EPICS_PVA_BROADCAST_PORT`` (a server listens on ``EPICS_PVA_SERVER_PORT``); both
-are read from the environment when the stage starts.
+``ConfigError``. The network settings are pvAccess's ``EPICS_PVA_*`` variables.
 """
 
 from __future__ import annotations
@@ -45,12 +44,16 @@ from typing import Annotated, Any
 import numpy as np
 
 from arroyo.convert import Bounds
-from arroyo.errors import ConfigError
+from arroyo.errors import ConfigError, WireError
 from arroyo.io._pva_frames import (
     FIELD_OF,
     IdRuns,
+    acquiring,
     attributes,
+    ntndarray,
     payload_of,
+    scalar_array,
+    servable,
     shape_of,
     timestamp,
 )
@@ -64,7 +67,6 @@ log = logging.getLogger("arroyo.io.epics")
 EXTRA = "pip install 'arroyo[epics]'"
 WAIT_SECONDS = 0.2  # how often the main loop looks at the clock (idle runs, stop)
 PUT_SECONDS = 0.5  # how long a waiting pvapy callback sleeps before it looks again
-NT_SCALAR_ARRAY = "epics:nt/NTScalarArray:1.0"
 FIELDS_READ = ("uniqueId", "dimension", "codec", "attribute", "timeStamp", "value")
 
 
@@ -83,16 +85,6 @@ def _channel(pva: Any, name: str) -> Any:
     if name.startswith("ca://"):
         return pva.Channel(name[5:], pva.CA)
     return pva.Channel(name.removeprefix("pva://"))
-
-
-def _acquiring(value: Any) -> bool:
-    """An acquire PV's value: NTEnum (``{"index": 1, ...}``) or a number."""
-    if isinstance(value, dict):
-        value = value.get("index", 0)
-    try:
-        return bool(int(value))
-    except (TypeError, ValueError):
-        return str(value).lower() == "acquire"
 
 
 class PvaListener(Listener):
@@ -243,7 +235,7 @@ class PvaListener(Listener):
 
     def _on_acquire(self, pv_object: Any) -> None:
         try:
-            value = _acquiring(pv_object["value"])
+            value = acquiring(pv_object["value"])
         except Exception as e:  # a PV of another shape: say so once, read it as 0
             log.warning("PvaListener: %s: %s", self.acquire_pv, describe(e))
             value = False
@@ -400,7 +392,7 @@ class PvaPublisher(Publisher):
         if self.image_pv:
             self._server.addRecord(self.image_pv, pva.NtNdArray(), None)
         if self.array_pv:
-            self._server.addRecord(self.array_pv, self._scalar_array(), None)
+            self._server.addRecord(self.array_pv, scalar_array(pva, self.array_type), None)
         self._server.start()
         served = ", ".join(p for p in (self.image_pv, self.array_pv) if p)
         log.info("PvaPublisher: serving %s", served)
@@ -445,36 +437,14 @@ class PvaPublisher(Publisher):
             array = None
         return image, array
 
-    def _native(self, array: np.ndarray) -> np.ndarray | None:
-        """The image in a type PV Access carries, contiguous (None: none fits)."""
-        if array.dtype == np.bool_:
-            array = array.view(np.uint8)
-        elif array.dtype == np.float16:
-            array = array.astype(np.float32)
-        native = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
-        if native not in FIELD_OF:
-            self._dropped.add(1, "unsupported_dtype", f"{array.dtype} has no PV Access type")
-            return None
-        return np.ascontiguousarray(array, dtype=native)
-
     def _serve_image(self, image: np.ndarray, when: float) -> None:
-        flat = self._native(image)
-        if flat is None:
+        try:
+            flat = servable(image)
+        except WireError as e:
+            self._dropped.add(1, e.reason, str(e))
             return
-        pva = self._pva
         self.served += 1
-        nt = pva.NtNdArray()
-        nt["uniqueId"] = self.served
-        nt["dimension"] = [pva.PvDimension(n, 0, n, 1, False) for n in reversed(flat.shape)]
-        nt["value"] = {FIELD_OF[flat.dtype]: flat.reshape(-1)}
-        nt["compressedSize"] = nt["uncompressedSize"] = flat.nbytes
-        stamp = pva.PvTimeStamp(when)
-        nt["timeStamp"] = stamp
-        nt["dataTimeStamp"] = stamp
-        # areaDetector's ColorMode: mono, or RGB1 ([3, x, y], which is (y, x, 3) here)
-        mode = 2 if flat.ndim == 3 else 0
-        nt["attribute"] = [pva.NtAttribute("ColorMode", pva.PvInt(mode))]
-        self._server.update(self.image_pv, nt)
+        self._server.update(self.image_pv, ntndarray(self._pva, flat, self.served, when))
 
     def _serve_array(self, array: np.ndarray, when: float) -> None:
         try:
@@ -482,18 +452,7 @@ class PvaPublisher(Publisher):
         except (TypeError, ValueError) as e:  # (complex to float, say)
             self._dropped.add(1, "unsupported_dtype", describe(e))
             return
-        value = self._scalar_array()
+        value = scalar_array(self._pva, self.array_type)
         value["value"] = flat
         value["timeStamp"] = self._pva.PvTimeStamp(when)
         self._server.update(self.array_pv, value)
-
-    def _scalar_array(self) -> Any:
-        pva = self._pva
-        kind = getattr(pva, FIELD_OF[self.array_type].removesuffix("Value").upper())
-        structure = {
-            "value": [kind],
-            "descriptor": pva.STRING,
-            "timeStamp": pva.PvTimeStamp(),
-            "alarm": pva.PvAlarm(),
-        }
-        return pva.PvObject(structure, NT_SCALAR_ARRAY)

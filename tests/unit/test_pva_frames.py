@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 
 from arroyo.errors import ConfigError, WireError
-from arroyo.io._pva_frames import SKIPPED, UNDECODED, IdRuns, payload_of, shape_of
+from arroyo.io._pva_frames import (
+    SKIPPED,
+    UNDECODED,
+    IdRuns,
+    acquiring,
+    payload_of,
+    servable,
+    shape_of,
+)
 from arroyo.message import LOST, Encoded, Start, Stop
 
 
@@ -121,3 +129,21 @@ def test_the_core_imports_without_pvapy_and_a_stage_says_how_to_install_it(monke
         PvaListener(pv="x:image").setup()
     with pytest.raises(ConfigError, match="image_pv"):
         PvaPublisher()
+
+
+def test_what_the_publisher_serves_is_a_type_pv_access_has():
+    assert servable(np.zeros(3, bool)).dtype == np.uint8
+    assert servable(np.zeros(3, np.float16)).dtype == np.float32
+    big = np.arange(6, dtype=">u2").reshape(2, 3)[:, ::2]
+    out = servable(big)
+    assert out.dtype == np.dtype("<u2") and out.flags.c_contiguous
+    assert np.array_equal(out, big)
+    with pytest.raises(WireError) as e:
+        servable(np.zeros(3, np.complex64))
+    assert e.value.reason == "unsupported_dtype"
+
+
+def test_an_acquire_state_is_an_enum_or_a_number():
+    assert acquiring({"index": 1, "choices": ["Done", "Acquire"]})
+    assert not acquiring({"index": 0, "choices": ["Done", "Acquire"]})
+    assert acquiring(1) and not acquiring(0.0) and acquiring("Acquire")
