@@ -168,6 +168,7 @@ def test_every_simulated_frame_arrives_once_in_order(tmp_path, topo, stages, pro
     each, in order, with their uniqueIds and dimensions, as one complete run."""
     if kind == "bslz4":
         need_extra("hdf5", "h5py", "hdf5plugin")
+        need_extra("detectors", "bitshuffle", "lz4")  # (the sink decodes)
     pv = pva_env + "image"
     n = 40
     source, frames = frames_file(tmp_path, n, kind)
