@@ -17,7 +17,7 @@ STAMP="$VENV/.arroyo-installed"
 if [ ! -f "$STAMP" ] || [ "$ROOT/setup.cfg" -nt "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   echo "installing Arroyo into $VENV" >&2
   "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
-  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test,dev,redis,web,multihost,detectors,hdf5,tiled,pyfai]" >&2
+  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test,dev,redis,web,multihost,detectors,hdf5,tiled,pyfai,epics]" >&2
   touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
