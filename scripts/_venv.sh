@@ -1,6 +1,6 @@
 # Sourced by scripts/test, scripts/demo and scripts/bench: make sure .venv exists and
-# holds the project with its extras (test, dev, redis, web, multihost, detectors, hdf5, tiled, pyfai);
-# reinstall when setup.cfg changes.
+# holds the project with its extras (test, dev, redis, web, multihost, detectors, hdf5,
+# tiled, pyfai, epics); reinstall when setup.cfg changes.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
