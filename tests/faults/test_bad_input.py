@@ -139,6 +139,7 @@ def test_ten_thousand_bad_messages_are_counted_and_valid_ones_arrive(topo, stage
         # huge size) were lost at the worker: the sink reports the run incomplete by that
         # many, charged to the link (the other bad messages name no run)
         lost = sum(1 for i in range(10_000) if i % 9 in (1, 2, 4, 5))
+
         def sink_report():
             # the sink writes its stats file on a period: the run's report may not be in
             # it yet when the run's Stop has reached out.jsonl
