@@ -26,7 +26,7 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Annotated, Any
 
 from arroyo.convert import Bounds
@@ -58,9 +58,12 @@ def require() -> Any:
     except ImportError as e:
         msg = f"arroyo.io.rabbitmq needs pika, which is not installed: {EXTRA}"
         raise ConfigError(msg) from e
+    # pika logs every connection step at INFO and each failure at ERROR, which our own
+    # backoff reports already, at most every 30 s: keep it quiet unless the user has
+    # set a level for it.
     quiet = logging.getLogger("pika")
-    if quiet.level == logging.NOTSET:  # pika logs every connection step at INFO
-        quiet.setLevel(logging.WARNING)
+    if quiet.level == logging.NOTSET:
+        quiet.setLevel(logging.CRITICAL)
     return pika
 
 
@@ -137,9 +140,11 @@ class RabbitListener(Listener):
       ``queue`` (``durable``, ``auto_delete``) if ``declare``, else check it exists;
       bind it to ``exchange`` with ``routing_key`` if ``exchange`` is set; then consume
       with at most ``prefetch`` unacknowledged messages.
-    - A message is acknowledged only after ``deliver`` returned for everything it
-      decoded to. A listener killed before that leaves it unacknowledged, and the
-      broker delivers it again, flagged as redelivered.
+    - A message is acknowledged only ``ack_delay_ms`` after ``deliver`` returned for
+      everything it decoded to (the link's I/O thread sends it out of this process
+      meanwhile; docs/brokers.md). A listener killed before that leaves it
+      unacknowledged, and the broker delivers it again, flagged as redelivered.
+      Throughput is therefore at most about ``prefetch / ack_delay_ms`` per ms.
     - ``stats()``: ``received`` messages, ``duplicates`` (those flagged redelivered:
       the broker's count of possible duplicates, since a killed process cannot say
       which it had handed on), ``reconnects`` and ``queue_lost`` (consumer cancelled
@@ -170,6 +175,7 @@ class RabbitListener(Listener):
         shape: tuple[int, ...] = (),
         heartbeat: Annotated[int, Bounds(ge=0)] = 60,
         block_ms: Annotated[int, Bounds(ge=1)] = 200,
+        ack_delay_ms: Annotated[float, Bounds(ge=0)] = 50.0,
     ) -> None:
         self._pika = require()
         check_names(exchange, exchange_type, queue)
@@ -184,6 +190,9 @@ class RabbitListener(Listener):
         self.prefetch = prefetch
         self.codec = value_codec(codec, dtype, tuple(shape))
         self.block_ms = block_ms
+        self.ack_delay = ack_delay_ms / 1000
+        # (monotonic time, delivery tag) of messages handed on, not acknowledged yet
+        self._handed: deque[tuple[float, int]] = deque()
         self.name = f"{type(self).__name__}(queue {queue!r} at {safe_url(url)})"  # for logs
         self.params = parameters(self._pika, url, heartbeat, self.name)
         self.received = 0
@@ -220,6 +229,7 @@ class RabbitListener(Listener):
             channel.queue_bind(self.queue, self.exchange, routing_key=self.routing_key)
         channel.basic_qos(prefetch_count=self.prefetch)
         self._channel = channel
+        self._handed.clear()  # (tags of a closed channel: the broker sends them again)
 
     def _disconnect(self) -> None:
         _close_quietly(self.connection)
@@ -245,22 +255,41 @@ class RabbitListener(Listener):
 
     def _consume(self) -> None:
         channel = self._channel
-        timeout = self.block_ms / 1000
-        for method, _properties, body in channel.consume(self.queue, inactivity_timeout=timeout):
+        while not self.stopping:
+            # wake up in time to acknowledge what waits for it, else look at stop()
+            timeout = self.block_ms / 1000
+            if self._handed:
+                timeout = self._handed[0][0] + self.ack_delay - time.monotonic()
+            waiting = channel.consume(self.queue, inactivity_timeout=max(timeout, 0.001))
+            item = next(waiting, None)
+            if item is None:  # the consumer is gone
+                break
+            method, _properties, body = item
             if method is not None:
                 self.received += 1
                 self._count_redelivered(method.redelivered)
                 for message in self._guard.decode(decode_value, self.codec, body):
                     self.deliver(message)
-                channel.basic_ack(method.delivery_tag)
-            if self.stopping:
-                channel.cancel()  # gives back what was sent ahead and not handed on
-                return
+                self._handed.append((time.monotonic(), method.delivery_tag))
+            self._acknowledge(channel, time.monotonic() - self.ack_delay)
+        else:
+            # A clean stop: the runtime drains the links before the process exits.
+            self._acknowledge(channel, float("inf"))
+            channel.cancel()  # gives back what was sent ahead and not handed on
+            return
         if not (channel.is_open and self.connection.is_open):
             msg = f"the connection to the broker was lost (channel open: {channel.is_open})"
             raise self._pika.exceptions.StreamLostError(msg)
         msg = f"the broker cancelled the consumer of queue {self.queue!r} (was it deleted?)"
         raise ConsumerCancelled(msg)
+
+    def _acknowledge(self, channel: Any, handed_before: float) -> None:
+        """Acknowledge, with one ``basic.ack``, every message handed on before then."""
+        tag = 0
+        while self._handed and self._handed[0][0] <= handed_before:
+            tag = self._handed.popleft()[1]
+        if tag:
+            channel.basic_ack(tag, multiple=True)
 
     def _count_redelivered(self, redelivered: bool) -> None:
         """Count messages flagged redelivered; log each streak of them once it ends."""
