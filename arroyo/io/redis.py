@@ -27,10 +27,8 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 try:
     import redis
@@ -41,6 +39,7 @@ except ImportError as e:  # pragma: no cover  (depends on the installation)
     raise ImportError(_msg) from e
 
 from arroyo.errors import ConfigError
+from arroyo.io.broker import Backlog, safe_url
 from arroyo.io.codecs import CodecName, get_codec
 from arroyo.io.frames import decode_value, encode_value
 from arroyo.io.guard import DecodeGuard
@@ -59,17 +58,6 @@ CHUNK_MESSAGES = 100
 MARKER_TTL = 86_400  # seconds a stream publisher's "written up to" key outlives it
 
 # -- connections -------------------------------------------------------------------------
-
-
-def safe_url(url: str) -> str:
-    """``url`` without its password, for log lines."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def connect(url: str, socket_timeout: float) -> redis.Redis:
@@ -394,13 +382,15 @@ class RedisPublisher(Publisher):
         # "written up to" key of this publisher (stream mode; see the class docstring)
         self.marker = f"arroyo:written:{key}:{uuid.uuid4().hex}"
         self._counter = 0
-        self._pending: deque[tuple[int, bytes | bytearray]] = deque()
         self._lock = threading.Lock()
         self._down = False
         self._abandon = threading.Event()
         self._retry_thread: threading.Thread | None = None
         self.name = f"{type(self).__name__}({mode} {key!r} at {safe_url(url)})"  # for logs
         self._dropped = DropCount(self.name)
+        self._pending: Backlog[tuple[int, bytes | bytearray]] = Backlog(
+            self._dropped, max_messages=buffer
+        )
         self._backoff = Backoff(self.name)
 
     def setup(self) -> None:
@@ -421,12 +411,7 @@ class RedisPublisher(Publisher):
             return
         with self._lock:
             self._counter += 1
-            self._pending.append((self._counter, value))
-            if len(self._pending) > self.buffer:
-                self._pending.popleft()
-                self._count_drops(
-                    1, "buffer_full", "the buffer for messages Redis could not take yet is full"
-                )
+            self._pending.append((self._counter, value), len(value))
             if self._down:
                 return
             try:
@@ -555,11 +540,7 @@ class RedisPublisher(Publisher):
         if thread is not None:
             thread.join(BACKOFF_CAP + 15)
         with self._lock:
-            if self._pending:
-                self._count_drops(
-                    len(self._pending), "unreachable", "Redis was unreachable until close"
-                )
-                self._pending.clear()
+            self._pending.drop_all("unreachable", "Redis was unreachable until close")
             if self.client is not None:
                 if self.mode == "stream" and not self._down:
                     try:

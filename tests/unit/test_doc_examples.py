@@ -30,7 +30,8 @@ shape = 8, 8
 def ini_blocks() -> list[tuple[str, str]]:
     found = []
     docs = ("stages.md", "foreign-frames.md", "redis.md", "topology.md", "operations.md",
-            "detectors.md", "storage.md", "tiled.md", "epics.md")  # fmt: skip
+            "detectors.md", "storage.md", "tiled.md", "epics.md",
+            "brokers.md")  # fmt: skip
     for doc in docs:
         text = (DOCS / doc).read_text()
         for i, block in enumerate(re.findall(r"^```ini\n(.*?)^```", text, flags=re.M | re.S)):

@@ -1,0 +1,128 @@
+"""What the broker ends share (``arroyo.io.redis``, ``arroyo.io.rabbitmq``): a URL fit
+for a log line, the backlog a publisher keeps while its broker is away, and keys
+templated from a message's metadata.
+
+The message mapping they share, one broker value per Arroyo message, is
+``arroyo.io.frames``; reconnecting with backoff and counting drops is
+``arroyo.io.retry``; decoding foreign values is ``arroyo.io.guard``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Mapping
+from string import Formatter
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from arroyo.io.retry import DropCount
+from arroyo.message import Event, Message
+
+T = TypeVar("T")
+
+
+def safe_url(url: str) -> str:
+    """``url`` without its password, for log lines."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+class Backlog(Generic[T]):
+    """Messages a publisher could not hand to its broker yet, oldest first.
+
+    Bounded by a number of messages, a number of bytes, or both (0: no bound of that
+    kind). ``append`` makes room by dropping the oldest messages, counted in ``drops``
+    as ``buffer_full``; the newest message is always kept, even when it alone is over
+    the byte bound. Not thread-safe: the publisher holds its own lock around it.
+    """
+
+    def __init__(self, drops: DropCount, max_messages: int = 0, max_bytes: int = 0) -> None:
+        self.drops = drops
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._items: deque[tuple[T, int]] = deque()
+
+    def append(self, item: T, nbytes: int) -> None:
+        self._items.append((item, nbytes))
+        self.nbytes += nbytes
+        full = 0
+        while len(self._items) > 1 and self._over():
+            self.popleft()
+            full += 1
+        if full:
+            self.drops.add(
+                full, "buffer_full", "the buffer for messages the broker could not take yet is full"
+            )
+
+    def _over(self) -> bool:
+        return bool(
+            (self.max_messages and len(self._items) > self.max_messages)
+            or (self.max_bytes and self.nbytes > self.max_bytes)
+        )
+
+    def popleft(self) -> T:
+        item, nbytes = self._items.popleft()
+        self.nbytes -= nbytes
+        return item
+
+    def __getitem__(self, index: int) -> T:
+        return self._items[index][0]
+
+    def __iter__(self) -> Iterator[T]:
+        return (item for item, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def drop_all(self, reason: str, why: str) -> None:
+        """Count everything still here as dropped for ``reason``, and forget it."""
+        if self._items:
+            self.drops.add(len(self._items), reason, why)
+        self._items.clear()
+        self.nbytes = 0
+
+
+class KeyTemplate:
+    """A broker key (a routing key, a subject) made from a message: ``frames.{detector}``.
+
+    A field is looked up in the message's own metadata (an Event) or data (a Start or
+    Stop), then in the data of its run's Start, then among ``run`` (the run id) and
+    ``kind`` (``start``, ``event`` or ``stop``). Format specs work (``{run:05d}``).
+    ``ValueError`` at construction for a template that is not one (unbalanced braces,
+    a positional ``{}``, attribute or index access).
+    """
+
+    def __init__(self, template: str) -> None:
+        try:
+            parsed = list(Formatter().parse(template))
+        except ValueError as e:
+            msg = f"{template!r} is not a key template: {e}"
+            raise ValueError(msg) from e
+        self.template = template
+        self.fields = [name for _, name, _, _ in parsed if name is not None]
+        for name in self.fields:
+            if not name.isidentifier():
+                msg = (
+                    f"{template!r}: {{{name}}} is not a plain field name "
+                    "(write {detector}, not {} or {a.b} or {a[0]})"
+                )
+                raise ValueError(msg)
+
+    def render(self, message: Message, start_data: Mapping[str, Any]) -> str:
+        """The key for ``message``; ``KeyError`` naming the first field it lacks."""
+        if not self.fields:
+            return self.template
+        own = message.metadata if isinstance(message, Event) else message.data  # type: ignore[attr-defined]
+        values = {"run": message.run, "kind": type(message).__name__.lower()}
+        values.update(start_data)
+        values.update(own)
+        for name in self.fields:
+            if name not in values:
+                raise KeyError(name)
+        return self.template.format_map(values)
