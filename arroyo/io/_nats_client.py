@@ -96,7 +96,8 @@ async def connect(nats: Any, url: str, name: str, lost: asyncio.Event | None = N
         url,
         name=f"{name} pid {os.getpid()}",
         allow_reconnect=False,
-        max_reconnect_attempts=0,
+        max_reconnect_attempts=1,  # one attempt (0 would try for ever), at once:
+        reconnect_time_wait=0,
         connect_timeout=CONNECT_TIMEOUT,
         error_cb=quiet,
         disconnected_cb=gone,
