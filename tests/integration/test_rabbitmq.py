@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from arroyo.errors import ConfigError
 from arroyo.io.codecs import get_codec
 from arroyo.io.frames import decode_value
 from arroyo.message import Event, Message, Start, Stop
@@ -571,3 +572,20 @@ def test_cut_connections_reconnect_and_lose_nothing(amqp, topo, stages, tmp_path
     for key in ("lis.0", "pub.0"):
         assert "retrying with backoff" in stages.log(key), stages.log(key)
         assert "connected again" in stages.log(key), stages.log(key)
+
+
+def test_an_existing_queue_is_waited_for_and_a_mismatch_is_a_config_error(amqp):
+    queue = amqp.name("later")
+    listener = RabbitListener(queue=queue, url=URL, declare=False, codec="json")
+    with listening(listener) as sink:
+        time.sleep(0.4)  # NOT_FOUND, retried with backoff
+        assert listener.connection is None
+        amqp.queue("later")
+        amqp.send(queue, [b'{"metadata": {"i": 1}}'])
+        wait_for(lambda: len(sink.messages) == 1, timeout=15)
+    assert listener.stats()["reconnects"] == 1
+    # declared durable here, not durable by the test above: the broker refuses (406)
+    mismatch = RabbitListener(queue=queue, url=URL, durable=True)
+    with pytest.raises(ConfigError, match="PRECONDITION_FAILED"):
+        mismatch.start()
+    mismatch.close()
