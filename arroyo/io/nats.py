@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
+import time
 from collections import Counter
 from typing import Annotated, Any
 
@@ -57,6 +58,13 @@ from arroyo.io.frames import decode_value, value_codec
 from arroyo.io.guard import DecodeGuard
 from arroyo.io.retry import Backoff, DropCount, describe_error
 from arroyo.stage import Listener
+
+CONSUMER_CHECK = 1.0  # s without messages between two looks whether the consumer exists
+
+
+class ConsumerLost(Exception):
+    """The JetStream consumer (or its stream) was deleted under the listener."""
+
 
 # -- listener ----------------------------------------------------------------------------
 
@@ -144,6 +152,7 @@ class NatsListener(Listener):
         self._acks: set[asyncio.Task[None]] = set()
         self._ack_later: list[tuple[int, Any]] = []  # handed on while disconnected
         self._pump_task: asyncio.Task[Any] | None = None
+        self._idle_since: float | None = None  # no message fetched since
 
     # -- the loop thread -----------------------------------------------------------
 
@@ -151,7 +160,7 @@ class NatsListener(Listener):
         """Fetch (jetstream) or watch the subscription (core) until cancelled."""
         self._room = asyncio.Event()
         self._pump_task = asyncio.current_task()
-        failures = retryable(self._nats)
+        failures: tuple[type[Exception], ...] = (*retryable(self._nats), ConsumerLost)
         while True:
             try:
                 if self._nc is None:
@@ -214,10 +223,30 @@ class NatsListener(Listener):
                 min(self.batch, self.prefetch - self._unacked), timeout=self.block
             )
         except TimeoutError:
-            return  # nothing new (a lost connection is seen by the caller)
+            msgs = []  # nothing new (a lost connection is seen by the caller)
+        if not msgs:
+            await self._check_consumer()
+            return
+        self._idle_since = None
         self._unacked += len(msgs)
         for msg in msgs:
             self._queue.put((self._connection, msg))
+
+    async def _check_consumer(self) -> None:
+        """A pull on a deleted consumer just finds nothing: after a second without
+        messages, ask whether it still exists (``ConsumerLost`` if not: the caller
+        reconnects, which creates it again)."""
+        now = time.monotonic()
+        if self._idle_since is None or now - self._idle_since < CONSUMER_CHECK:
+            self._idle_since = self._idle_since or now
+            return
+        self._idle_since = now
+        try:
+            await self._sub.consumer_info()
+        except self._nats.js.errors.NotFoundError as e:
+            self.events["consumer_lost"] += 1
+            msg = f"consumer {self.durable!r} of stream {self.stream!r} is gone (deleted?)"
+            raise ConsumerLost(msg) from e
 
     async def _on_core(self, msg: Any) -> None:
         self._queue.put((self._connection, msg))
@@ -324,12 +353,13 @@ class NatsListener(Listener):
         self._streak = 0
 
     def stats(self) -> dict[str, Any]:
-        """``received``, ``duplicates`` (messages JetStream delivered more than once)
-        and ``reconnects`` (docs/brokers.md)."""
+        """``received``, ``duplicates`` (messages JetStream delivered more than once),
+        ``reconnects`` and ``consumer_lost`` (deleted under it; docs/brokers.md)."""
         return {
             "received": self.received,
             "duplicates": self.duplicates,
             "reconnects": self.events["reconnects"],
+            "consumer_lost": self.events["consumer_lost"],
         }
 
     def drops(self) -> dict[str, int]:

@@ -225,6 +225,14 @@ class Js:
 
         return asyncio.run(go())
 
+    def delete_consumer(self, stream: str, durable: str) -> None:
+        async def go() -> None:
+            nc = await _client(self.url)
+            await nc.jetstream().delete_consumer(stream, durable)
+            await nc.close()
+
+        asyncio.run(go())
+
     def cleanup(self) -> None:
         async def go() -> None:
             nc = await _client(self.url)
@@ -343,7 +351,9 @@ def test_round_trip_with_arrays_and_a_2mib_frame_dropped_as_too_large(js, caplog
     assert pub.stats()["sent"] == len(sent) and pub.max_payload == 1 << 20
     (line,) = [r.getMessage() for r in caplog.records if "too_large" in r.getMessage()]
     assert "2097" in line and "max_payload of 1048576 bytes" in line, line
-    assert listener.stats() == {"received": len(sent), "duplicates": 0, "reconnects": 0}
+    assert listener.stats() == {
+        "received": len(sent), "duplicates": 0, "reconnects": 0, "consumer_lost": 0
+    }  # fmt: skip
 
 
 def test_undecodable_messages_are_counted_and_acknowledged(js):
@@ -421,6 +431,23 @@ def test_unreachable_server_publish_does_not_wait_and_stop_is_prompt():
     assert full >= 1 and buffered >= 1 and full + buffered == 8
     pub.close()
     assert pub.drops() == {"buffer_full": full, "unreachable": buffered}
+
+
+def test_deleted_consumer_is_created_again(js):
+    stream = js.create("in", js.subject("in"))
+    body = [json.dumps({"metadata": {"i": i}}).encode() for i in range(20)]
+    listener = NatsListener(
+        subject=js.subject("in"), stream=stream, deliver="all", codec="json", durable="d"
+    )
+    with listening(listener) as sink:
+        js.send(js.subject("in"), body[:10])
+        wait_for(lambda: len(sink.messages) >= 10)
+        js.delete_consumer(stream, "d")
+        js.send(js.subject("in"), body[10:])
+        wait_for(lambda: len(sink.messages) >= 30, timeout=15)
+    # created again at deliver = all: the stream's first ten come again, then the rest
+    assert [m.metadata["i"] for m in sink.messages] == list(range(10)) + list(range(20))
+    assert listener.stats()["consumer_lost"] == 1
 
 
 def test_core_burst_sent_and_closed_at_once_arrives_whole(js):
