@@ -78,3 +78,30 @@ def test_options_refused_at_construction():
     with pytest.raises(ValueError, match="not a key template"):
         NatsPublisher(subject="frames.{")
     NatsListener(subject="frames.>", mode="core")  # core mode needs no stream
+
+
+def test_loop_thread_runs_coroutines_and_callbacks_off_the_main_thread():
+    import asyncio
+    import threading
+
+    from arroyo.io._asyncio_thread import LoopThread
+
+    loop = LoopThread("test-loop")
+    seen: list[str] = []
+
+    async def where() -> str:
+        await asyncio.sleep(0)
+        return threading.current_thread().name
+
+    async def forever() -> None:
+        await asyncio.sleep(3600)
+
+    assert loop.run(where(), 5) == "test-loop"
+    loop.call(lambda: seen.append(threading.current_thread().name))
+    pending = loop.submit(forever())
+    with pytest.raises(TimeoutError):
+        loop.run(forever(), 0.05)
+    loop.stop()  # cancels what still runs, joins the thread
+    assert seen == ["test-loop"] and pending.cancelled()
+    loop.call(seen.append, "after stop")  # a no-op, not an error
+    assert seen == ["test-loop"]
