@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import Counter
 from typing import Annotated, Any
 
 from arroyo.convert import Bounds
@@ -93,7 +94,8 @@ class NatsPublisher(Publisher):
         self._id = f"{uuid.uuid4().hex[:16]}-"  # Nats-Msg-Id prefix of this process
         self._count = 0
         self._run: tuple[int, dict[str, Any]] = (0, {})  # the open run's id and Start data
-        self._dropped = DropCount(self.name)
+        self._dropped = DropCount(self.name)  # loop thread
+        self._skipped = DropCount(self.name)  # main thread: never sent (no_subject, too_large)
         self._backoff = Backoff(self.name)
         self._loop = LoopThread("nats-publisher")
         self._started = False
@@ -130,7 +132,7 @@ class NatsPublisher(Publisher):
                 f"{type(message).__name__} of {len(body)} bytes, over the server's "
                 f"max_payload of {self.max_payload} bytes (less {HEADROOM} for headers)"
             )
-            self._dropped.add(1, "too_large", why)
+            self._skipped.add(1, "too_large", why)
             return
         self._count += 1
         item = (subject, body, f"{self._id}{self._count}")
@@ -144,7 +146,7 @@ class NatsPublisher(Publisher):
             return self.key.render(message, start if message.run == run else {})
         except KeyError as e:
             kind = type(message).__name__
-            self._dropped.add(
+            self._skipped.add(
                 1,
                 "no_subject",
                 f"subject {self.key.template!r} needs {e.args[0]!r}: the {kind} has no "
@@ -289,11 +291,11 @@ class NatsPublisher(Publisher):
     def drops(self) -> dict[str, int]:
         """Messages the server never took, by reason: ``no_subject``, ``too_large``,
         ``refused``, ``buffer_full``, ``unreachable`` (docs/brokers.md)."""
-        return dict(self._dropped.by_reason)
+        return dict(Counter(self._skipped.by_reason) + Counter(self._dropped.by_reason))
 
     @property
     def dropped(self) -> int:
-        return self._dropped.total
+        return self._skipped.total + self._dropped.total
 
     def close(self) -> None:
         if not self._started:
