@@ -1,6 +1,6 @@
 # Sourced by scripts/test, scripts/demo and scripts/bench: make sure .venv exists and
 # holds the project with its extras (test, dev, redis, web, multihost, detectors, hdf5,
-# tiled, pyfai, epics, rabbitmq); reinstall when setup.cfg changes.
+# tiled, pyfai, epics, rabbitmq, nats); reinstall when setup.cfg changes.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -17,7 +17,7 @@ STAMP="$VENV/.arroyo-installed"
 if [ ! -f "$STAMP" ] || [ "$ROOT/setup.cfg" -nt "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   echo "installing Arroyo into $VENV" >&2
   "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
-  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test,dev,redis,web,multihost,detectors,hdf5,tiled,pyfai,epics,rabbitmq]" >&2
+  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test,dev,redis,web,multihost,detectors,hdf5,tiled,pyfai,epics,rabbitmq,nats]" >&2
   touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

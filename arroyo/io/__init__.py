@@ -2,6 +2,10 @@
 
     zmq      a foreign ZeroMQ peer (a detector's stream, a plain PULL script)
     redis    Redis channels and streams
+    nats     NATS JetStream (durable pull consumer, PubAck) and core subjects (extra
+             ``nats``; its helpers in _nats_client, the publisher in _nats_publisher,
+             nats-py's event loop on a thread of its own in _asyncio_thread)
+    broker   what the broker ends share: backlog, templated keys, acks after hand-on
     codecs   how a foreign peer's frames become Messages and back
     frames   one broker value per message (packing a wire message's frames)
     retry    reconnect backoff and drop counts shared by every connector

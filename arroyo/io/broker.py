@@ -1,6 +1,7 @@
-"""What the broker ends share (``arroyo.io.redis``, ``arroyo.io.rabbitmq``): a URL fit
-for a log line, the backlog a publisher keeps while its broker is away, and keys
-templated from a message's metadata.
+"""What the broker ends share (``arroyo.io.redis``, ``arroyo.io.rabbitmq``,
+``arroyo.io.nats``): a URL fit for a log line, the backlog a publisher keeps while its
+broker is away, keys templated from a message's metadata, and the messages a listener
+handed on and acknowledges a little later.
 
 The message mapping they share, one broker value per Arroyo message, is
 ``arroyo.io.frames``; reconnecting with backoff and counting drops is
@@ -9,6 +10,7 @@ The message mapping they share, one broker value per Arroyo message, is
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterator, Mapping
 from string import Formatter
@@ -126,3 +128,44 @@ class KeyTemplate:
             if name not in values:
                 raise KeyError(name)
         return self.template.format_map(values)
+
+
+class HandedOn(Generic[T]):
+    """Messages a listener handed on (``deliver`` returned), to acknowledge ``delay``
+    seconds later.
+
+    ``deliver`` returns once the link's ZeroMQ socket has the message; its I/O thread
+    sends it out of the process a moment later. A message acknowledged in between and
+    a SIGKILL right then would be lost, so the broker ends wait ``delay`` (docs/brokers.md,
+    "Acknowledgement"). Used from one thread only.
+    """
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self._items: deque[tuple[float, T]] = deque()
+
+    def add(self, item: T) -> None:
+        self._items.append((time.monotonic(), item))
+
+    def due(self) -> list[T]:
+        """The items handed on at least ``delay`` ago, oldest first, forgotten here."""
+        before = time.monotonic() - self.delay
+        out = []
+        while self._items and self._items[0][0] <= before:
+            out.append(self._items.popleft()[1])
+        return out
+
+    def all(self) -> list[T]:
+        """Every item, due or not (a clean stop: the runtime drains its links)."""
+        out = [item for _, item in self._items]
+        self._items.clear()
+        return out
+
+    def wait(self, longest: float) -> float:
+        """Seconds until the oldest item is due, at most ``longest`` (and at least 1 ms)."""
+        if not self._items:
+            return longest
+        return max(min(self._items[0][0] + self.delay - time.monotonic(), longest), 0.001)
+
+    def __len__(self) -> int:
+        return len(self._items)

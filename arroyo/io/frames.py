@@ -12,7 +12,7 @@ import numpy as np
 
 from arroyo import wire
 from arroyo.errors import WireError
-from arroyo.io.codecs import Codec
+from arroyo.io.codecs import Codec, get_codec
 from arroyo.message import Message
 
 MAGIC = b"AYF1"
@@ -86,6 +86,16 @@ def unpack_frames(value: Any) -> list[memoryview]:
         msg = f"arroyo-framed value has {len(buf) - pos} bytes after its last frame"
         raise WireError(msg)
     return frames
+
+
+def value_codec(codec: str, dtype: str = "", shape: tuple[int, ...] = ()) -> Codec:
+    """The codec named by a broker end's options; ``ValueError`` naming it if it is
+    not one (or ``array`` without a dtype and shape)."""
+    try:
+        return get_codec(codec, dtype=dtype, shape=shape)
+    except ValueError as e:
+        msg = f"codec {codec!r}: {e}"
+        raise ValueError(msg) from e
 
 
 def encode_value(codec: Codec, message: Message) -> bytes | bytearray | None:
