@@ -16,6 +16,8 @@ table shows medians. Receivers time a stream from its first to its last message.
     nexus     a plain h5py loop writing 1 MiB frames vs NexusWriter in a stage
     tiled     Tiled's client writing runs vs TiledWriter; the TiledListener's latency
               vs Tiled's own Subscription (a local Tiled server; the tiled extra)
+    brokers   pika / nats-py consuming and publishing vs the RabbitMQ and NATS ends
+    pva       pvapy-hpc-consumer vs PvaListener on one pvapy-ad-sim-server stream
 
 Child processes run in their own sessions and are killed (process group) on every
 way out, Ctrl-C included. The peer package is only ever installed into the virtual

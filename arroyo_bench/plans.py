@@ -30,7 +30,7 @@ class Plan:
 
 
 ALL_SUITES = ("one_hop", "chain", "scaling", "latency", "peer", "counters", "curve", "detectors",
-              "storage", "nexus", "tiled")  # fmt: skip
+              "storage", "nexus", "tiled", "brokers", "pva")  # fmt: skip
 PLANS = {
     "full": Plan("full", (SIZE_100B, 64 * KIB, MIB, 4 * MIB), ("ipc", "tcp"), 5, 100_000,
                  2_000 * MIB, ALL_SUITES),

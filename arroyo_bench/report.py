@@ -27,6 +27,8 @@ TARGETS = [
     ("recorder", "Recorder / plain Python file writes, MB/s", 0.9, True),
     ("replay at max", "Replay into a sink / raw pyzmq one hop, msg/s", 0.8, True),
     ("nexus writer", "NexusWriter / pyzmq PULL + h5py loop, frames/s, worst case", 0.8, True),
+    # issue 23's (arroyo_bench.pva_suite; the broker rows have no target)
+    ("pva listener", "PvaListener / pvapy-hpc-consumer, frames/s", 0.9, True),
 ]
 
 
@@ -97,6 +99,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         *(results.get("detectors", {}).get(k, {}).get("ratio") for k in DETECTOR_ROWS),
         *(results.get("storage", {}).get(k, {}).get("ratio") for k in STORAGE_ROWS),
         _worst([r["ratio"] for r in results.get("nexus", [])], True),
+        (results.get("pva", {}).get("row") or {}).get("ratio"),
     ]
     out = []
     for (name, what, limit, higher), value in zip(TARGETS, measured, strict=True):
@@ -256,6 +259,36 @@ def _tiled(t: dict[str, Any]) -> list[str]:
     return out + _table(head, body)
 
 
+def _brokers(b: dict[str, Any]) -> list[str]:
+    head = ["end", "payload", "messages", "reference", "msg/s", "MB/s", "Arroyo", "msg/s",
+            "MB/s", "Arroyo/reference"]  # fmt: skip
+    body = []
+    for r in b.get("rows", []):
+        ref, ours = r["sides"]
+        body.append([r["suite"], _size(r["size"]), _n(r["count"]), ref, _n(r[ref].get("msg_s")),
+                     _n(r[ref].get("mb_s"), 1), ours, _n(r[ours].get("msg_s")),
+                     _n(r[ours].get("mb_s"), 1), _n(r["ratio"], 2)])  # fmt: skip
+    return _table(head, body) + [f"\n{note}" for note in b.get("notes", [])]
+
+
+def _pva(p: dict[str, Any]) -> list[str]:
+    r = p.get("row")
+    if not r:
+        return [f"n/a: {p.get('note', '')}"]
+    ref, ours = r["sides"]
+    head = ["offered", f"{ref} frames/s", "received", f"{ours} frames/s", "received",
+            f"{ours}/{ref}"]  # fmt: skip
+    offered = f"{r['fps']} frames/s for {r['seconds']} s"
+    body = [[offered, _n(r[ref].get("msg_s")), _pct_of(r[ref].get("fraction")),
+             _n(r[ours].get("msg_s")), _pct_of(r[ours].get("fraction")),
+             _n(r["ratio"], 2)]]  # fmt: skip
+    return _table(head, body)
+
+
+def _pct_of(value: float | None) -> str:
+    return "—" if value is None else f"{value * 100:.1f} %"
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     out = [
@@ -328,6 +361,15 @@ def markdown(results: dict[str, Any]) -> str:
         out += ["", "**Tiled** (a local `tiled serve config`: SQLite catalog, file storage; "
                 "no target, figures for issue 22)", ""]  # fmt: skip
         out += _tiled(results["tiled"])
+    if "brokers" in results:
+        out += ["", "**Brokers** (each end beside the broker's own Python client; RabbitMQ "
+                "at 127.0.0.1:5672, a private nats-server; no target, figures for issue 23)",
+                ""]  # fmt: skip
+        out += _brokers(results["brokers"])
+    if "pva" in results:
+        out += ["", "**PVA** (`pvapy-ad-sim-server`, 512 x 512 uint16, in turns with each "
+                "receiver; frames/s first to last frame received)", ""]  # fmt: skip
+        out += _pva(results["pva"])
     out += ["", "**Targets**", ""]
     rows = []
     for t in results["targets"]:

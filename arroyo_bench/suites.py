@@ -159,6 +159,18 @@ def _tiled(plan: Plan) -> dict[str, Any]:
     return tiled(plan)
 
 
+def _brokers(runner: Runner, plan: Plan) -> dict[str, Any]:
+    from arroyo_bench.broker_suite import brokers  # (pika, nats-py: their extras)
+
+    return brokers(runner, plan)
+
+
+def _pva(runner: Runner, plan: Plan) -> dict[str, Any]:
+    from arroyo_bench.pva_suite import pva  # (pvapy: the epics extra)
+
+    return pva(runner, plan)
+
+
 def run_suites(runner: Runner, plan: Plan, peer_check: Callable[[], str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     steps: dict[str, Callable[[], Any]] = {
@@ -173,6 +185,8 @@ def run_suites(runner: Runner, plan: Plan, peer_check: Callable[[], str]) -> dic
         "storage": lambda: storage(runner, plan),
         "nexus": lambda: nexus(runner, plan),
         "tiled": lambda: _tiled(plan),
+        "brokers": lambda: _brokers(runner, plan),
+        "pva": lambda: _pva(runner, plan),
     }
     for name, step in steps.items():
         if name in plan.suites:

@@ -58,6 +58,7 @@ def test_bench_smoke_writes_a_complete_report(tmp_path):
         "recorder",
         "replay at max",
         "nexus writer",
+        "pva listener",
     ]
     # smoke measures 100 B only: the big-message targets are shown, not measured
     measured = {t["target"]: t["value"] for t in report["targets"]}
