@@ -452,4 +452,25 @@ def brokers(runner: Runner, plan: Plan) -> dict[str, Any]:
     finally:
         if server is not None:
             server.stop()
+    out["notes"] += [LISTENER_BOUND, *_stalls(out["rows"])]
     return out
+
+
+LISTENER_BOUND = (
+    "The listeners run with their defaults, which bound them at about prefetch / "
+    "ack_delay_ms: 2,000 msg/s for RabbitListener (100 / 50 ms), 5,120 for NatsListener "
+    "(256 / 50 ms); docs/brokers.md says to raise prefetch for many small messages."
+)
+
+
+def _stalls(rows: list[dict[str, Any]]) -> list[str]:
+    """A note for each Arroyo run that stood still for seconds (a redelivery wait?)."""
+    notes = []
+    for row in rows:
+        ours = row["sides"][-1]
+        for i, run in enumerate(row[ours]["runs"], 1):
+            gap = run.get("max_gap_ms", 0.0) / 1000
+            if gap > 5:
+                notes.append(f"{ours} {row['size']:,} B run {i}: no message for {gap:.1f} s "
+                             "in the middle of the stream.")  # fmt: skip
+    return notes
