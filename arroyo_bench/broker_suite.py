@@ -15,8 +15,9 @@ broker's own Python client doing the same work in the same run, at 100 B and 1 M
 The reference clients run in the bench process, the stages as ``arroyo-stage``
 processes. Both sides of a row use the same prefetch (the listener's default). Each
 measurement has a queue / stream of its own, deleted after. RabbitMQ is the shared
-broker at 127.0.0.1:5672; NATS a private ``nats-server`` (``max_payload: 8MB``, a
-store of its own) started for the suite and always killed at its end.
+broker at 127.0.0.1:5672; NATS a private ``nats-server`` (``max_payload: 8MB`` and
+``max_pending: 256MB`` for 1 MiB messages, a store of its own) started for the suite
+and always killed at its end.
 """
 
 from __future__ import annotations
@@ -270,7 +271,8 @@ out = {out}
 
 
 class NatsServer:
-    """A private ``nats-server`` with JetStream and ``max_payload: 8MB``."""
+    """A private ``nats-server`` with JetStream, ``max_payload: 8MB``, ``max_pending:
+    256MB``."""
 
     def __init__(self, root: Path) -> None:
         self.root = root / "nats"
@@ -288,7 +290,10 @@ class NatsServer:
         self.root.mkdir(parents=True, exist_ok=True)
         conf = self.root / "nats.conf"
         conf.write_text(
-            f'listen: "127.0.0.1:{self.port}"\nmax_payload: 8MB\n'
+            # max_pending: a pull of 64 messages of 1 MiB (NatsListener's default batch)
+            # is over the default 64 MB a client may have waiting, and the server then
+            # closes the connection as a slow consumer
+            f'listen: "127.0.0.1:{self.port}"\nmax_payload: 8MB\nmax_pending: 256MB\n'
             f'jetstream {{\n  store_dir: "{self.root / "store"}"\n}}\n'
         )
         log_path = self.root / "server.log"
