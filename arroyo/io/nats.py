@@ -60,6 +60,8 @@ from arroyo.io.retry import Backoff, DropCount, describe_error
 from arroyo.stage import Listener
 
 CONSUMER_CHECK = 1.0  # s without messages between two looks whether the consumer exists
+FETCH_BYTES = 16 << 20  # at most this much asked for in one fetch (see _batch)
+FIRST_BATCH = 8  # messages in a fetch before their size is known
 
 
 class ConsumerLost(Exception):
@@ -127,6 +129,7 @@ class NatsListener(Listener):
         self.codec = value_codec(codec, dtype, tuple(shape))
         self.prefetch = prefetch
         self.batch = min(batch, prefetch)
+        self._largest = 0  # the largest message's bytes so far (bounds a fetch)
         self.ack_wait = ack_wait_s
         self.buffer = buffer
         self.block = block_ms / 1000
@@ -217,11 +220,20 @@ class NatsListener(Listener):
             self.subject, durable=self.durable, stream=self.stream, config=config
         )
 
+    def _batch(self) -> int:
+        """Messages to ask for: ``batch``, within ``prefetch``, and no more bytes than
+        ``FETCH_BYTES`` at the largest message seen so far. A server closes a client
+        whose pending data passes its ``max_pending`` (64 MiB by default): 64 frames of
+        1 MiB in one fetch did, and what it held came back only after ``ack_wait_s``.
+        Until a message has been seen, ``FIRST_BATCH``."""
+        n = min(self.batch, self.prefetch - self._unacked)
+        if not self._largest:
+            return min(n, FIRST_BATCH)
+        return max(1, min(n, FETCH_BYTES // self._largest))
+
     async def _fetch(self) -> None:
         try:
-            msgs = await self._sub.fetch(
-                min(self.batch, self.prefetch - self._unacked), timeout=self.block
-            )
+            msgs = await self._sub.fetch(self._batch(), timeout=self.block)
         except TimeoutError:
             msgs = []  # nothing new (a lost connection is seen by the caller)
         if not msgs:
@@ -229,6 +241,7 @@ class NatsListener(Listener):
             return
         self._idle_since = None
         self._unacked += len(msgs)
+        self._largest = max(self._largest, *(len(m.data) for m in msgs))
         for msg in msgs:
             self._queue.put((self._connection, msg))
 
