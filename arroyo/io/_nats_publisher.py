@@ -28,7 +28,7 @@ from arroyo.io.broker import Backlog, KeyTemplate, safe_url
 from arroyo.io.codecs import CodecName
 from arroyo.io.frames import encode_value, value_codec
 from arroyo.io.retry import Backoff, DropCount, describe_error
-from arroyo.message import Message, Start, Stop
+from arroyo.message import Message
 from arroyo.stage import Publisher
 
 
@@ -93,7 +93,6 @@ class NatsPublisher(Publisher):
         self.max_payload = DEFAULT_MAX_PAYLOAD
         self._id = f"{uuid.uuid4().hex[:16]}-"  # Nats-Msg-Id prefix of this process
         self._count = 0
-        self._run: tuple[int, dict[str, Any]] = (0, {})  # the open run's id and Start data
         self._dropped = DropCount(self.name)  # loop thread
         self._skipped = DropCount(self.name)  # main thread: never sent (no_subject, too_large)
         self._backoff = Backoff(self.name)
@@ -139,23 +138,12 @@ class NatsPublisher(Publisher):
         self._loop.run(self._send(item), self.ack_timeout + 2 * CONNECT_TIMEOUT + 5)
 
     def _subject(self, message: Message) -> str | None:
-        if isinstance(message, Start):
-            self._run = (message.run, dict(message.data))
-        run, start = self._run
         try:
-            return self.key.render(message, start if message.run == run else {})
+            return self.key.follow(message)
         except KeyError as e:
-            kind = type(message).__name__
-            self._skipped.add(
-                1,
-                "no_subject",
-                f"subject {self.key.template!r} needs {e.args[0]!r}: the {kind} has no "
-                "such metadata, nor its run's Start",
-            )
+            why = self.key.why_missing(e.args[0], message, "subject")
+            self._skipped.add(1, "no_subject", why)
             return None
-        finally:
-            if isinstance(message, Stop):
-                self._run = (0, {})
 
     # -- the loop thread -----------------------------------------------------------
 

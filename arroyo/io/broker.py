@@ -10,6 +10,7 @@ The message mapping they share, one broker value per Arroyo message, is
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -18,8 +19,9 @@ from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from arroyo.io.retry import DropCount
-from arroyo.message import Event, Message
+from arroyo.message import Event, Message, Start, Stop
 
+log = logging.getLogger("arroyo.io")
 T = TypeVar("T")
 
 
@@ -107,6 +109,7 @@ class KeyTemplate:
             msg = f"{template!r} is not a key template: {e}"
             raise ValueError(msg) from e
         self.template = template
+        self._run: tuple[int, dict[str, Any]] = (0, {})  # the open run's id, Start data
         self.fields = [name for _, name, _, _ in parsed if name is not None]
         for name in self.fields:
             if not name.isidentifier():
@@ -115,6 +118,26 @@ class KeyTemplate:
                     "(write {detector}, not {} or {a.b} or {a[0]})"
                 )
                 raise ValueError(msg)
+
+    def follow(self, message: Message) -> str:
+        """``render`` within the run: the data of the open run's Start (remembered from
+        its Start, forgotten at its Stop) fills what the message itself lacks."""
+        if isinstance(message, Start):
+            self._run = (message.run, dict(message.data))
+        run, start = self._run
+        try:
+            return self.render(message, start if message.run == run else {})
+        finally:
+            if isinstance(message, Stop):
+                self._run = (0, {})
+
+    def why_missing(self, field: str, message: Message, what: str) -> str:
+        """The drop's reason text for a ``KeyError(field)`` of ``follow``."""
+        kind = type(message).__name__
+        return (
+            f"{what} {self.template!r} needs {field!r}: the {kind} has no such metadata, "
+            "nor its run's Start"
+        )
 
     def render(self, message: Message, start_data: Mapping[str, Any]) -> str:
         """The key for ``message``; ``KeyError`` naming the first field it lacks."""
@@ -128,6 +151,38 @@ class KeyTemplate:
             if name not in values:
                 raise KeyError(name)
         return self.template.format_map(values)
+
+
+class Redeliveries:
+    """Messages a broker delivered again (flagged redelivered: a consumer before had
+    them unacknowledged), counted as possible duplicates; one log line per streak of
+    them, when it ends (``note(False)``) or at ``flush()``."""
+
+    def __init__(self, name: str, flagged: str) -> None:
+        self.name = name
+        self.flagged = flagged  # how the broker says so, for the log line
+        self.count = 0
+        self._streak = 0
+
+    def note(self, redelivered: bool) -> None:
+        if redelivered:
+            self.count += 1
+            self._streak += 1
+        elif self._streak:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._streak:
+            return
+        log.warning(
+            "%s: %d message(s) came again, %s (a consumer before had them "
+            "unacknowledged: possible duplicates; %d in all)",
+            self.name,
+            self._streak,
+            self.flagged,
+            self.count,
+        )
+        self._streak = 0
 
 
 class HandedOn(Generic[T]):

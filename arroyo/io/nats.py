@@ -52,7 +52,7 @@ from arroyo.io._nats_client import (
     retryable,
     start_position,
 )
-from arroyo.io.broker import HandedOn, safe_url
+from arroyo.io.broker import HandedOn, Redeliveries, safe_url
 from arroyo.io.codecs import CodecName
 from arroyo.io.frames import decode_value, value_codec
 from arroyo.io.guard import DecodeGuard
@@ -136,8 +136,7 @@ class NatsListener(Listener):
         where = f"stream {stream!r} " if mode == "jetstream" else ""
         self.name = f"{type(self).__name__}({where}subject {subject!r} at {safe_url(url)})"
         self.received = 0
-        self.duplicates = 0
-        self._streak = 0  # redelivered messages in a row, not logged yet
+        self.redelivered = Redeliveries(self.name, "delivered more than once by JetStream")
         self.events: Counter[str] = Counter()  # reconnects
         # (connection number, Msg): fetched by the loop thread, taken by the main one
         self._queue: queue.Queue[tuple[int, Any]] = queue.Queue()
@@ -339,7 +338,7 @@ class NatsListener(Listener):
         msg = item[1]
         self.received += 1
         if self.mode == "jetstream":
-            self._count_redelivered(msg.metadata.num_delivered > 1)
+            self.redelivered.note(msg.metadata.num_delivered > 1)
         for message in self._guard.decode(decode_value, self.codec, msg.data):
             self.deliver(message)
         self._handed.add(item)
@@ -348,29 +347,12 @@ class NatsListener(Listener):
         if items:
             self._loop.call(self._acknowledge, items)
 
-    def _count_redelivered(self, redelivered: bool) -> None:
-        if redelivered:
-            self.duplicates += 1
-            self._streak += 1
-        elif self._streak:
-            self._log_streak()
-
-    def _log_streak(self) -> None:
-        log.warning(
-            "%s: %d message(s) came again, delivered more than once by JetStream (a "
-            "consumer before had them unacknowledged: possible duplicates; %d in all)",
-            self.name,
-            self._streak,
-            self.duplicates,
-        )
-        self._streak = 0
-
     def stats(self) -> dict[str, Any]:
         """``received``, ``duplicates`` (messages JetStream delivered more than once),
         ``reconnects`` and ``consumer_lost`` (deleted under it; docs/brokers.md)."""
         return {
             "received": self.received,
-            "duplicates": self.duplicates,
+            "duplicates": self.redelivered.count,
             "reconnects": self.events["reconnects"],
             "consumer_lost": self.events["consumer_lost"],
         }
@@ -396,8 +378,7 @@ class NatsListener(Listener):
         except Exception as e:  # the server may be gone: what was not acked comes again
             log.warning("%s: closing: %s", self.name, describe_error(e))
         self._loop.stop()
-        if self._streak:
-            self._log_streak()
+        self.redelivered.flush()
         if self.dropped:
             log.warning("%s: %d messages dropped in all", self.name, self.dropped)
 

@@ -31,12 +31,12 @@ from typing import Annotated, Any
 
 from arroyo.convert import Bounds
 from arroyo.errors import ConfigError
-from arroyo.io.broker import Backlog, KeyTemplate, safe_url
+from arroyo.io.broker import Backlog, KeyTemplate, Redeliveries, safe_url
 from arroyo.io.codecs import Codec, CodecName, get_codec
 from arroyo.io.frames import decode_value, encode_value
 from arroyo.io.guard import DecodeGuard
 from arroyo.io.retry import BACKOFF_CAP, Backoff, DropCount, describe_error
-from arroyo.message import Message, Start, Stop
+from arroyo.message import Message
 from arroyo.stage import Listener, Publisher
 
 log = logging.getLogger("arroyo.rabbitmq")
@@ -196,8 +196,7 @@ class RabbitListener(Listener):
         self.name = f"{type(self).__name__}(queue {queue!r} at {safe_url(url)})"  # for logs
         self.params = parameters(self._pika, url, heartbeat, self.name)
         self.received = 0
-        self.duplicates = 0
-        self._streak = 0  # redelivered messages in a row, not logged yet
+        self.redelivered = Redeliveries(self.name, "flagged redelivered")
         self.events: Counter[str] = Counter()  # reconnects, queue_lost
         self.connection: Any = None
         self._channel: Any = None
@@ -267,7 +266,7 @@ class RabbitListener(Listener):
             method, _properties, body = item
             if method is not None:
                 self.received += 1
-                self._count_redelivered(method.redelivered)
+                self.redelivered.note(method.redelivered)
                 for message in self._guard.decode(decode_value, self.codec, body):
                     self.deliver(message)
                 self._handed.append((time.monotonic(), method.delivery_tag))
@@ -291,24 +290,6 @@ class RabbitListener(Listener):
         if tag:
             channel.basic_ack(tag, multiple=True)
 
-    def _count_redelivered(self, redelivered: bool) -> None:
-        """Count messages flagged redelivered; log each streak of them once it ends."""
-        if redelivered:
-            self.duplicates += 1
-            self._streak += 1
-        elif self._streak:
-            self._log_streak()
-
-    def _log_streak(self) -> None:
-        log.warning(
-            "%s: %d message(s) came again, flagged redelivered (a consumer before had "
-            "them unacknowledged: possible duplicates; %d in all)",
-            self.name,
-            self._streak,
-            self.duplicates,
-        )
-        self._streak = 0
-
     # -- counters ------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
@@ -316,7 +297,7 @@ class RabbitListener(Listener):
         and ``queue_lost`` (docs/brokers.md)."""
         return {
             "received": self.received,
-            "duplicates": self.duplicates,
+            "duplicates": self.redelivered.count,
             "reconnects": self.events["reconnects"],
             "queue_lost": self.events["queue_lost"],
         }
@@ -332,8 +313,7 @@ class RabbitListener(Listener):
 
     def close(self) -> None:
         self._disconnect()
-        if self._streak:
-            self._log_streak()
+        self.redelivered.flush()
         if self.dropped:
             log.warning("%s: %d messages dropped in all", self.name, self.dropped)
 
@@ -404,7 +384,6 @@ class RabbitPublisher(Publisher):
         self._backlog: Backlog[tuple[str, bytes, Any]] = Backlog(
             self._dropped, max_bytes=int(buffer_mb * (1 << 20))
         )
-        self._run: tuple[int, dict[str, Any]] = (0, {})  # the open run's id and Start data
         self._in_doubt = False  # the head of the backlog may have reached the broker
         self._lock = threading.Lock()
         self._down = False
@@ -455,23 +434,12 @@ class RabbitPublisher(Publisher):
                 self._went_down(e)
 
     def _routing_key(self, message: Message) -> str | None:
-        if isinstance(message, Start):
-            self._run = (message.run, dict(message.data))
-        run, start = self._run
         try:
-            key = self.key.render(message, start if message.run == run else {})
+            key = self.key.follow(message)
         except KeyError as e:
-            kind = type(message).__name__
-            self._dropped.add(
-                1,
-                "no_routing_key",
-                f"routing key {self.key.template!r} needs {e.args[0]!r}: the {kind} has no "
-                "such metadata, nor its run's Start",
-            )
+            why = self.key.why_missing(e.args[0], message, "routing key")
+            self._dropped.add(1, "no_routing_key", why)
             return None
-        finally:
-            if isinstance(message, Stop):
-                self._run = (0, {})
         if len(key.encode()) > MAX_KEY:
             self._dropped.add(
                 1, "bad_routing_key", f"routing key over {MAX_KEY} bytes: {key[:60]}..."
