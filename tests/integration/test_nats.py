@@ -17,12 +17,10 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +30,8 @@ import pytest
 from arroyo.io.codecs import get_codec
 from arroyo.io.frames import decode_value
 from arroyo.message import Event, Message, Start, Stop
-from arroyo.stage import PassThrough
-from arroyo.testing import CollectingPublisher, compose, make_run
+from arroyo.testing import make_run
+from tests.brokers import arrays_run, listening
 from tests.conftest import in_ci, need_extra, read_jsonl, runs_of, wait_for
 
 need_extra("nats", "nats")
@@ -255,42 +253,6 @@ def js() -> Iterator[Js]:
         yield client
     finally:
         client.cleanup()
-
-
-@contextmanager
-def listening(listener: NatsListener) -> Iterator[CollectingPublisher]:
-    """Run ``listener.start()`` in a thread, collecting what it delivers."""
-    sink = CollectingPublisher()
-    compose(listener, PassThrough(), sink)
-    listener.setup()
-    thread = threading.Thread(target=listener.start, name="nats-listener", daemon=True)
-    thread.start()
-    try:
-        yield sink
-    finally:
-        listener.stop()
-        thread.join(5)
-        listener.close()
-        assert not thread.is_alive(), "NatsListener.start() did not return after stop()"
-
-
-def arrays_run() -> list[Message]:
-    rng = np.random.default_rng(3)
-    big = rng.normal(size=(40, 30)).astype(">f8")
-    return [
-        Start(data={"detector": "pilatus", "sample": "LaB6"}, run=3),
-        Event(metadata={"i": 0}, payload=rng.integers(0, 4000, (64, 64)).astype("<u2"), run=3),
-        Event(metadata={"i": 1}, payload=big[::3, ::2], run=3, seq=1),  # not contiguous
-        Event(metadata={"i": 2}, payload=np.array(2.5, dtype="<f4"), run=3, seq=2),  # 0-d
-        Event(
-            metadata={"i": 3},
-            payload={"image": rng.random((3, 5)).astype("c8"), "mask": np.zeros(3, "u1")},
-            run=3,
-            seq=3,
-        ),
-        Event(metadata={"i": 4}, payload=b"\x00raw\xff", run=3, seq=4),
-        Stop(data={"frames": 5}, run=3, seq=5),
-    ]
 
 
 def json_run(scan: int, events: int) -> list[bytes]:

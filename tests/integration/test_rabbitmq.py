@@ -13,12 +13,10 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +26,9 @@ import pytest
 from arroyo.errors import ConfigError
 from arroyo.io.codecs import get_codec
 from arroyo.io.frames import decode_value
-from arroyo.message import Event, Message, Start, Stop
-from arroyo.stage import PassThrough
-from arroyo.testing import CollectingPublisher, compose, make_run
+from arroyo.message import Event, Start
+from arroyo.testing import make_run
+from tests.brokers import arrays_run, listening
 from tests.conftest import in_ci, read_jsonl, runs_of, wait_for
 
 try:
@@ -192,48 +190,13 @@ def amqp() -> Iterator[Amqp]:
         client.cleanup()
 
 
-@contextmanager
-def listening(listener: RabbitListener) -> Iterator[CollectingPublisher]:
-    """Run ``listener.start()`` in a thread, collecting what it delivers."""
-    sink = CollectingPublisher()
-    compose(listener, PassThrough(), sink)
-    listener.setup()
-    thread = threading.Thread(target=listener.start, name="rabbit-listener", daemon=True)
-    thread.start()
-    try:
-        yield sink
-    finally:
-        listener.stop()
-        thread.join(5)
-        listener.close()
-        assert not thread.is_alive(), "RabbitListener.start() did not return after stop()"
-
-
-def arrays_run() -> list[Message]:
-    rng = np.random.default_rng(3)
-    big = rng.normal(size=(40, 30)).astype(">f8")
-    return [
-        Start(data={"detector": "pilatus", "sample": "LaB6"}, run=3),
-        Event(metadata={"i": 0}, payload=rng.integers(0, 4000, (64, 64)).astype("<u2"), run=3),
-        Event(metadata={"i": 1}, payload=big[::3, ::2], run=3, seq=1),  # not contiguous
-        Event(metadata={"i": 2}, payload=np.array(2.5, dtype="<f4"), run=3, seq=2),  # 0-d
-        Event(
-            metadata={"i": 3, "detector": "eiger"},
-            payload={"image": rng.random((3, 5)).astype("c8"), "mask": np.zeros(3, "u1")},
-            run=3,
-            seq=3,
-        ),
-        Event(metadata={"i": 4}, payload=b"\x00raw\xff", run=3, seq=4),
-        Stop(data={"frames": 5}, run=3, seq=5),
-    ]
-
-
 # -- in-process ends -------------------------------------------------------------------
 
 
 def test_round_trip_with_arrays_and_templated_keys(amqp):
     x = amqp.exchange("x")
-    sent = arrays_run() + make_run(frames=200, shape=(16, 16), dtype="float32", run=4)
+    sent = arrays_run(detector="eiger")
+    sent += make_run(frames=200, shape=(16, 16), dtype="float32", run=4)
     sent[7].data["detector"] = "pilatus"  # the second run's Start
     listener = RabbitListener(
         queue=amqp.name("in"), url=URL, exchange=x, routing_key="frames.pilatus", prefetch=16

@@ -11,12 +11,10 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +23,8 @@ import pytest
 from arroyo.errors import WireError
 from arroyo.io.codecs import get_codec
 from arroyo.message import Event, Message, Start, Stop
-from arroyo.stage import PassThrough
-from arroyo.testing import CollectingPublisher, compose, make_run
+from arroyo.testing import make_run
+from tests.brokers import listening
 from tests.conftest import Stages, in_ci, read_jsonl, wait_for
 
 try:
@@ -93,23 +91,6 @@ def key(client: redis.Redis) -> Iterator[str]:
     yield f"arroyo-test:{tag}"
     for k in list(client.scan_iter(match=f"*{tag}*")):
         client.delete(k)
-
-
-@contextmanager
-def listening(listener: RedisListener) -> Iterator[CollectingPublisher]:
-    """Run ``listener.start()`` in a thread, collecting what it delivers."""
-    sink = CollectingPublisher()
-    compose(listener, PassThrough(), sink)
-    listener.setup()
-    thread = threading.Thread(target=listener.start, name="redis-listener", daemon=True)
-    thread.start()
-    try:
-        yield sink
-    finally:
-        listener.stop()
-        thread.join(5)
-        listener.close()
-        assert not thread.is_alive(), "RedisListener.start() did not return after stop()"
 
 
 def wait_subscribed(client: redis.Redis, channel: str) -> None:
