@@ -122,6 +122,31 @@ def runs_in(out: Path) -> dict[str, list[dict[str, Any]]]:
     return runs
 
 
+def finished(out: Path, n: int, timeout: float) -> dict[str, list[dict[str, Any]]]:
+    """The sink's records by run, once ``n`` runs have arrived with their Stop."""
+
+    def done() -> dict[str, list[dict[str, Any]]] | None:
+        runs = runs_in(out)
+        ended = len(runs) == n and all(r[-1]["kind"] == "Stop" for r in runs.values())
+        return runs if ended else None
+
+    return wait_for(done, timeout=timeout)
+
+
+def follow(server: TiledServer, topo: Any, stages: Stages, tmp_path: Path, extra: str = "") -> Path:
+    """The node ``raw`` made, the listener (options ``extra`` added) and its sink
+    started and ready; returns the sink's file."""
+    client: Any = server.client()
+    if "raw" not in client:
+        client.create_container(key="raw")
+    text = TOPOLOGY % {"url": server.url, "key": server.key}
+    path = topo(text.replace("node = raw\n", f"node = raw\n{extra}"))
+    stages.start(path, "sink")
+    stages.start(path, "follow")
+    wait_for(lambda: (tmp_path / ".arroyo" / "stats" / "follow.0.json").exists(), timeout=30)
+    return tmp_path / "out.jsonl"
+
+
 def check(records: list[dict[str, Any]], seed: int, frames: int, side: int) -> None:
     kinds = [r["kind"] for r in records]
     assert kinds == ["Start"] + ["Event"] * frames + ["Stop"], kinds[:5]
@@ -148,19 +173,11 @@ def test_follows_runs_written_by_a_plain_client(
 ) -> None:
     """A run of 1 MiB frames (one per write) and a run of small frames (five per
     write): every frame once, in order, equal; each run closed by its stop."""
-    client: Any = tiled_server.client()
-    client.create_container(key="raw")
-    path = topo(TOPOLOGY % {"url": tiled_server.url, "key": tiled_server.key})
-    stages.start(path, "sink")
-    stages.start(path, "follow")
-    out = tmp_path / "out.jsonl"
-    wait_for(lambda: (tmp_path / ".arroyo" / "stats" / "follow.0.json").exists(), timeout=30)
+    out = follow(tiled_server, topo, stages, tmp_path)
     producer = produce(tiled_server, tmp_path, ["1:40:512:1:0", "2:300:16:5:0"])
     try:
         wait_done(producer, timeout=120)
-        runs = wait_for(lambda: (r := runs_in(out)) and len(r) == 2
-                        and all(x[-1]["kind"] == "Stop" for x in r.values()) and r,
-                        timeout=60)  # fmt: skip
+        runs = finished(out, 2, timeout=60)
         check(runs["run_1"], seed=1, frames=40, side=512)
         check(runs["run_2"], seed=2, frames=300, side=16)
     finally:
@@ -174,13 +191,7 @@ def test_resumes_after_the_server_restarts(
 ) -> None:
     """The server is stopped mid-run and started again (a streaming cache that
     forgets, sequence numbers from 1 again): the run goes on, each frame once."""
-    client: Any = tiled_server.client()
-    client.create_container(key="raw")
-    path = topo(TOPOLOGY % {"url": tiled_server.url, "key": tiled_server.key})
-    stages.start(path, "sink")
-    stages.start(path, "follow")
-    out = tmp_path / "out.jsonl"
-    wait_for(lambda: (tmp_path / ".arroyo" / "stats" / "follow.0.json").exists(), timeout=30)
+    out = follow(tiled_server, topo, stages, tmp_path)
     producer = produce(tiled_server, tmp_path, ["3:200:32:4:100", "4:60:32:3:0"])
     try:
         wait_for(lambda: (tmp_path / "paused_3").exists(), timeout=60)
@@ -188,9 +199,7 @@ def test_resumes_after_the_server_restarts(
         tiled_server.start()
         (tmp_path / "go_3").touch()
         wait_done(producer, timeout=120)
-        runs = wait_for(lambda: (r := runs_in(out)) and len(r) == 2
-                        and all(x[-1]["kind"] == "Stop" for x in r.values()) and r,
-                        timeout=90)  # fmt: skip
+        runs = finished(out, 2, timeout=90)
         check(runs["run_3"], seed=3, frames=200, side=32)
         check(runs["run_4"], seed=4, frames=60, side=32)
     finally:
@@ -209,18 +218,12 @@ def test_a_late_listener_emits_the_runs_already_written(
     client: Any = tiled_server.client()
     client.create_container(key="raw")
     wait_done(produce(tiled_server, tmp_path, ["5:30:16:3:0", "6:20:16:4:0"]), timeout=120)
-    text = TOPOLOGY % {"url": tiled_server.url, "key": tiled_server.key}
-    path = topo(text.replace("node = raw\n", f"node = raw\nstart = {start}\n"))
-    stages.start(path, "sink")
-    stages.start(path, "follow")
-    out = tmp_path / "out.jsonl"
+    out = follow(tiled_server, topo, stages, tmp_path, extra=f"start = {start}\n")
     wait_for(lambda: len(runs_in(out)) == 2, timeout=60)
     producer = produce(tiled_server, tmp_path, ["7:25:16:5:0"])
     try:
         wait_done(producer, timeout=120)
-        runs = wait_for(lambda: (r := runs_in(out)) and len(r) == 3
-                        and all(x[-1]["kind"] == "Stop" for x in r.values()) and r,
-                        timeout=60)  # fmt: skip
+        runs = finished(out, 3, timeout=60)
         assert list(runs) == ["run_5", "run_6", "run_7"]
         check(runs["run_5"], seed=5, frames=30, side=16)
         check(runs["run_6"], seed=6, frames=20, side=16)
