@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from arroyo.errors import ConfigError
 from arroyo.io.broker import KeyTemplate
-from arroyo.io.retry import describe_error
+from arroyo.io.retry import describe_error, quiet
 
 log = logging.getLogger("arroyo.nats")
 
@@ -34,11 +34,7 @@ def require() -> Any:
     except ImportError as e:
         msg = f"arroyo.io.nats needs nats-py, which is not installed: {EXTRA}"
         raise ConfigError(msg) from e
-    # nats-py logs each failed connection with a traceback, which our own backoff
-    # reports already, in one line: keep it quiet unless the user has set a level.
-    quiet = logging.getLogger("nats")
-    if quiet.level == logging.NOTSET:
-        quiet.setLevel(logging.CRITICAL)
+    quiet("nats")  # (its logs of each failed connection: our backoff says it in one line)
     return nats
 
 

@@ -35,7 +35,7 @@ from arroyo.io.broker import Backlog, KeyTemplate, Redeliveries, safe_url
 from arroyo.io.codecs import Codec, CodecName, get_codec
 from arroyo.io.frames import decode_value, encode_value
 from arroyo.io.guard import DecodeGuard
-from arroyo.io.retry import BACKOFF_CAP, Backoff, DropCount, describe_error
+from arroyo.io.retry import BACKOFF_CAP, Backoff, DropCount, describe_error, quiet
 from arroyo.message import Message
 from arroyo.stage import Listener, Publisher
 
@@ -58,12 +58,7 @@ def require() -> Any:
     except ImportError as e:
         msg = f"arroyo.io.rabbitmq needs pika, which is not installed: {EXTRA}"
         raise ConfigError(msg) from e
-    # pika logs every connection step at INFO and each failure at ERROR, which our own
-    # backoff reports already, at most every 30 s: keep it quiet unless the user has
-    # set a level for it.
-    quiet = logging.getLogger("pika")
-    if quiet.level == logging.NOTSET:
-        quiet.setLevel(logging.CRITICAL)
+    quiet("pika")  # (its logs of each failed connection: our backoff says it in one line)
     return pika
 
 

@@ -90,3 +90,12 @@ class DropCount:
 
 def describe_error(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
+
+
+def quiet(library: str) -> None:
+    """Silence a client library's own logger (``pika``, ``nats``) unless the user set
+    its level: it logs each failed connection, which our backoff reports already, in
+    one line and at most every ``STILL_DOWN_EVERY`` seconds."""
+    logger = logging.getLogger(library)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.CRITICAL)
