@@ -78,20 +78,33 @@ def _plain(value: Any) -> Any:
 
 
 def _rows(message: dict[str, Any], chunks: tuple[int, ...] | None) -> tuple[int, int] | None:
-    """The rows ``[first, end)`` an ``array-data`` update wrote (None: cannot tell)."""
-    shape = message.get("shape")
-    if not isinstance(shape, list) or not shape:
-        return None
-    offset, block = message.get("offset"), message.get("block")
-    if offset:
-        first = int(offset[0])
-    elif block:
-        if chunks is None:
+    """The rows ``[first, end)`` an ``array-data`` update wrote (None: cannot tell);
+    ``ValueError`` for an update whose shape, offset or block are not what Tiled sends."""
+    shape, offset, block = message.get("shape"), message.get("offset"), message.get("block")
+    try:
+        if not shape:
             return None
-        first = sum(chunks[: int(block[0])])
-    else:
-        first = 0
-    return first, first + int(shape[0])
+        if offset:
+            first = int(offset[0])
+        elif block:
+            if chunks is None:
+                return None
+            first = sum(chunks[: int(block[0])])
+        else:
+            first = 0
+        end = first + int(shape[0])
+    except (TypeError, ValueError, IndexError, KeyError) as e:
+        msg = f"shape {shape!r}, offset {offset!r}, block {block!r}: {e}"
+        raise ValueError(msg) from e
+    if first < 0 or end < first:
+        msg = f"rows {first} to {end}"
+        raise ValueError(msg)
+    return first, end
+
+
+def _metadata(message: dict[str, Any]) -> dict[str, Any]:
+    metadata = message.get("metadata")
+    return _plain(metadata) if isinstance(metadata, Mapping) else {}
 
 
 class _Array:
@@ -265,8 +278,9 @@ class TiledListener(Listener):
             run.active = time.monotonic()
             if kind in (CONNECTED, RECONNECTED):
                 self._find_arrays(run)
-            elif kind == "container-child-created" and message.get("key") in run.arrays:
-                self._watch_array(run, run.arrays[message["key"]])
+            elif kind == "container-child-created" and isinstance(message.get("key"), str):
+                if message["key"] in run.arrays:
+                    self._watch_array(run, run.arrays[message["key"]])
         elif run is not None:
             for array in run.arrays.values():
                 if array.follow is not None and path == array.follow.path:
@@ -283,9 +297,9 @@ class TiledListener(Listener):
             key = str(message.get("key"))
             if self.start_at is not None:  # (a replayed creation opens a listed run)
                 self._known.discard(key)
-            self._add_run(key, message.get("metadata") or {})
+            self._add_run(key, _metadata(message))
         elif kind == "container-child-metadata-updated":
-            key, metadata = str(message.get("key")), message.get("metadata") or {}
+            key, metadata = str(message.get("key")), _metadata(message)
             for run in (self._run, *self._waiting):
                 if run is not None and run.key == key:
                     run.metadata = metadata
@@ -350,7 +364,8 @@ class TiledListener(Listener):
 
     def _on_array(self, run: _Run, array: _Array, kind: Any, message: dict[str, Any]) -> None:
         if kind == "array-schema":
-            array.dtype = _dtype(message.get("data_type") or {})
+            schema = message.get("data_type")
+            array.dtype = _dtype(schema) if isinstance(schema, dict) else None
         elif kind in (CONNECTED, RECONNECTED):
             array.chunks = self._chunks(run, array)
         elif kind in ("array-data", "array-ref"):
@@ -366,7 +381,11 @@ class TiledListener(Listener):
     # -- rows -------------------------------------------------------------------------
 
     def _on_rows(self, run: _Run, array: _Array, message: dict[str, Any]) -> None:
-        rows = _rows(message, array.chunks)
+        try:
+            rows = _rows(message, array.chunks)
+        except ValueError as e:  # (foreign input: counted, the run goes on)
+            self._dropped.add(1, "malformed", f"stream of {array.name}: {e}")
+            return
         if rows is None:
             return  # (read at the run's end, or when a later update leaves a gap)
         first, end = rows
@@ -392,10 +411,10 @@ class TiledListener(Listener):
             return None
         if not isinstance(payload, bytes):
             return None
-        shape = tuple(int(n) for n in message["shape"])
         try:
+            shape = tuple(int(n) for n in message["shape"])
             return np.frombuffer(payload, array.dtype).reshape(shape)
-        except ValueError as e:
+        except (TypeError, ValueError) as e:
             self._dropped.add(1, "undecodable", f"{array.name}: {e}")
             return None
 

@@ -50,3 +50,37 @@ def test_bad_options_are_config_errors(options: dict[str, str], says: str) -> No
 
 def test_the_key_is_not_in_its_repr() -> None:
     assert "s3cret" not in repr(TiledListener(url="http://h", api_key="s3cret"))
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"shape": "tall", "offset": None},
+        {"shape": [2, 4], "offset": ["x"]},
+        {"shape": [2, 4], "offset": [-5]},
+        {"shape": [-3, 4], "offset": None},
+        {"shape": [2], "offset": None, "block": [{}]},
+    ],
+)
+def test_an_update_not_as_tiled_sends_it_is_a_value_error(message: dict) -> None:
+    with pytest.raises(ValueError):
+        _rows(message, (4, 4))
+
+
+def test_malformed_stream_messages_are_counted_drops_and_the_run_goes_on() -> None:
+    from arroyo.io.tiled_listener import _Array, _Run
+
+    listener = TiledListener(url="http://h", node="raw")
+    run = listener._run = _Run("run_1", {})
+    array = run.arrays["data"] = _Array("data")
+    array.dtype = np.dtype("<u2")
+    listener._on_rows(run, array, {"shape": ["two"], "offset": [0]})
+    # a metadata that is no map, a key that is no string: ignored, nothing raised
+    listener._on_node(
+        "container-child-created",
+        {"structure_family": "container", "key": "run_2", "metadata": [1]},
+    )
+    listener._on_array(run, array, "array-schema", {"data_type": ["f", 4]})
+    assert listener.drops() == {"malformed": 1}
+    assert array.next == 0 and array.dtype is None
+    assert [r.metadata for r in listener._waiting] == [{}]
