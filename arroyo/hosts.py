@@ -23,8 +23,13 @@ from arroyo.spec import HostLost, Link, Security, StageSpec
 
 HOST_KEYS = {"host", "hosts", "on_host_lost"}
 MULTIHOST_TOPOLOGY_KEYS = {"security", "keys", "peer_timeout", "port_range", "supervisor_port"}
-DEFAULT_PORT_RANGE = (47100, 47899)
-DEFAULT_SUPERVISOR_PORT = 47000
+# Below 32768, where Linux hands out no ephemeral ports (its default range is
+# 32768-60999): a listening port inside that range can be taken for a moment by any
+# outgoing connection of the host (Supvisors' own calls), and the stage that binds
+# it then fails to start.
+DEFAULT_PORT_RANGE = (29100, 29899)
+DEFAULT_SUPERVISOR_PORT = 29000
+LOCAL_PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 HOST_LOST = ("restart", "leave", "stop_chain")
 _TCP_RE = re.compile(r"^tcp://([^:/]+|\[[^\]]+\]):(\d+)$")
 
@@ -286,3 +291,28 @@ def _claim(
 
 def _curve(link: Link, net: Net) -> bool:
     return net.security == "curve" and link.endpoint.startswith("tcp://")
+
+
+def bound_ports(
+    topology_hosts: dict[str, str], supervisor_port: int, links: Any, host: str
+) -> list[int]:
+    """The tcp ports ``host`` listens on: its supervisord's and those of the links it binds."""
+    address = topology_hosts[host]
+    ports = [supervisor_port]
+    for link in links:
+        m = _TCP_RE.match(link.endpoint)
+        if m and m.group(1).strip("[]") == address:
+            ports.append(int(m.group(2)))
+    return sorted(set(ports))
+
+
+def ephemeral_clashes(
+    ports: list[int], range_file: Path = LOCAL_PORT_RANGE
+) -> tuple[list[int], str]:
+    """Those of ``ports`` inside this machine's ephemeral port range, and that range as
+    text ("" where it cannot be read: not Linux)."""
+    try:
+        low, high = (int(x) for x in range_file.read_text().split())
+    except (OSError, ValueError):
+        return [], ""
+    return [p for p in ports if low <= p <= high], f"{low}-{high}"

@@ -80,12 +80,31 @@ def host(topology: str, host: str) -> None:
     """Start HOST's supervisord with Supvisors (run once on every host of TOPOLOGY);
     HOST defaults to the [hosts] entry whose address is on this machine."""
     from arroyo.control.cluster import start_host
+    from arroyo.runtime.net import machine_host
 
     topo = _load(topology)
     if not topo.multihost:
         msg = f"{topo.path}: no [hosts] section: `arroyo up` runs a one-host topology"
         raise ConfigError(msg)
-    click.echo(str(start_host(topo, host)))
+    conf = start_host(topo, host)
+    _warn_ephemeral(topo, host or machine_host(topo))
+    click.echo(str(conf))
+
+
+def _warn_ephemeral(topo: Topology, host: str) -> None:
+    """A port this host listens on that the kernel may give an outgoing connection."""
+    from arroyo.hosts import bound_ports, ephemeral_clashes
+
+    ports = bound_ports(topo.hosts, topo.supervisor_port, topo.links, host)
+    clashes, span = ephemeral_clashes(ports)
+    if clashes:
+        listed = ", ".join(map(str, clashes))
+        click.echo(
+            f"{topo.path}: warning: host {host} listens on port(s) {listed}, inside this"
+            f" machine's ephemeral range {span}: an outgoing connection may hold one when"
+            " a stage binds it; choose port_range and supervisor_port below it",
+            err=True,
+        )
 
 
 def _reset_scale(topo: Topology, chains: tuple[str, ...]) -> None:

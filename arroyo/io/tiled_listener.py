@@ -278,9 +278,8 @@ class TiledListener(Listener):
             run.active = time.monotonic()
             if kind in (CONNECTED, RECONNECTED):
                 self._find_arrays(run)
-            elif kind == "container-child-created" and isinstance(message.get("key"), str):
-                if message["key"] in run.arrays:
-                    self._watch_array(run, run.arrays[message["key"]])
+            elif kind == "container-child-created" and _named(message, run.arrays):
+                self._watch_array(run, run.arrays[message["key"]])
         elif run is not None:
             for array in run.arrays.values():
                 if array.follow is not None and path == array.follow.path:
@@ -497,3 +496,9 @@ class TiledListener(Listener):
         length = min(found)
         written = run.metadata.get("events_written")
         return min(length, written) if isinstance(written, int) else length
+
+
+def _named(message: dict[str, Any], arrays: dict[str, Any]) -> bool:
+    """The message's ``key`` is one of ``arrays`` (a key of another type is not)."""
+    key = message.get("key")
+    return isinstance(key, str) and key in arrays

@@ -107,7 +107,8 @@ def start_cluster(
     cli(hosts[0], "keys", str(path))
     t0 = time.monotonic()
     for h in hosts:
-        cli(h, "host", str(path), h.name)
+        started = cli(h, "host", str(path), h.name)
+        assert "ephemeral range" not in started.stderr, started.stderr  # the default ports
     cli(hosts[0], "up", str(path))
     print(f"cluster formed and chain up in {time.monotonic() - t0:.1f}s")
     return path

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from arroyo.errors import TopologyError
+from arroyo.hosts import bound_ports, ephemeral_clashes
 from arroyo.topology import load
 
 BASE = """
@@ -64,10 +65,10 @@ def test_cross_host_links_get_tcp_on_the_binders_address(tmp_path: Path) -> None
     assert t.stages["det"].pinned == "h1"
     assert t.stages["reduce"].hosts == ("h2", "h3") and not t.stages["reduce"].pinned
     links = {link.name: link for link in t.links}
-    assert links["det->reduce"].endpoint == "tcp://10.77.0.11:47100"
-    assert links["reduce->sink"].endpoint == "tcp://10.77.0.12:47100"
+    assert links["det->reduce"].endpoint == "tcp://10.77.0.11:29100"
+    assert links["reduce->sink"].endpoint == "tcp://10.77.0.12:29100"
     assert all(link.curve for link in t.links)
-    assert t.supervisor_port == 47000
+    assert t.supervisor_port == 29000
     assert t.keys_dir == (tmp_path / "mh-keys").resolve()
 
 
@@ -111,13 +112,13 @@ def test_cross_host_ipc_unpinned_binder_and_reused_port(tmp_path: Path) -> None:
             tmp_path,
             det="hosts = h1, h3",
             det_link=" (push ipc:///tmp/arroyo-x.sk)",
-            sink_link=" (push tcp://10.77.0.12:47000)",
+            sink_link=" (push tcp://10.77.0.12:29000)",
         )
     )
     text = "\n".join(found)
     assert "crosses hosts: give it a tcp:// endpoint" in text
     assert "[stage:det] hosts: binds link det->reduce, which crosses hosts: pin it" in text
-    assert "port 47000 on host h2 is the supervisor_port" in text
+    assert "port 29000 on host h2 is the supervisor_port" in text
 
 
 def test_the_same_port_twice_on_one_host(tmp_path: Path) -> None:
@@ -173,3 +174,23 @@ def test_a_single_host_topology_is_unchanged(tmp_path: Path) -> None:
     t = load(path)
     assert not t.multihost and t.security == "none" and t.supervisor_port == 0
     assert all(link.endpoint.startswith("ipc://") and not link.curve for link in t.links)
+
+
+def test_default_ports_lie_below_the_linux_ephemeral_range(tmp_path: Path) -> None:
+    # Linux gives outgoing connections ports from 32768-60999 by default: a listening
+    # port there can be held by one for a moment, and the stage binding it fails.
+    t = load(write(tmp_path))
+    ports = bound_ports(t.hosts, t.supervisor_port, t.links, "h1")
+    assert ports == [29000, 29100]
+    default = tmp_path / "ip_local_port_range"
+    default.write_text("32768\t60999\n")
+    assert ephemeral_clashes(ports, default) == ([], "32768-60999")
+
+
+def test_ports_inside_the_ephemeral_range_are_named(tmp_path: Path) -> None:
+    t = load(write(tmp_path, topology="port_range = 47100-47899\nsupervisor_port = 47000"))
+    assert bound_ports(t.hosts, t.supervisor_port, t.links, "h2") == [47000, 47100]
+    narrow = tmp_path / "ip_local_port_range"
+    narrow.write_text("47050 60999\n")
+    assert ephemeral_clashes([47000, 47100], narrow) == ([47100], "47050-60999")
+    assert ephemeral_clashes([47000], tmp_path / "absent") == ([], "")
