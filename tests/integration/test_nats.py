@@ -320,18 +320,19 @@ def test_round_trip_with_arrays_and_a_2mib_frame_dropped_as_too_large(js, caplog
 
 def test_undecodable_messages_are_counted_and_acknowledged(js):
     stream = js.create("in", js.subject("in"))
-    good = [json.dumps({"kind": "event", "metadata": {"i": i}}).encode() for i in range(500)]
-    bad = [b"not json {" if i % 2 else b"[" * 100 + b"]" * 100 for i in range(1000)]
-    bodies = [b for pair in zip(bad, good + [b""] * 500, strict=True) for b in pair if b]
+    good = [json.dumps({"kind": "event", "metadata": {"i": i}}).encode() for i in range(2000)]
+    bad = [b"not json {" if i % 2 else b"[" * 100 + b"]" * 100 for i in range(10_000)]
+    bodies = [b for pair in zip(bad[::5], good, strict=True) for b in pair]
+    bodies += [b for i, b in enumerate(bad) if i % 5]  # the rest of the bad ones
     js.send(js.subject("in"), bodies)
     listener = NatsListener(
         subject=js.subject("in"), stream=stream, deliver="all", codec="json", durable="d"
     )
     with listening(listener) as sink:
-        wait_for(lambda: listener.received >= len(bodies), timeout=20)
-        wait_for(lambda: js.consumer(stream, "d").num_ack_pending == 0, timeout=5)
-    assert [m.metadata["i"] for m in sink.messages] == list(range(500))
-    assert listener.drops() == {"undecodable": 500, "too_deep": 500}
+        wait_for(lambda: listener.received >= len(bodies), timeout=40)
+        wait_for(lambda: js.consumer(stream, "d").num_ack_pending == 0, timeout=10)
+    assert [m.metadata["i"] for m in sink.messages] == list(range(2000))
+    assert listener.drops() == {"undecodable": 5000, "too_deep": 5000}
     info = js.consumer(stream, "d")
     assert info.num_pending == 0 and info.num_ack_pending == 0  # all acked: none comes back
 
@@ -702,6 +703,12 @@ def test_private_server_restarted_mid_stream_loses_nothing(
     twice = sum(n - 1 for n in copies.values())
     if not crash:
         assert twice <= lis["extra"]["duplicates"], (twice, lis, pub)
+        # the counters `arroyo status` shows against what the far side saw: the
+        # listener took every message once plus those it counted again; the stream
+        # holds every message the publisher counted sent (it drops what it had)
+        taken = lis["extra"]["received"] - lis["extra"]["duplicates"]
+        assert taken == events + 2, lis
+        assert pub["extra"]["sent"] == len(records) + pub["extra"]["deduplicated"], pub
     assert lis["extra"]["reconnects"] >= 1 and pub["extra"]["reconnects"] >= 1, (lis, pub)
     assert lis["drops"] == {} and pub["drops"] == {}
     for key in ("lis.0", "pub.0"):

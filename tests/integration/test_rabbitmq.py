@@ -1,9 +1,10 @@
 """RabbitListener and RabbitPublisher against the real RabbitMQ at 127.0.0.1:5672.
 
 Every queue and exchange a test uses is named ``arroyo-test-UUID...`` and deleted
-afterwards, failed or not. The broker is shared, so no test restarts it: a cut
+afterwards, failed or not. The broker is shared, so no test here restarts it: a cut
 connection is made with ``rabbitmqctl close_connection`` on this test's connections
-only (they are named after their queue or exchange).
+only (they are named after their queue or exchange). test_rabbitmq_restart.py
+restarts a node of its own.
 """
 
 from __future__ import annotations
