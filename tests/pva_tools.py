@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -110,7 +111,11 @@ def watch(args: argparse.Namespace) -> None:
         channels.append(channel)
     print("watching", flush=True)
     deadline = time.monotonic() + args.seconds
+    stop = Path(args.stop) if args.stop else None
     while sum(counts.values()) < args.count and time.monotonic() < deadline:
+        if stop is not None and stop.exists():
+            time.sleep(1.0)  # (what was served before the file came, still on its way)
+            break
         time.sleep(0.05)
     for channel in channels:
         channel.stopMonitor()
@@ -135,6 +140,7 @@ def main() -> None:
     p.add_argument("pvs")
     p.add_argument("count", type=int)
     p.add_argument("--seconds", type=float, default=60)
+    p.add_argument("--stop", default="", help="stop watching once this file exists")
     args = parser.parse_args()
     serve(args) if args.command == "serve" else watch(args)
 

@@ -338,3 +338,99 @@ def test_publisher_serves_what_the_operators_made(tmp_path, topo, stages, procs,
     radial = RadialProfile(bins=16)
     expected = [radial.on_frame(Event(payload=f), f).payload["I"] for f in frames]  # type: ignore[union-attr]
     assert sorted(map(key, profiles)) == sorted(map(key, expected))
+
+
+ACQUISITIONS = """
+[topology]
+name = pvaacq
+run_dir = {tmp}/.arroyo
+
+[stage:detector]
+role = listener
+class = arroyo.io.epics:PvaListener
+pv = %(prefix)sraw
+idle_seconds = 1.5
+
+[stage:bin]
+role = operator
+class = stages.reduce:Bin
+factor = 2
+input = detector
+workers = 2
+
+[stage:serve]
+role = publisher
+class = arroyo.io.epics:PvaPublisher
+image_pv = %(prefix)sbinned
+input = bin
+
+[stage:sink]
+role = publisher
+class = stages.sinks:JsonLinesLog
+path = {tmp}/out.jsonl
+input = bin
+"""
+
+
+@pytest.mark.timeout(240)
+def test_three_acquisitions_of_1000_frames_are_accounted_for_and_served(
+    tmp_path, topo, stages, procs, pva_env
+):
+    """Three acquisitions of 1,000 frames from pvapy-ad-sim-server (each a new run of
+    the simulator: its uniqueIds start at 1 again) through the listener, Bin at two
+    workers and PvaPublisher, a plain pvapy client monitoring the served PV: every
+    frame is received or counted missing by uniqueId, and the served images are
+    exactly the binned frames the operator made, one per event."""
+    from stages.reduce import Bin
+
+    n, acquisitions = 1000, 3
+    source, frames = frames_file(tmp_path, n, "npy")
+    path = topo(ACQUISITIONS % {"prefix": pva_env})
+    for stage, workers in (("serve", 1), ("sink", 1), ("bin", 2)):
+        for w in range(workers):
+            stages.start(path, stage, w)
+    stages.start(path, "detector")
+    seen, stop_watching = tmp_path / "seen.npz", tmp_path / "stop-watching"
+    image_pv = pva_env + "binned"
+    watcher = procs.start(
+        "client", sys.executable, str(TOOLS), "watch", str(seen), image_pv,
+        str(acquisitions * n), "--seconds", "180", "--stop", str(stop_watching),
+    )  # fmt: skip
+    wait_for(lambda: "watching" in procs.output("client"), timeout=20)
+    for a in range(acquisitions):
+        sim = f"sim{a}"
+        procs.start(
+            sim, arroyo_bin("pvapy-ad-sim-server"),
+            *("-cn", pva_env + "raw", "-if", str(source), "-nf", str(n), "-cs", str(n - 1)),
+            *("-fps", "400", "-rt", "60", "-std", "2", "-shd", "0", "-dc", "-rp", "0"),
+        )  # fmt: skip
+        wait_for(lambda a=a: len(runs_of(read_jsonl(tmp_path / "out.jsonl"))) > a, timeout=60)
+        procs.procs[sim].kill()
+        procs.procs[sim].wait(10)
+    runs = runs_of(read_jsonl(tmp_path / "out.jsonl"))
+    assert len(runs) == acquisitions
+    received = [e["metadata"]["uniqueId"] for e in events(tmp_path)]
+    for _, count, stop in runs:
+        data = stop["data"]
+        # every uniqueId of the acquisition: received, or counted missing
+        assert (data["first_uniqueId"], data["last_uniqueId"]) == (1, n), data
+        assert count + data["skipped_uniqueIds"] == n, (count, data)
+    print(
+        "frames counted missing per acquisition:",
+        [s["data"]["skipped_uniqueIds"] for *_, s in runs],
+    )
+
+    served = lambda: stage_stats(tmp_path, "serve").get("extra", {}).get("images_served")  # noqa: E731
+    wait_for(lambda: served() == len(received), timeout=30)
+    stop_watching.touch()
+    assert watcher.wait(30) == 0, procs.output("client")
+    with np.load(seen) as got:
+        ids = [int(got[f"{image_pv}/{i}/uniqueId"]) for i in range(len(received))]
+        images = [got[f"{image_pv}/{i}"] for i in range(len(received))]
+        assert f"{image_pv}/{len(received)}" not in got  # nothing more was served
+    assert ids == list(range(1, len(received) + 1))  # the client missed none
+    binned = Bin(factor=2)
+    expected = [binned.bin(frames[uid - 1]) for uid in received]
+    # two workers may reorder frames: compare as collections, each exactly
+    key = lambda a: a.tobytes()  # noqa: E731
+    assert sorted(map(key, images)) == sorted(map(key, expected))
