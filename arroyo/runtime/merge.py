@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from arroyo.message import LOST, SHARES, Event, Message, Start, Stop, add_up_shares
-from arroyo.runtime.stats import RunReport
+from arroyo.runtime.stats import JOINED_MID_RUN, RunReport
 
 log = logging.getLogger("arroyo.merge")
 
@@ -400,6 +400,10 @@ class RunMerger:
         if not report.complete:
             data["incomplete"] = True
             routing[LOSSES] = self._losses_on(report)
+        else:
+            # (a stage before that joined the run mid-way marked it so; every event
+            # the source emitted arrived all the same)
+            data.pop("incomplete", None)
         stop = Stop(data=data, run=key[1], seq=report.emitted, routing=routing)
         return [("", 0, stop)]
 
@@ -412,7 +416,10 @@ class RunMerger:
         here = report.hop_missing - (report.upstream_lost if report.by_source_count else 0)
         if here > 0:
             # a stage that joined mid-run did not see the events before it joined
-            losses[self.hop_loss] = -1 if report.joined_late else here
+            if report.joined_late:
+                losses[f"{self.hop_loss} {JOINED_MID_RUN}"] = -1
+            else:
+                losses[self.hop_loss] = here
         if not report.emitted_known:
             losses["lost with the source, which died before its Stop (count unknown)"] = -1
         for who in report.missing_workers:

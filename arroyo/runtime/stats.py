@@ -82,6 +82,12 @@ class LinkCounters:
         }
 
 
+# The end of a loss reason a stage gives, uncounted (-1), when its process joined a run
+# mid-way: it cannot tell what went to its predecessor from what was lost. The
+# source's count covers it: where every event the source emitted arrived, nothing was.
+JOINED_MID_RUN = "(its process joined mid-run: not counted)"
+
+
 @dataclass
 class RunReport:
     """Completeness of one run as seen by a stage that receives whole runs (after
@@ -128,13 +134,17 @@ class RunReport:
     @property
     def complete(self) -> bool:
         """Every event the source emitted arrived or was dropped on purpose."""
-        if any(self.losses.values()) or self.missing:
+        uncounted = [why for why, n in self.losses.items() if n < 0]
+        if any(n > 0 for n in self.losses.values()) or self.missing:
             return False
-        if not self.missing_workers:
+        if any(not why.endswith(JOINED_MID_RUN) for why in uncounted):
+            return False
+        if not self.missing_workers and not uncounted:
             return self.received == self.expected
-        # An upstream process died without sending its Stop: whole only if everything
-        # the source emitted arrived all the same. A worker that left at a timeout, or
-        # a source gone without its Stop ("source (died)"), is a loss in itself.
+        # An upstream process died without sending its Stop, or a stage before joined
+        # the run mid-way: whole only if everything the source emitted arrived all the
+        # same. A worker that left at a timeout, or a source gone without its Stop
+        # ("source (died)"), is a loss in itself.
         plain = not any("(" in w for w in self.missing_workers)
         return plain and self.emitted_known and self.received >= self.emitted
 

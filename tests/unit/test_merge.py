@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from arroyo.message import SHARES, Event, Message, Start, Stop, add_up_shares
 from arroyo.runtime.merge import RunMerger
-from arroyo.runtime.stats import RunReport
+from arroyo.runtime.stats import JOINED_MID_RUN, RunReport
 
 START = Start(run=1, routing={"o": "det"})
 
@@ -239,6 +239,52 @@ def test_a_lost_workers_share_is_judged_against_what_the_source_emitted():
     short = RunReport("det/0/1@a", 2, 1000, 990, 706, ["w/1/9@b"])
     assert not short.complete
     assert short.line() == "run 2: 990/1000 events (INCOMPLETE; 10 missing; no Stop from w/1/9@b)"
+
+
+def test_an_uncounted_loss_before_is_judged_against_what_the_source_emitted():
+    # a single operator killed mid-run with nothing in flight: its restarted process
+    # joined the run mid-way and cannot count what went to its predecessor (-1), but
+    # every event the source emitted arrived, so the run is whole
+    joined = {f"lost on link det->op {JOINED_MID_RUN}": -1}
+    whole = RunReport("det/0/1@a", 1, 8000, 8000, 7371, ["op/0/5@a"], losses=joined)
+    assert whole.complete and whole.missing == 0
+    short = RunReport("det/0/1@a", 1, 8000, 7990, 7371, ["op/0/5@a"], losses=joined)
+    assert not short.complete and short.missing == 10
+    # without a worker missing here either, the source's count still decides
+    assert RunReport("det/0/1@a", 1, 8000, 8000, 7371, losses=joined).complete
+    assert not RunReport("det/0/1@a", 1, 8000, 7999, 7371, losses=joined).complete
+    # a counted loss is a loss whatever arrived
+    counted = {"failed in process() at op": 3, **joined}
+    assert not RunReport("det/0/1@a", 1, 8000, 8000, 7371, losses=counted).complete
+    # an uncounted loss of another kind (a share cut short, a source gone without its
+    # Stop) is not covered by what arrived: the count arriving here may be short too
+    cut = {"lost on link op->sink: op/1/7@a (left at drain timeout)": -1}
+    assert not RunReport("det/0/1@a", 1, 8000, 8000, 7371, losses=cut).complete
+
+
+def test_a_restarted_single_operator_that_lost_nothing_leaves_the_run_whole():
+    # op/0/5 forwards 3 events and is killed; its restart op/0/6 joins mid-run (the
+    # Start sent again), forwards the other 7 and closes its Stop incomplete: it cannot
+    # count what went to its predecessor. All 10 the source emitted arrived here.
+    reports: list[RunReport] = []
+    alive = {"op/0/5@a": True, "op/0/6@a": True}
+    merger = RunMerger("op->sink", True, lambda w: alive[w], reports.append, named=False)
+    start = Start(run=1, routing={"o": "det/0/1@a"})
+    pushes: list[tuple[str, Message]] = [("op/0/5@a", start)]
+    pushes += [("op/0/5@a", Event(run=1, seq=i)) for i in range(3)]
+    alive["op/0/5@a"] = False
+    pushes += [("op/0/6@a", Start(run=1, routing={"o": "det/0/1@a"}))]
+    pushes += [("op/0/6@a", Event(run=1, seq=i)) for i in range(3, 10)]
+    uncounted = {f"lost on link det->op {JOINED_MID_RUN}": -1}
+    stop = Stop(data={"frames": 10, "incomplete": True}, run=1, seq=10,
+                routing={"o": "det/0/1@a", "n": 7, "l": uncounted})  # fmt: skip
+    out = _push(merger, [*pushes, ("op/0/6@a", stop)])
+    merger._last_check = 0.0  # the liveness check runs at most twice a second
+    out += [m for _, _, m in merger.check_dead() if m is not None]
+    assert [type(m).__name__ for m in out] == ["Start"] + ["Event"] * 10 + ["Stop"]
+    (report,) = reports
+    assert report.complete and report.missing_workers == ["op/0/5@a"], report
+    assert out[-1].data == {"frames": 10} and "l" not in out[-1].routing
 
 
 def test_a_single_upstream_process_is_waited_for_by_itself_not_by_the_w_it_carries():
