@@ -262,7 +262,7 @@ def test_sim_server_restart_opens_a_new_run(tmp_path, topo, stages, procs, pva_e
     assert stop2["data"]["first_uniqueId"] == 1
 
 
-SERVE = """
+BIN_AND_SERVE = """
 [topology]
 name = pvaout
 run_dir = {tmp}/.arroyo
@@ -285,7 +285,11 @@ role = publisher
 class = arroyo.io.epics:PvaPublisher
 image_pv = %(prefix)sbinned
 input = bin
+"""
 
+SERVE = (
+    BIN_AND_SERVE
+    + """
 [stage:profile]
 role = operator
 class = stages.reduce:RadialProfile
@@ -299,6 +303,7 @@ array_pv = %(prefix)sprofile
 array_key = I
 input = profile
 """
+)
 
 
 def test_publisher_serves_what_the_operators_made(tmp_path, topo, stages, procs, pva_env):
@@ -340,36 +345,16 @@ def test_publisher_serves_what_the_operators_made(tmp_path, topo, stages, procs,
     assert sorted(map(key, profiles)) == sorted(map(key, expected))
 
 
-ACQUISITIONS = """
-[topology]
-name = pvaacq
-run_dir = {tmp}/.arroyo
-
-[stage:detector]
-role = listener
-class = arroyo.io.epics:PvaListener
-pv = %(prefix)sraw
-idle_seconds = 1.5
-
-[stage:bin]
-role = operator
-class = stages.reduce:Bin
-factor = 2
-input = detector
-workers = 2
-
-[stage:serve]
-role = publisher
-class = arroyo.io.epics:PvaPublisher
-image_pv = %(prefix)sbinned
-input = bin
-
+ACQUISITIONS = (
+    BIN_AND_SERVE
+    + """
 [stage:sink]
 role = publisher
 class = stages.sinks:JsonLinesLog
 path = {tmp}/out.jsonl
 input = bin
 """
+)
 
 
 @pytest.mark.timeout(240)

@@ -477,6 +477,7 @@ def test_killed_listener_redelivers_and_counts_duplicates(amqp, topo, stages, tm
     print(f"requeued at the kills: {requeued}; duplicates downstream: {twice}")
 
 
+# (test_rabbitmq_restart runs the same chain with a durable queue, persistent)
 CUT = """
 [topology]
 name = rmq-cut
@@ -487,7 +488,7 @@ role = listener
 class = arroyo.io.rabbitmq:RabbitListener
 url = URL
 queue = PREFIX.in
-durable = false
+durable = DURABLE
 codec = json
 prefetch = 20
 
@@ -505,6 +506,7 @@ input = slow
 url = URL
 exchange = PREFIX.x
 routing_key = frames.{detector}
+persistent = DURABLE
 codec = json
 """
 
@@ -514,7 +516,7 @@ def test_cut_connections_reconnect_and_lose_nothing(amqp, topo, stages, tmp_path
     inbox = amqp.queue("in")
     outbox = amqp.queue("out")
     amqp.channel.queue_bind(outbox, amqp.exchange("x"), "frames.pilatus")
-    path = topo(CUT.replace("URL", URL).replace("PREFIX", amqp.prefix))
+    path = topo(CUT.replace("URL", URL).replace("PREFIX", amqp.prefix).replace("DURABLE", "false"))
     for key in ("pub", "slow", "lis"):
         stages.start(path, key)
     amqp.send(inbox, json_run(0, events))

@@ -24,7 +24,7 @@ from tests.conftest import in_ci, wait_for
 
 pika = pytest.importorskip("pika", reason="pika is not installed (arroyo[rabbitmq])")
 
-from tests.integration.test_rabbitmq import json_run, stats_of  # noqa: E402  (needs pika)
+from tests.integration.test_rabbitmq import CUT, json_run, stats_of  # noqa: E402  (needs pika)
 from tests.rabbitmq_server import CannotStart, RabbitServer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
@@ -96,38 +96,6 @@ class Client:
         return got
 
 
-CHAIN = """
-[topology]
-name = rmq-restart
-run_dir = run
-
-[stage:lis]
-role = listener
-class = arroyo.io.rabbitmq:RabbitListener
-url = URL
-queue = in
-codec = json
-prefetch = 50
-
-[stage:slow]
-role = operator
-class = stages.basic:Delay
-input = lis
-min_ms = 1
-max_ms = 2
-
-[stage:pub]
-role = publisher
-class = arroyo.io.rabbitmq:RabbitPublisher
-input = slow
-url = URL
-exchange = x
-routing_key = frames.{detector}
-persistent = true
-codec = json
-"""
-
-
 def counters(tmp_path: Path, key: str) -> dict[str, Any]:
     """The stage's counters as ``arroyo status`` reads them (its stats file)."""
     stats = stats_of(tmp_path, key)
@@ -137,13 +105,14 @@ def counters(tmp_path: Path, key: str) -> dict[str, Any]:
 def test_broker_restarted_mid_run_loses_nothing_and_status_matches(server, topo, stages, tmp_path):
     events = 3000
     client = Client(server.url)
-    client.declare("in", "out", "x", "frames.pilatus")
-    client.send("in", json_run(0, events))
-    path = topo(CHAIN.replace("URL", server.url))
+    client.declare("p.in", "p.out", "p.x", "frames.pilatus")
+    client.send("p.in", json_run(0, events))
+    # the chain of the cut-connection test, on a durable queue, persistent
+    path = topo(CUT.replace("URL", server.url).replace("PREFIX", "p").replace("DURABLE", "true"))
     for key in ("pub", "slow", "lis"):
         stages.start(path, key)
-    wait_for(lambda: client.ready("out") >= 500, timeout=30)  # both ends busy
-    assert client.ready("in") > 0, "the run ended before the restart"
+    wait_for(lambda: client.ready("p.out") >= 500, timeout=30)  # both ends busy
+    assert client.ready("p.in") > 0, "the run ended before the restart"
     t0 = time.monotonic()
     server.stop(signal.SIGTERM)
     server.start()
@@ -152,11 +121,11 @@ def test_broker_restarted_mid_run_loses_nothing_and_status_matches(server, topo,
     def stop_seen(got: list[bytes]) -> bool:
         return any(json.loads(body)["kind"] == "stop" for body in got[-50:])
 
-    got = client.take("out", stop_seen, timeout=60)
+    got = client.take("p.out", stop_seen, timeout=60)
     records = [json.loads(body) for body in got]
     copies = Counter(r["metadata"]["i"] for r in records if r["kind"] == "event")
     assert sorted(copies) == list(range(events)), stages.dump()  # nothing lost
-    wait_for(lambda: client.ready("in") == 0, timeout=10)  # every one acknowledged
+    wait_for(lambda: client.ready("p.in") == 0, timeout=10)  # every one acknowledged
     assert all(c == 0 for c in stages.stop_all(["lis.0", "slow.0", "pub.0"]).values())
 
     lis, pub = counters(tmp_path, "lis.0"), counters(tmp_path, "pub.0")
