@@ -26,12 +26,12 @@ import logging
 import os
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from typing import Annotated, Any
 
 from arroyo.convert import Bounds
 from arroyo.errors import ConfigError
-from arroyo.io.broker import Backlog, KeyTemplate, Redeliveries, safe_url
+from arroyo.io.broker import Backlog, HandedOn, KeyTemplate, Redeliveries, safe_url
 from arroyo.io.codecs import Codec, CodecName, get_codec
 from arroyo.io.frames import decode_value, encode_value
 from arroyo.io.guard import DecodeGuard
@@ -185,9 +185,8 @@ class RabbitListener(Listener):
         self.prefetch = prefetch
         self.codec = value_codec(codec, dtype, tuple(shape))
         self.block_ms = block_ms
-        self.ack_delay = ack_delay_ms / 1000
-        # (monotonic time, delivery tag) of messages handed on, not acknowledged yet
-        self._handed: deque[tuple[float, int]] = deque()
+        # delivery tags of messages handed on, not acknowledged yet
+        self._handed: HandedOn[int] = HandedOn(ack_delay_ms / 1000)
         self.name = f"{type(self).__name__}(queue {queue!r} at {safe_url(url)})"  # for logs
         self.params = parameters(self._pika, url, heartbeat, self.name)
         self.received = 0
@@ -223,7 +222,7 @@ class RabbitListener(Listener):
             channel.queue_bind(self.queue, self.exchange, routing_key=self.routing_key)
         channel.basic_qos(prefetch_count=self.prefetch)
         self._channel = channel
-        self._handed.clear()  # (tags of a closed channel: the broker sends them again)
+        self._handed.all()  # forgotten: tags of a closed channel (the broker sends them again)
 
     def _disconnect(self) -> None:
         _close_quietly(self.connection)
@@ -251,10 +250,8 @@ class RabbitListener(Listener):
         channel = self._channel
         while not self.stopping:
             # wake up in time to acknowledge what waits for it, else look at stop()
-            timeout = self.block_ms / 1000
-            if self._handed:
-                timeout = self._handed[0][0] + self.ack_delay - time.monotonic()
-            waiting = channel.consume(self.queue, inactivity_timeout=max(timeout, 0.001))
+            timeout = self._handed.wait(self.block_ms / 1000)
+            waiting = channel.consume(self.queue, inactivity_timeout=timeout)
             item = next(waiting, None)
             if item is None:  # the consumer is gone
                 break
@@ -264,11 +261,11 @@ class RabbitListener(Listener):
                 self.redelivered.note(method.redelivered)
                 for message in self._guard.decode(decode_value, self.codec, body):
                     self.deliver(message)
-                self._handed.append((time.monotonic(), method.delivery_tag))
-            self._acknowledge(channel, time.monotonic() - self.ack_delay)
+                self._handed.add(method.delivery_tag)
+            self._acknowledge(channel, self._handed.due())
         else:
             # A clean stop: the runtime drains the links before the process exits.
-            self._acknowledge(channel, float("inf"))
+            self._acknowledge(channel, self._handed.all())
             channel.cancel()  # gives back what was sent ahead and not handed on
             return
         if not (channel.is_open and self.connection.is_open):
@@ -277,13 +274,10 @@ class RabbitListener(Listener):
         msg = f"the broker cancelled the consumer of queue {self.queue!r} (was it deleted?)"
         raise ConsumerCancelled(msg)
 
-    def _acknowledge(self, channel: Any, handed_before: float) -> None:
-        """Acknowledge, with one ``basic.ack``, every message handed on before then."""
-        tag = 0
-        while self._handed and self._handed[0][0] <= handed_before:
-            tag = self._handed.popleft()[1]
-        if tag:
-            channel.basic_ack(tag, multiple=True)
+    def _acknowledge(self, channel: Any, tags: list[int]) -> None:
+        """Acknowledge ``tags`` (in delivery order) with one ``basic.ack``."""
+        if tags:
+            channel.basic_ack(tags[-1], multiple=True)
 
     # -- counters ------------------------------------------------------------------
 
