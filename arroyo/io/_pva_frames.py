@@ -22,8 +22,21 @@ from typing import Any
 import numpy as np
 
 from arroyo.compression import check_size, declared_size
-from arroyo.errors import WireError
+from arroyo.errors import ConfigError, WireError
 from arroyo.message import LOST, Encoded, Start, Stop
+
+EXTRA = "pip install 'arroyo[epics]'"
+
+
+def require() -> Any:
+    """pvapy's ``pvaccess`` module, or ``ConfigError`` naming the extra."""
+    try:
+        import pvaccess
+    except ImportError as e:
+        msg = f"EPICS PV Access: pvapy is not installed: {EXTRA}"
+        raise ConfigError(msg) from e
+    return pvaccess
+
 
 #: pvData's ScalarType numbers (pvapy's ``pva.UBYTE``...) and the union fields.
 SCALAR_TYPES = {
