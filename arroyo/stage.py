@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, TypeAlias
 
 from arroyo.message import Message
@@ -148,6 +148,19 @@ class Listener(_OutsideEnd, ABC):
 
     def set_operator(self, operator: Operator) -> None:
         self.__dict__["_operator"] = operator
+
+    def handed_on(self) -> Callable[[], bool] | None:
+        """A check of everything delivered so far: it turns True once the stages after
+        this one have taken it (consumed it, and passed on what it made), so that a
+        broker end may acknowledge it to its broker. None where that cannot be told (a
+        PUB link, or no stage process around this listener): ``deliver`` returning is
+        all there is to go by. Call it, and the check, from the thread that delivers."""
+        handoff = self.__dict__.get("_handoff")
+        return handoff() if handoff is not None else None
+
+    def set_handoff(self, handoff: Callable[[], Callable[[], bool] | None]) -> None:
+        """Called by the runtime (``arroyo.runtime.handoff``)."""
+        self.__dict__["_handoff"] = handoff
 
     @property
     def stop_requested(self) -> threading.Event:

@@ -462,9 +462,9 @@ def brokers(runner: Runner, plan: Plan) -> dict[str, Any]:
 
 
 LISTENER_BOUND = (
-    "The listeners run with their defaults, which bound them at about prefetch / "
-    "ack_delay_ms: 2,000 msg/s for RabbitListener (100 / 50 ms), 5,120 for NatsListener "
-    "(256 / 50 ms); docs/brokers.md says to raise prefetch for many small messages."
+    "The listeners run with their defaults: each acknowledges a message once the sink "
+    "stage has taken it (its link's credit, returned in batches or after 10 ms idle), "
+    "with at most prefetch unacknowledged (100 for RabbitListener, 256 for NatsListener)."
 )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from string import Formatter
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -23,6 +23,7 @@ from arroyo.message import Event, Message, Start, Stop
 
 log = logging.getLogger("arroyo.io")
 T = TypeVar("T")
+CHECK_EVERY = 0.002  # s: how often HandedOn's owner looks whether the next stage took
 
 
 def safe_url(url: str) -> str:
@@ -186,41 +187,52 @@ class Redeliveries:
 
 
 class HandedOn(Generic[T]):
-    """Messages a listener handed on (``deliver`` returned), to acknowledge ``delay``
-    seconds later.
+    """Messages a listener handed on, to acknowledge once the stages after it have
+    taken them.
 
-    ``deliver`` returns once the link's ZeroMQ socket has the message; its I/O thread
-    sends it out of the process a moment later. A message acknowledged in between and
-    a SIGKILL right then would be lost, so the broker ends wait ``delay`` (docs/brokers.md,
-    "Acknowledgement"). Used from one thread only.
+    ``add(item, taken)``: ``taken`` is ``Listener.handed_on()``'s check, True once the
+    next stage has consumed everything delivered up to this item (its link returned
+    the credit: ``arroyo.runtime.handoff``). Where there is no such check (a PUB link,
+    no stage process), the item is due ``delay`` seconds after ``deliver`` returned:
+    the link's ZeroMQ socket has it then, and its I/O thread sends it out of the
+    process a moment later (docs/brokers.md, "Acknowledgement"). Items come due in
+    the order they were added. Used from one thread only.
     """
 
     def __init__(self, delay: float) -> None:
         self.delay = delay
-        self._items: deque[tuple[float, T]] = deque()
+        self._items: deque[tuple[float, Callable[[], bool] | None, T]] = deque()
 
-    def add(self, item: T) -> None:
-        self._items.append((time.monotonic(), item))
+    def add(self, item: T, taken: Callable[[], bool] | None = None) -> None:
+        self._items.append((time.monotonic(), taken, item))
 
     def due(self) -> list[T]:
-        """The items handed on at least ``delay`` ago, oldest first, forgotten here."""
+        """The items taken (or handed on at least ``delay`` ago), oldest first, forgotten
+        here."""
         before = time.monotonic() - self.delay
         out = []
-        while self._items and self._items[0][0] <= before:
-            out.append(self._items.popleft()[1])
+        while self._items:
+            at, taken, item = self._items[0]
+            if not (taken() if taken is not None else at <= before):
+                break
+            out.append(item)
+            self._items.popleft()
         return out
 
     def all(self) -> list[T]:
         """Every item, due or not (a clean stop: the runtime drains its links)."""
-        out = [item for _, item in self._items]
+        out = [item for _, _, item in self._items]
         self._items.clear()
         return out
 
     def wait(self, longest: float) -> float:
-        """Seconds until the oldest item is due, at most ``longest`` (and at least 1 ms)."""
+        """Seconds until the oldest item may be due, at most ``longest`` (at least 1 ms):
+        ``CHECK_EVERY`` for one with a check (credit comes back at no set time)."""
         if not self._items:
             return longest
-        return max(min(self._items[0][0] + self.delay - time.monotonic(), longest), 0.001)
+        at, taken, _ = self._items[0]
+        until = CHECK_EVERY if taken is not None else at + self.delay - time.monotonic()
+        return max(min(until, longest), 0.001)
 
     def __len__(self) -> int:
         return len(self._items)

@@ -12,10 +12,10 @@ publisher with PubAck, and plain core NATS subjects (no persistence).
     codec = arroyo                   ; arroyo | raw | json | array | module:function
 
 One NATS message is one Arroyo message, mapped by the codec as for Redis and RabbitMQ
-(``arroyo.io.frames``). The listener acknowledges a message only after ``deliver``
-returned for it (and ``ack_delay_ms`` more), so what a killed listener held comes
-again; it counts what JetStream says it delivered more than once. The publisher waits
-for JetStream's PubAck of every message, sends each with a ``Nats-Msg-Id`` so a resend
+(``arroyo.io.frames``). The listener acknowledges a message only once the next stage
+has taken it (``Listener.handed_on``), so what a killed listener held comes again;
+it counts what JetStream says it delivered more than once. The publisher waits for
+JetStream's PubAck of every message, sends each with a ``Nats-Msg-Id`` so a resend
 after a lost PubAck is deduplicated by the stream, and keeps a bounded backlog while
 the server is away. A message over the server's ``max_payload`` (1 MB by default) is
 dropped and counted as ``too_large``. ``mode = core`` is plain NATS: latest-only, what
@@ -80,8 +80,9 @@ class NatsListener(Listener):
       by ``subject``, is created if missing (the stream too, with ``create_stream``)
       and starts at ``deliver``; an existing consumer resumes where it was, whatever
       ``deliver`` says. At most ``prefetch`` messages are unacknowledged at once.
-    - A message is acknowledged ``ack_delay_ms`` after ``deliver`` returned for
-      everything it decoded to (``arroyo.io.broker.HandedOn``). One the listener does
+    - A message is acknowledged once the next stage has taken everything it decoded
+      to (``Listener.handed_on``, ``arroyo.io.broker.HandedOn``), or ``ack_delay_ms``
+      after ``deliver`` returned where the link cannot tell (a PUB link). One the listener does
       not acknowledge within ``ack_wait_s`` (a killed listener's) is delivered again;
       a message JetStream delivers more than once is counted in ``duplicates``.
     - ``mode = core``: a plain subscription. What is published while the listener is
@@ -341,7 +342,7 @@ class NatsListener(Listener):
             self.redelivered.note(msg.metadata.num_delivered > 1)
         for message in self._guard.decode(decode_value, self.codec, msg.data):
             self.deliver(message)
-        self._handed.add(item)
+        self._handed.add(item, self.handed_on())
 
     def _acknowledge_due(self, items: list[tuple[int, Any]]) -> None:
         if items:

@@ -10,9 +10,9 @@
     codec = arroyo                   ; arroyo | raw | json | array | module:function
 
 One AMQP message is one Arroyo message (Start, Event or Stop), mapped by the codec as
-for Redis (``arroyo.io.frames``). The listener acknowledges a message only after
-``deliver`` returned for it, so what a killed listener held is delivered again, and
-counts what the broker flags as redelivered. The publisher waits for the broker's
+for Redis (``arroyo.io.frames``). The listener acknowledges a message only once the
+next stage has taken it, so what a killed listener held is delivered again, and counts
+what the broker flags as redelivered. The publisher waits for the broker's
 confirm of every message and keeps a bounded backlog while the broker is away
 (``_rabbitmq_publisher``; what both share is in ``_amqp``). docs/brokers.md has the
 details.
@@ -66,11 +66,11 @@ class RabbitListener(Listener):
       ``queue`` (``durable``, ``auto_delete``) if ``declare``, else check it exists;
       bind it to ``exchange`` with ``routing_key`` if ``exchange`` is set; then consume
       with at most ``prefetch`` unacknowledged messages.
-    - A message is acknowledged only ``ack_delay_ms`` after ``deliver`` returned for
-      everything it decoded to (the link's I/O thread sends it out of this process
-      meanwhile; docs/brokers.md). A listener killed before that leaves it
-      unacknowledged, and the broker delivers it again, flagged as redelivered.
-      Throughput is therefore at most about ``prefetch / ack_delay_ms`` per ms.
+    - A message is acknowledged only once the next stage has taken everything it
+      decoded to (its link returned the credit: ``Listener.handed_on``), or
+      ``ack_delay_ms`` after ``deliver`` returned where the link cannot tell (a PUB
+      link; docs/brokers.md, "Acknowledgement"). A listener killed before that leaves
+      it unacknowledged, and the broker delivers it again, flagged as redelivered.
     - ``stats()``: ``received`` messages, ``duplicates`` (those flagged redelivered:
       the broker's count of possible duplicates, since a killed process cannot say
       which it had handed on), ``reconnects`` and ``queue_lost`` (consumer cancelled
@@ -192,7 +192,7 @@ class RabbitListener(Listener):
                 self.redelivered.note(method.redelivered)
                 for message in self._guard.decode(decode_value, self.codec, body):
                     self.deliver(message)
-                self._handed.add(method.delivery_tag)
+                self._handed.add(method.delivery_tag, self.handed_on())
             self._acknowledge(channel, self._handed.due())
         else:
             # A clean stop: the runtime drains the links before the process exits.

@@ -108,6 +108,7 @@ class CreditSender(LinkEnd):
         elif verb == CREDIT and key in self.peers:
             peer = self.peers[key]
             peer.inflight_msgs = max(0, peer.inflight_msgs - payload.get("m", 0))
+            peer.taken_msgs += int(payload.get("m", 0))
             peer.inflight_bytes = max(0, peer.inflight_bytes - payload.get("b", 0))
         elif verb == BYE and key in self.peers:
             if self.stopping:
@@ -143,6 +144,9 @@ class CreditSender(LinkEnd):
             if e.errno == zmq.EAGAIN:
                 return False
             raise
+        peer = self.peers.get(key)
+        if peer is not None:
+            peer.sent_msgs += 1
         return True
 
     def wait(self, timeout_ms: int, alive: Callable[[], bool]) -> None:

@@ -223,6 +223,10 @@ class Peer:
     eos: bool = False  # it said EOS (or ACK): it will send nothing more
     pending_msgs: int = 0  # receiver side: consumed but not yet returned as CREDIT
     pending_bytes: int = 0
+    # sender side, since it joined: messages sent to it, and those it returned credit
+    # for (consumed there: handled and passed on), for ``arroyo.runtime.handoff``
+    sent_msgs: int = 0
+    taken_msgs: int = 0
 
     def has_credit(self, size: int) -> bool:
         if self.away or self.inflight_msgs >= self.window_msgs:

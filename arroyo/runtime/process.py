@@ -34,6 +34,7 @@ from arroyo.runtime.drain import (
     leave_stuck,
     received,
 )
+from arroyo.runtime.handoff import HandOff
 from arroyo.runtime.link import CREDIT_IDLE_DELAY, identity
 from arroyo.runtime.live import Live, live_options
 from arroyo.runtime.merge import Item, RunMerger, partial_stop
@@ -344,6 +345,7 @@ class StageProcess:
     def _run_source(self, listener: Listener, op: StageOperator) -> None:
         self.listener = listener
         listener.set_operator(op)
+        listener.set_handoff(HandOff(self.outputs).check)
         listener.setup()
         self._mark_ready()
         try:

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from arroyo.io._nats_client import start_position, stream_subjects
-from arroyo.io.broker import HandedOn, KeyTemplate
+from arroyo.io.broker import CHECK_EVERY, HandedOn, KeyTemplate
 
 
 def test_deliver_positions():
@@ -44,6 +44,20 @@ def test_handed_on_items_are_due_after_the_delay():
     handed.add(3)
     assert handed.due() == [1, 2] and len(handed) == 1
     assert handed.all() == [3] and len(handed) == 0
+
+
+def test_handed_on_items_with_a_check_are_due_once_the_next_stage_took_them():
+    # the check is Listener.handed_on()'s: True once the link's credit came back
+    took = {1: False, 2: False}
+    handed: HandedOn[int] = HandedOn(0.0)  # (no delay: only the checks hold items back)
+    handed.add(1, lambda: took[1])
+    handed.add(2, lambda: took[2])
+    handed.add(3)  # no check (a PUB link): due after the delay, but in order
+    assert handed.due() == [] and handed.wait(0.2) == CHECK_EVERY
+    took[2] = True
+    assert handed.due() == []  # the oldest first: 1 is not taken yet
+    took[1] = True
+    assert handed.due() == [1, 2, 3] and len(handed) == 0
 
 
 def test_without_nats_py_the_core_imports_and_a_stage_names_the_extra():
