@@ -17,6 +17,7 @@ from tests.conftest import read_jsonl, wait_for
 pytest.importorskip("pika", reason="pika is not installed (arroyo[rabbitmq])")
 
 from tests.integration.test_rabbitmq import (  # (needs pika)
+    KILLED,
     URL,
     amqp,  # noqa: F401  (the fixture)
     broker,  # noqa: F401  (the autouse fixture: the shared broker, started if need be)
@@ -24,41 +25,14 @@ from tests.integration.test_rabbitmq import (  # (needs pika)
 )
 
 pytestmark = pytest.mark.timeout(90)
-PREFETCH = 20
-
-CHAIN = f"""
-[topology]
-name = rmq-handoff
-run_dir = run
-
-[stage:lis]
-role = listener
-class = arroyo.io.rabbitmq:RabbitListener
-url = URL
-queue = PREFIX.in
-durable = false
-codec = json
-prefetch = {PREFETCH}
-
-[stage:slow]
-role = operator
-class = stages.basic:Delay
-input = lis
-min_ms = 2
-max_ms = 2
-
-[stage:sink]
-role = publisher
-class = stages.sinks:JsonLinesLog
-path = {{tmp}}/out.jsonl
-input = slow
-"""
+PREFETCH = 50  # KILLED's: listener -> Delay (0.2-0.6 ms an event) -> a sink
 
 
 def test_what_the_next_stage_has_not_taken_stays_with_the_broker(amqp, topo, stages, tmp_path):  # noqa: F811
-    events = 300
+    events = 4000
     inbox = amqp.queue("in")
-    path = topo(CHAIN.replace("URL", URL).replace("PREFIX", amqp.prefix))
+    path = topo(KILLED.replace("URL", URL).replace("PREFIX", amqp.prefix))
+    assert f"prefetch = {PREFETCH}" in KILLED
     amqp.send(inbox, json_run(0, events))
     stages.start(path, "sink")
     slow = stages.start(path, "slow")
