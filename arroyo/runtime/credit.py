@@ -285,9 +285,12 @@ class CreditReceiver(LinkEnd):
             self.welcomed = True
             key = str(payload.get("id", peer_id))
             self.counters.back(key)
+            # The same sender saying hello again (its HELLO and our WELCOME crossed)
+            # keeps its state: credit owed for what it sent in between must go back.
+            known = self.peers.get(key)
             if not self.bind:
                 self.peers = {}
-            self.peers[key] = Peer(key)
+            self.peers[key] = known if known is not None else Peer(key)
             if verb == HELLO:
                 self._send_control(peer_id, WELCOME, self._window())
                 if self.leaving:
