@@ -107,7 +107,10 @@ def test_a_stalled_client_skips_frames_and_never_slows_publish(viewer: LiveViewe
         for c in clients:
             c.join(10)
     print(f"publish rate alone {alone:.0f}/s, with 3 clients {watched:.0f}/s")
-    assert watched > 0.5 * alone, (alone, watched)  # generous: the clients share this CPU
+    # The three clients and the viewer's server thread share this process's GIL and two
+    # cores with the other tests, so the rate drops (to 0.25 of alone once, under CI
+    # load); a publish that waited for the stalled client would drop it to nothing.
+    assert watched > 0.1 * alone, (alone, watched)
     by_client = stats["skipped_by_client"]
     assert by_client["stalled"] >= published - 1, stats
     assert all(len(c.updates) >= 3 for c in clients[:2])
