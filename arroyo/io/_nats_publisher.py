@@ -86,8 +86,6 @@ class NatsPublisher(Publisher):
         self.ack_timeout = ack_timeout
         self.close_timeout = close_timeout
         self.name = f"{type(self).__name__}({mode} subject {subject!r} at {safe_url(url)})"
-        self.sent = 0
-        self.resent = 0
         self.deduplicated = 0
         self.reconnects = 0
         self.max_payload = DEFAULT_MAX_PAYLOAD
@@ -105,7 +103,6 @@ class NatsPublisher(Publisher):
         self._nc: Any = None
         self._js: Any = None
         self._down = False
-        self._in_doubt = False  # the head of the backlog may have reached the server
         self._lock: asyncio.Lock | None = None
         self._recovery: asyncio.Future[None] | None = None
         self._lost = asyncio.Event()  # (made anew on the loop at each connect)
@@ -184,21 +181,17 @@ class NatsPublisher(Publisher):
                     await self._publish(subject, body, msg_id)
                 except errors.APIError as e:
                     why = f"the server refused it: {e.description} (error {e.err_code})"
-                    self._give_up("refused", why)
+                    self._backlog.give_up_head("refused", why)
                     continue
                 except self._nats.errors.MaxPayloadError:
                     why = f"{len(body)} bytes are over the server's max_payload {self.max_payload}"
-                    self._give_up("too_large", why)
+                    self._backlog.give_up_head("too_large", why)
                     continue
                 except retryable(self._nats) as e:
-                    self._in_doubt = True
+                    self._backlog.in_doubt = True
                     self._went_down(e)
                     return
-                self._backlog.popleft()
-                self.sent += 1
-                if self._in_doubt:
-                    self._in_doubt = False
-                    self.resent += 1
+                self._backlog.head_sent()
 
     async def _publish(self, subject: str, body: bytes, msg_id: str) -> None:
         if self._nc is None or self._nc.is_closed:
@@ -222,11 +215,6 @@ class NatsPublisher(Publisher):
         ack = request.result()
         if ack.duplicate:
             self.deduplicated += 1
-
-    def _give_up(self, reason: str, why: str) -> None:
-        self._backlog.popleft()
-        self._in_doubt = False
-        self._dropped.add(1, reason, why)
 
     def _went_down(self, error: Exception) -> None:
         self._down = True
@@ -263,6 +251,15 @@ class NatsPublisher(Publisher):
         await close_quietly(nc)
 
     # -- counters and the end ------------------------------------------------------
+
+    @property
+    def sent(self) -> int:
+        """Messages the broker confirmed."""
+        return self._backlog.sent
+
+    @property
+    def resent(self) -> int:
+        return self._backlog.resent
 
     def stats(self) -> dict[str, Any]:
         """``sent`` (acknowledged by JetStream; in core mode, written), ``resent``

@@ -90,8 +90,6 @@ class RabbitPublisher(Publisher):
         where = f"exchange {exchange!r}" if exchange else "the default exchange"
         self.name = f"{type(self).__name__}({where} at {safe_url(url)})"  # for logs
         self.params = parameters(self._pika, url, heartbeat, self.name)
-        self.sent = 0
-        self.resent = 0
         self.connection: Any = None
         self._channel: Any = None
         self._dropped = DropCount(self.name)
@@ -99,7 +97,6 @@ class RabbitPublisher(Publisher):
         self._backlog: Backlog[tuple[str, bytes, Any]] = Backlog(
             self._dropped, max_bytes=int(buffer_mb * (1 << 20))
         )
-        self._in_doubt = False  # the head of the backlog may have reached the broker
         self._lock = threading.Lock()
         self._down = False
         self._next_attempt = 0.0
@@ -181,30 +178,25 @@ class RabbitPublisher(Publisher):
                     self.exchange, key, value, properties, mandatory=self.mandatory
                 )
             except errors.UnroutableError:
-                self._give_up("unroutable", f"no queue is bound for routing key {key!r}")
+                self._backlog.give_up_head(
+                    "unroutable", f"no queue is bound for routing key {key!r}"
+                )
                 continue
             except errors.NackError:
-                self._give_up("nacked", f"the broker refused the message for {key!r} (nack)")
+                self._backlog.give_up_head(
+                    "nacked", f"the broker refused the message for {key!r} (nack)"
+                )
                 continue
             except errors.ChannelClosedByBroker as e:
                 if refusal(e) != PRECONDITION_FAILED:
-                    self._in_doubt = True
+                    self._backlog.in_doubt = True
                     raise
-                self._give_up("refused", f"the broker refused it: {e.reply_text}")
+                self._backlog.give_up_head("refused", f"the broker refused it: {e.reply_text}")
                 raise  # the channel is gone: reconnect
             except self._retryable:
-                self._in_doubt = True
+                self._backlog.in_doubt = True
                 raise
-            self._backlog.popleft()
-            self.sent += 1
-            if self._in_doubt:
-                self._in_doubt = False
-                self.resent += 1
-
-    def _give_up(self, reason: str, why: str) -> None:
-        self._backlog.popleft()
-        self._in_doubt = False
-        self._dropped.add(1, reason, why)
+            self._backlog.head_sent()
 
     # -- outages -------------------------------------------------------------------
 
@@ -248,6 +240,15 @@ class RabbitPublisher(Publisher):
         return KEEPALIVE
 
     # -- counters and the end ------------------------------------------------------
+
+    @property
+    def sent(self) -> int:
+        """Messages the broker confirmed."""
+        return self._backlog.sent
+
+    @property
+    def resent(self) -> int:
+        return self._backlog.resent
 
     def stats(self) -> dict[str, Any]:
         """``sent`` (confirmed by the broker), ``resent`` (sent again after a broken

@@ -52,6 +52,9 @@ class Backlog(Generic[T]):
         self.max_bytes = max_bytes
         self.nbytes = 0
         self._items: deque[tuple[T, int]] = deque()
+        self.sent = 0  # messages the broker confirmed, taken off the head
+        self.resent = 0  # of those, sent again after a broken connection
+        self.in_doubt = False  # the head may have reached the broker (the link broke)
 
     def append(self, item: T, nbytes: int) -> None:
         self._items.append((item, nbytes))
@@ -75,6 +78,21 @@ class Backlog(Generic[T]):
         item, nbytes = self._items.popleft()
         self.nbytes -= nbytes
         return item
+
+    def head_sent(self) -> None:
+        """The broker confirmed the oldest message: forget it, counted as sent (and as
+        resent if it was in doubt: a possible duplicate)."""
+        self.popleft()
+        self.sent += 1
+        if self.in_doubt:
+            self.in_doubt = False
+            self.resent += 1
+
+    def give_up_head(self, reason: str, why: str) -> None:
+        """The broker will never take the oldest message: forget it, counted in drops."""
+        self.popleft()
+        self.in_doubt = False
+        self.drops.add(1, reason, why)
 
     def __getitem__(self, index: int) -> T:
         return self._items[index][0]
